@@ -1,0 +1,82 @@
+"""The determinism contract in code: data order, micro-batches, RNG, the reduction tree.
+
+Everything here is a pure function of (seed, epoch, step, index): two processes that call
+it with the same arguments get bitwise the same answer. See docs/architecture.md.
+"""
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+_PERM_STREAM, _MB_STREAM, _SPLIT_STREAM = 1, 2, 3
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the n training samples."""
+    return np.random.default_rng([seed, _PERM_STREAM, epoch]).permutation(n)
+
+
+def split_indices(seed: int, n: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train / held-out split of n samples (train, held_out), both sorted."""
+    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    n_hold = int(round(n * holdout))
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def micro_batch_rng(seed: int, epoch: int, step: int, index: int) -> np.random.Generator:
+    """The random stream of one micro-batch (dropout, ...), independent of who computes it."""
+    return np.random.default_rng([seed, _MB_STREAM, epoch, step, index])
+
+
+def micro_batch_slice(step: int, index: int, global_batch: int, micro_batch: int) -> slice:
+    """Positions in the epoch permutation of micro-batch `index` of step `step`."""
+    start = step * global_batch + index * micro_batch
+    return slice(start, start + micro_batch)
+
+
+def tree_split(lo: int, hi: int) -> int:
+    """Where node [lo, hi) of the canonical pairwise tree splits: at the largest power of
+    two strictly below its size, so every aligned power-of-two block is a node."""
+    return lo + (1 << ((hi - lo - 1).bit_length() - 1))
+
+
+def tree_sum(leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, known=None):
+    """Sum node [lo, hi) of the canonical tree; `known` maps already-summed nodes (lo, hi)
+    to their value (the coordinator's delivered blocks), `leaf(i)` gives micro-batch i."""
+    if known is not None and (lo, hi) in known:
+        return known[(lo, hi)]
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = tree_split(lo, hi)
+    left = tree_sum(leaf, lo, mid, known)
+    right = tree_sum(leaf, mid, hi, known)
+    return add_arrays(left, right)
+
+
+def add_arrays(left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.add(a, b) for a, b in zip(left, right, strict=True)]
+
+
+def aligned_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """The aligned blocks of size `block` (a power of two) covering [0, n)."""
+    return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
+
+
+def block_size_for(n: int, workers: int, per_worker: int = 2) -> int:
+    """The largest power-of-two block size that still gives every worker `per_worker`
+    blocks to share (finer blocks balance load and make reassignment cheap)."""
+    target = max(1, workers * per_worker)
+    size = 1 << max(0, (n - 1).bit_length())
+    while size > 1 and -(-n // size) < target:
+        size //= 2
+    return size
+
+
+def assign_blocks(n: int, workers: Sequence[str], per_worker: int = 2) -> dict[str, list]:
+    """Deal the aligned blocks of [0, n) out to `workers` as contiguous runs, in the
+    order given (callers sort it so assignment does not depend on arrival order)."""
+    blocks = aligned_blocks(n, block_size_for(n, len(workers), per_worker))
+    out: dict[str, list] = {w: [] for w in workers}
+    for i, blk in enumerate(blocks):
+        out[workers[i * len(workers) // len(blocks)]].append(blk)
+    return out

@@ -1,0 +1,1 @@
+"""shardgrad: distributed data-parallel autograd."""
