@@ -1,0 +1,194 @@
+"""The backward walk, shared by `Tensor.backward` and `grad`.
+
+Reverse topological order from the outputs; at each node, the rule of every input that
+needs a gradient (ops.py) turns the output's gradient into that input's. On the fast path
+gradients are ndarrays and rules get `xp = NP`; with `create_graph=True` they are Tensors,
+rules get `xp = T`, and the walk itself is recorded, so it can be differentiated again.
+"""
+
+import numpy as np
+
+from .ops import NP, sum_to
+from .tensor import OPS, T, Tensor, apply, enable_grad, no_grad
+
+_FREED = (
+    "Trying to backward through the graph a second time (or directly access saved tensors "
+    "after they have already been freed). Saved intermediate values of the graph are freed "
+    "when you call .backward() or autograd.grad(). Specify retain_graph=True if you need to "
+    "backward through the graph a second time or if you need to access saved tensors after "
+    "calling backward."
+)
+
+
+def _topological(roots):
+    """Tensors that need a gradient, each after every tensor computed from it."""
+    order, seen, stack = [], set(), [(r, False) for r in roots]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        if t.grad_fn is not None:
+            for a in t.grad_fn.inputs:
+                if isinstance(a, Tensor) and a.requires_grad and id(a) not in seen:
+                    stack.append((a, False))
+    order.reverse()
+    return order
+
+
+def _check_saved(node):
+    if node.freed:
+        raise RuntimeError(_FREED)
+    for counter, version in node.saved:
+        if counter[0] != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: the input of {node.name()} is at version {counter[0]}; "
+                f"expected version {version} instead. Hint: do the in-place change after "
+                "backward, or use an out-of-place op (x = x + 1 instead of x += 1)."
+            )
+
+
+def _seed(root, grad, create_graph):
+    if grad is None:
+        if root.data.size != 1:
+            raise RuntimeError(
+                f"grad can be implicitly created only for scalar outputs (got shape "
+                f"{tuple(root.shape)}); pass gradient= with the output's shape"
+            )
+        g = np.ones_like(root.data)
+    else:
+        g = grad.data if isinstance(grad, Tensor) else np.asarray(grad, dtype=root.dtype)
+        if g.shape != root.shape:
+            raise RuntimeError(
+                f"Mismatch in shape: grad_output has a shape of {tuple(g.shape)} and output "
+                f"has a shape of {tuple(root.shape)}"
+            )
+    if create_graph:
+        return grad if isinstance(grad, Tensor) else Tensor._wrap(g)
+    return g
+
+
+def _vjps(node, g, create_graph):
+    """(input, gradient) for every input of `node` that needs one."""
+    op, inputs, params = node.op, node.inputs, node.params
+    if create_graph:
+        xp, args = T, inputs
+        out = apply(op, *inputs, **params) if op.uses_out else None  # recomputed: on graph
+    else:
+        xp, out = NP, node.out
+        args = [a.data if isinstance(a, Tensor) else a for a in inputs]
+    for i, a in enumerate(inputs):
+        if isinstance(a, Tensor) and a.requires_grad:
+            if op.variadic:
+                ga = op.vjps[0](i, xp, g, out, *args, **params)
+            else:
+                ga = op.vjps[i](xp, g, out, *args, **params)
+            if ga.shape != a.shape:
+                ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
+            if ga.dtype != a.dtype:
+                ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
+            yield a, ga
+
+
+def _hooked(t, g, create_graph):
+    for hook in t._hooks:
+        r = hook(g if create_graph else Tensor._wrap(g))
+        if r is not None:
+            g = r if create_graph else r.data
+    return g
+
+
+def _owned(g, handed):
+    """A gradient stored in .grad must be the caller's own writable array, not a view or an
+    array also stored elsewhere (add hands the same array to both inputs)."""
+    if g.base is not None or not g.flags.writeable or id(g) in handed:
+        g = g.copy()
+    handed.add(id(g))
+    return g
+
+
+def _store(t, g, create_graph, handed):
+    if create_graph:
+        t.grad = g if t.grad is None else t.grad + g
+    elif t.grad is None:
+        t.grad = Tensor._wrap(_owned(g, handed))
+    elif t.grad.data.flags.writeable and t.grad.shape == g.shape:
+        np.add(t.grad.data, g, out=t.grad.data)  # accumulate in place, as PyTorch does
+    else:
+        t.grad = Tensor._wrap(t.grad.data + g)
+
+
+def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=None, capture=None):
+    """Backpropagate from `roots`. Leaf gradients accumulate into `.grad`; if `capture` is
+    a dict, gradients of the tensors keyed there are stored in it instead."""
+    if retain_graph is None:
+        retain_graph = create_graph
+    for r in roots:
+        if not r.requires_grad:
+            raise RuntimeError(
+                "element 0 of tensors does not require grad and does not have a grad_fn"
+            )
+    only = None if inputs is None else {id(t) for t in inputs}
+    pending: dict[int, object] = {}
+    for r, g in zip(roots, grads, strict=True):
+        g = _seed(r, g, create_graph)
+        pending[id(r)] = g if id(r) not in pending else pending[id(r)] + g
+    order, handed = _topological(roots), set()
+    ctx = enable_grad() if create_graph else no_grad()
+    with ctx:
+        for t in order:
+            g = pending.pop(id(t), None)
+            if g is None:
+                continue
+            if t._hooks:
+                g = _hooked(t, g, create_graph)
+            if capture is not None and id(t) in capture:
+                capture[id(t)] = g
+            node = t.grad_fn
+            if node is None:
+                if capture is None and (only is None or id(t) in only):
+                    _store(t, g, create_graph, handed)
+                continue
+            if t._retains_grad and capture is None:
+                t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
+            _check_saved(node)
+            for a, ga in _vjps(node, g, create_graph):
+                prev = pending.get(id(a))
+                pending[id(a)] = ga if prev is None else prev + ga
+    if not retain_graph:
+        for t in order:
+            node = t.grad_fn
+            if node is not None and node.saved:
+                node.freed = True
+                node.out = None
+
+
+def grad(
+    outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False
+):
+    """Gradients of `outputs` with respect to `inputs`, returned rather than stored in .grad."""
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    single = isinstance(inputs, Tensor)
+    inputs = [inputs] if single else list(inputs)
+    if grad_outputs is None or isinstance(grad_outputs, Tensor):
+        grad_outputs = [grad_outputs] * len(outputs)
+    capture = {id(t): None for t in inputs}
+    run_backward(outputs, list(grad_outputs), retain_graph, create_graph, capture=capture)
+    result = []
+    for i, t in enumerate(inputs):
+        g = capture[id(t)]
+        if g is None and not allow_unused:
+            raise RuntimeError(
+                f"One of the differentiated Tensors (input {i}) appears to not have been used "
+                "in the graph. Set allow_unused=True if this is the desired behavior."
+            )
+        result.append(None if g is None else (g if create_graph else Tensor._wrap(g.copy())))
+    return tuple(result)
+
+
+_CAST = OPS.get("cast")

@@ -1,0 +1,385 @@
+"""The functional API (PyTorch's `torch.*` / `torch.nn.functional` names) and the Tensor
+methods built from it. Composite functions are written in terms of the primitive ops, so
+they differentiate to any order without rules of their own."""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+
+from .ops import OPS
+from .tensor import Tensor, _as_array, apply, matmul, reduce_dims
+
+_values_indices = namedtuple("return_types", ["values", "indices"])
+
+
+def _t(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _unary(name):
+    op = OPS[name]
+    fn = lambda x: apply(op, x)
+    fn.__name__ = name
+    return fn
+
+
+exp, log, sqrt, abs, sin, cos, tanh, sigmoid, relu, erf = (
+    _unary(n) for n in ("exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "erf")
+)
+square = lambda x: x * x
+
+
+def pow(x, exponent):
+    return apply(OPS["pow"], x, exponent)
+
+
+def clamp(x, min=None, max=None):
+    return apply(OPS["clamp"], x, min=min, max=max)
+
+
+def maximum(a, b):
+    return apply(OPS["maximum"], a, b)
+
+
+def minimum(a, b):
+    return apply(OPS["minimum"], a, b)
+
+
+def where(cond, a, b):
+    cond = cond.data if isinstance(cond, Tensor) else np.asarray(cond)
+    return apply(OPS["where"], a, b, cond=cond.astype(bool))
+
+
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1 + erf(x * (1 / math.sqrt(2))))
+
+
+# ---- reductions ---------------------------------------------------------------------------
+
+
+def sum(x, dim=None, keepdim=False):
+    return apply(OPS["sum"], x, dim=reduce_dims(dim, x.ndim), keepdim=keepdim)
+
+
+def _count(x, dim):
+    return x.data.size if dim is None else math.prod(x.shape[d] for d in reduce_dims(dim, x.ndim))
+
+
+def mean(x, dim=None, keepdim=False):
+    if x.dtype.kind not in "fc":
+        raise RuntimeError(f"mean(): could not infer output dtype; input dtype is {x.dtype}")
+    return sum(x, dim, keepdim) * (1.0 / _count(x, dim))
+
+
+def var(x, dim=None, unbiased=True, keepdim=False, correction=None):
+    correction = (1 if unbiased else 0) if correction is None else correction
+    d = x - mean(x, dim, keepdim=True)
+    return sum(d * d, dim, keepdim) * (1.0 / (_count(x, dim) - correction))
+
+
+def std(x, dim=None, unbiased=True, keepdim=False, correction=None):
+    return sqrt(var(x, dim, unbiased, keepdim, correction))
+
+
+def amax(x, dim=None, keepdim=False):
+    return apply(OPS["amax"], x, dim=reduce_dims(dim, x.ndim), keepdim=keepdim)
+
+
+def amin(x, dim=None, keepdim=False):
+    return apply(OPS["amin"], x, dim=reduce_dims(dim, x.ndim), keepdim=keepdim)
+
+
+def _select(x, dim, keepdim, arg):
+    index = arg(x.data, axis=dim, keepdims=True)
+    values = apply(OPS["take_along"], x, indices=index, dim=dim)
+    if not keepdim:
+        values, index = squeeze(values, dim), np.squeeze(index, axis=dim)
+    return _values_indices(values, Tensor._wrap(index))
+
+
+def max(x, dim=None, keepdim=False):
+    """max(x) -> the largest value; max(x, dim) -> (values, indices), as in PyTorch."""
+    if isinstance(dim, Tensor):
+        return maximum(x, dim)
+    return amax(x) if dim is None else _select(x, dim, keepdim, np.argmax)
+
+
+def min(x, dim=None, keepdim=False):
+    if isinstance(dim, Tensor):
+        return minimum(x, dim)
+    return amin(x) if dim is None else _select(x, dim, keepdim, np.argmin)
+
+
+def argmax(x, dim=None, keepdim=False):
+    return Tensor._wrap(np.asarray(np.argmax(x.data, axis=dim, keepdims=keepdim)))
+
+
+def argmin(x, dim=None, keepdim=False):
+    return Tensor._wrap(np.asarray(np.argmin(x.data, axis=dim, keepdims=keepdim)))
+
+
+def logsumexp(x, dim, keepdim=False):
+    m = amax(x, dim, keepdim=True).detach()  # the stabiliser: a constant shift
+    out = log(sum(exp(x - m), dim, keepdim=True)) + m
+    return out if keepdim else squeeze(out, dim)
+
+
+def softmax(x, dim):
+    return apply(OPS["softmax"], x, dim=dim)
+
+
+def log_softmax(x, dim):
+    return apply(OPS["log_softmax"], x, dim=dim)
+
+
+# ---- shapes -------------------------------------------------------------------------------
+
+
+def _shape_arg(shape):
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+
+
+def reshape(x, *shape):
+    shape = _shape_arg(shape)
+    try:
+        np.empty(x.shape, dtype=np.bool_).reshape(shape)  # validate without touching data
+    except ValueError:
+        raise ValueError(
+            f"reshape: shape {tuple(shape)} is invalid for input of shape {tuple(x.shape)} "
+            f"({x.data.size} elements)"
+        ) from None
+    return apply(OPS["reshape"], x, shape=tuple(shape))
+
+
+view = reshape
+
+
+def flatten(x, start_dim=0, end_dim=-1):
+    if x.ndim == 0:
+        return reshape(x, 1)
+    s, e = start_dim % x.ndim, end_dim % x.ndim
+    return reshape(x, x.shape[:s] + (-1,) + x.shape[e + 1 :])
+
+
+def permute(x, *dims):
+    dims = tuple(d % x.ndim for d in _shape_arg(dims))
+    return apply(OPS["permute"], x, axes=dims)
+
+
+def transpose(x, dim0, dim1):
+    axes = list(range(x.ndim))
+    axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+    return apply(OPS["permute"], x, axes=tuple(axes))
+
+
+def squeeze(x, dim=None):
+    if dim is None:
+        shape = tuple(n for n in x.shape if n != 1)
+    else:
+        dims = reduce_dims(dim, x.ndim)
+        shape = tuple(n for i, n in enumerate(x.shape) if not (i in dims and n == 1))
+    return apply(OPS["reshape"], x, shape=shape)
+
+
+def unsqueeze(x, dim):
+    return apply(OPS["unsqueeze"], x, dim=dim % (x.ndim + 1))
+
+
+def expand(x, *sizes):
+    sizes = _shape_arg(sizes)
+    lead = len(sizes) - x.ndim
+    shape = tuple(x.shape[i - lead] if n == -1 else n for i, n in enumerate(sizes))
+    return apply(OPS["expand"], x, shape=shape)
+
+
+def cat(tensors, dim=0):
+    return apply(OPS["cat"], *tensors, dim=dim)
+
+
+def stack(tensors, dim=0):
+    return apply(OPS["stack"], *tensors, dim=dim)
+
+
+def pad(x, pad, mode="constant", value=0.0):
+    if mode != "constant":
+        raise NotImplementedError(f"pad: only mode='constant' is supported, got {mode!r}")
+    return apply(OPS["pad"], x, pad=tuple(pad), value=value)
+
+
+def clone(x):
+    return apply(OPS["clone"], x)
+
+
+def to(x, dtype):
+    dtype = np.dtype(dtype)
+    return x if x.dtype == dtype else apply(OPS["cast"], x, dtype=dtype)
+
+
+# ---- neural-network functions -------------------------------------------------------------
+
+
+def linear(x, weight, bias=None):
+    out = matmul(x, weight.mT)
+    return out if bias is None else out + bias
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
+def _windows(x, kernel, stride, padding, name):
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected input of shape (N, C, H, W), got {tuple(x.shape)}")
+    ph, pw = _pair(padding)
+    if ph or pw:
+        x = pad(x, (pw, pw, ph, ph))
+    kernel, stride = _pair(kernel), _pair(stride)
+    if x.shape[2] < kernel[0] or x.shape[3] < kernel[1]:
+        raise ValueError(
+            f"{name}: kernel {kernel} is larger than the (padded) input {tuple(x.shape[2:])}"
+        )
+    return apply(OPS["unfold2d"], x, kernel=kernel, stride=stride)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """Convolution as windows (a strided view) times the flattened kernel: one matmul."""
+    if weight.ndim != 4 or x.ndim != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv2d: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit: "
+            "expected input (N, C, H, W) and weight (out, C, kh, kw) with the same C"
+        )
+    o, c, kh, kw = weight.shape
+    w = _windows(x, (kh, kw), stride, padding, "conv2d")  # (N, C, OH, OW, kh, kw)
+    n, _, oh, ow = w.shape[:4]
+    cols = reshape(permute(w, 0, 2, 3, 1, 4, 5), n * oh * ow, c * kh * kw)
+    out = matmul(cols, reshape(weight, o, c * kh * kw).mT)
+    if bias is not None:
+        out = out + bias
+    return permute(reshape(out, n, oh, ow, o), 0, 3, 1, 2)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    if padding:
+        raise NotImplementedError("max_pool2d: padding is not supported")
+    w = _windows(x, kernel_size, stride or kernel_size, 0, "max_pool2d")
+    return max(reshape(w, *w.shape[:4], -1), dim=-1).values
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    w = _windows(x, kernel_size, stride or kernel_size, padding, "avg_pool2d")
+    return mean(w, dim=(-2, -1))
+
+
+def dropout(x, p=0.5, training=True, generator=None):
+    if not training or p == 0:
+        return x
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    rng = generator if generator is not None else np.random.default_rng()
+    keep = rng.random(x.shape) >= p
+    return x * (keep.astype(x.dtype) * (1.0 / (1.0 - p)) if p < 1 else keep.astype(x.dtype))
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[-len(shape) :]) != shape:
+        raise ValueError(
+            f"layer_norm: input of shape {tuple(x.shape)} does not end in the normalized "
+            f"shape {shape}"
+        )
+    dims = tuple(range(-len(shape), 0))
+    d = x - mean(x, dims, keepdim=True)
+    out = d / sqrt(mean(d * d, dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def embedding(indices, weight):
+    idx = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
+    if idx.dtype.kind not in "iu":
+        raise ValueError(f"embedding: indices must be integers, got {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+        raise ValueError(
+            f"embedding: index {int(idx.max())} out of range for {weight.shape[0]} embeddings"
+        )
+    return weight[idx]
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return mean(loss)
+    if reduction == "sum":
+        return sum(loss)
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def mse_loss(input, target, reduction="mean"):
+    if input.shape != _t(target).shape:
+        raise ValueError(
+            f"mse_loss: input shape {tuple(input.shape)} and target shape "
+            f"{tuple(_t(target).shape)} differ"
+        )
+    d = input - target
+    return _reduce(d * d, reduction)
+
+
+def _targets(logits, target, name):
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if logits.ndim != 2:
+        raise ValueError(f"{name}: expected input (N, classes), got shape {tuple(logits.shape)}")
+    if t.dtype.kind not in "iu" or t.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{name}: target must be class indices of shape ({logits.shape[0]},) with an "
+            f"integer dtype, got shape {tuple(t.shape)} dtype {t.dtype}"
+        )
+    if t.size and (t.min() < 0 or t.max() >= logits.shape[1]):
+        raise ValueError(f"{name}: target {int(t.max())} is out of range for {logits.shape[1]} classes")
+    return t
+
+
+def cross_entropy(input, target, reduction="mean"):
+    t = _targets(input, target, "cross_entropy")
+    if reduction == "none":
+        return -take_rows(log_softmax(input, -1), t)
+    total = apply(OPS["cross_entropy_sum"], input, target=t)
+    return total if reduction == "sum" else total * (1.0 / len(t))
+
+
+def take_rows(x, t):
+    return x[np.arange(len(t)), t]
+
+
+def nll_loss(input, target, reduction="mean"):
+    return _reduce(-take_rows(input, _targets(input, target, "nll_loss")), reduction)
+
+
+def binary_cross_entropy_with_logits(input, target, reduction="mean"):
+    return _reduce(apply(OPS["bce_with_logits"], input, target), reduction)
+
+
+def tensor(data, requires_grad=False, dtype=None):
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+_ = _as_array
+
+# ---- Tensor methods: the same functions, bound --------------------------------------------
+for _name in (
+    "exp log sqrt abs sin cos tanh sigmoid relu pow clamp sum mean var std amax amin max min "
+    "argmax argmin logsumexp softmax log_softmax reshape view flatten permute transpose "
+    "squeeze unsqueeze expand clone to"
+).split():
+    setattr(Tensor, _name, globals()[_name])
+Tensor.float = lambda self: to(self, np.float32)
+Tensor.double = lambda self: to(self, np.float64)
+Tensor.matmul = matmul
+Tensor.contiguous = lambda self: self

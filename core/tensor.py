@@ -1,0 +1,407 @@
+"""Tensor: an ndarray plus the graph node that made it. PyTorch's semantics, NumPy's speed.
+
+The graph is recorded only when grad mode is on and some input requires grad; an op is
+`apply(OPS[name], *tensors, **params)`, which runs the NumPy forward and, if needed, hangs a
+`Node` on the result. The backward walk lives in autograd.py; the derivative rules in ops.py.
+"""
+
+import threading
+
+import numpy as np
+
+from .ops import NP, OPS, _axes, _Namespace
+
+float32, float64, int64, int32, bool_ = np.float32, np.float64, np.int64, np.int32, np.bool_
+_DEFAULT_FLOAT = np.dtype(np.float32)
+
+
+class _GradMode(threading.local):
+    enabled = True
+
+
+_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    return _mode.enabled
+
+
+class _SetGrad:
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.prev, _mode.enabled = _mode.enabled, self.enabled
+
+    def __exit__(self, *exc):
+        _mode.enabled = self.prev
+
+    def __call__(self, fn):  # usable as a decorator, like torch.no_grad()
+        def wrapped(*args, **kwargs):
+            with type(self)():
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+class no_grad(_SetGrad):
+    def __init__(self):
+        super().__init__(False)
+
+
+class enable_grad(_SetGrad):
+    def __init__(self):
+        super().__init__(True)
+
+
+class Node:
+    """What backward needs of one op application: its inputs (Tensors or constants), its
+    parameters, its output array and the versions of the values its rules read."""
+
+    __slots__ = ("op", "inputs", "params", "out", "saved", "freed")
+
+    def __init__(self, op, inputs, params, out, saved):
+        self.op, self.inputs, self.params, self.out = op, inputs, params, out
+        self.saved, self.freed = saved, False
+
+    def name(self):
+        return f"{self.op.name.capitalize()}Backward"
+
+    def __repr__(self):
+        return f"<{self.name()}>"
+
+
+def _saved_versions(op, inputs, out_version):
+    """(counter, value) of every value a rule of an input that needs grad will read."""
+    saved = []
+    for i, a in enumerate(inputs):
+        if isinstance(a, Tensor) and a.requires_grad:
+            for c in op.saves[0 if op.variadic else i]:
+                if c == "o":
+                    saved.append((out_version, 0))
+                else:
+                    j = int(c)
+                    if j < len(inputs) and isinstance(inputs[j], Tensor):
+                        v = inputs[j]._version
+                        saved.append((v, v[0]))
+    return saved
+
+
+def apply(op, *inputs, **params):
+    """Run `op` forward on NumPy data and record it if the result needs a gradient."""
+    try:
+        out = op.forward(*[a.data if isinstance(a, Tensor) else a for a in inputs], **params)
+    except (ValueError, IndexError) as e:
+        shapes = ", ".join(str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray))
+        raise ValueError(f"{op.name}: cannot apply to shapes {shapes}: {e}") from None
+    t = Tensor.__new__(Tensor)
+    t.data = out if type(out) is np.ndarray else np.asarray(out)
+    t.grad = t.grad_fn = t._hooks = None
+    t._version = [0]
+    t._retains_grad = False
+    if _mode.enabled and any(isinstance(a, Tensor) and a.requires_grad for a in inputs):
+        t.requires_grad = True
+        t.grad_fn = Node(op, inputs, params, t.data, _saved_versions(op, inputs, t._version))
+    else:
+        t.requires_grad = False
+    return t
+
+
+def _as_array(data, dtype=None):
+    if isinstance(data, Tensor):
+        data = data.data
+    if dtype is not None:
+        return np.array(data, dtype=dtype)
+    arr = np.array(data)
+    if arr.dtype == np.float64 and not isinstance(data, np.ndarray | np.generic):
+        arr = arr.astype(_DEFAULT_FLOAT)  # Python floats become float32, as in PyTorch
+    elif arr.dtype.kind in "iu" and not isinstance(data, np.ndarray | np.generic):
+        arr = arr.astype(np.int64)
+    return arr
+
+
+class Tensor:
+    __slots__ = ("data", "grad", "requires_grad", "grad_fn", "_version", "_hooks")
+    __slots__ += ("_retains_grad", "__weakref__")
+    __array_ufunc__ = None  # ndarray <op> Tensor defers to Tensor's reflected operator
+    __hash__ = object.__hash__
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)
+        self.grad = self.grad_fn = self._hooks = None
+        self._version = [0]
+        self._retains_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    # ---- attributes ---------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    is_leaf = property(lambda self: self.grad_fn is None)
+    T = property(lambda self: self.permute(*reversed(range(self.ndim))))
+    mT = property(lambda self: apply(OPS["mT"], self))
+
+    def size(self, dim=None):
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def dim(self):
+        return self.data.ndim
+
+    def numel(self):
+        return self.data.size
+
+    def __len__(self):
+        return len(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def numpy(self):
+        if self.requires_grad:
+            raise RuntimeError(
+                "Can't call numpy() on Tensor that requires grad. "
+                "Use tensor.detach().numpy() instead."
+            )
+        return self.data
+
+    def tolist(self):
+        return self.data.tolist()
+
+    def __repr__(self):
+        extra = f", grad_fn={self.grad_fn!r}" if self.grad_fn else ""
+        extra += ", requires_grad=True" if self.requires_grad and not self.grad_fn else ""
+        return f"tensor({np.array2string(self.data, separator=', ')}{extra})"
+
+    def __bool__(self):
+        return bool(self.data)
+
+    def __float__(self):
+        return float(self.data)
+
+    def __int__(self):
+        return int(self.data)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    # ---- autograd -------------------------------------------------------------------------
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad and self.data.dtype.kind not in "fc":
+            raise RuntimeError(
+                f"only Tensors of floating point dtype can require gradients, got {self.dtype}"
+            )
+        if not self.is_leaf and not requires_grad:
+            raise RuntimeError("you can only change requires_grad flags of leaf variables.")
+        self.requires_grad = requires_grad
+        return self
+
+    def detach(self):
+        return Tensor._wrap(self.data, self._version)
+
+    def retain_grad(self):
+        if not self.requires_grad:
+            raise RuntimeError("can't retain_grad on Tensor that has requires_grad=False")
+        if self.grad_fn is not None:
+            self._retains_grad = True
+
+    @property
+    def retains_grad(self):
+        return self._retains_grad
+
+    def register_hook(self, hook):
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+        self._hooks = (self._hooks or []) + [hook]
+        return hook
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        from .autograd import run_backward
+
+        run_backward([self], [gradient], retain_graph, create_graph, inputs=inputs)
+
+    @staticmethod
+    def _wrap(data, version=None):
+        t = Tensor.__new__(Tensor)
+        t.data, t.grad, t.grad_fn, t._hooks = data, None, None, None
+        t._version = version if version is not None else [0]
+        t.requires_grad = t._retains_grad = False
+        return t
+
+    # ---- in-place ops: write into .data, bump the version counter -------------------------
+    def _inplace(self, name, *others, **params):
+        if self.requires_grad and _mode.enabled:
+            if self.is_leaf:
+                raise RuntimeError(
+                    "a leaf Variable that requires grad is being used in an in-place operation."
+                )
+            # Rebase: the old value becomes the input of the op that now produces self.
+            old = Tensor._wrap(self.data, self._version)
+            old.requires_grad, old.grad_fn = True, self.grad_fn
+            result = apply(OPS[name], old, *others, **params)
+            self.data[...] = result.data
+            self._version[0] += 1
+            self.grad_fn = result.grad_fn
+            self.grad_fn.out = self.data
+            return self
+        other_data = [o.data if isinstance(o, Tensor) else o for o in others]
+        result = OPS[name].forward(self.data, *other_data, **params)
+        if self.data.shape != np.shape(result):
+            raise ValueError(
+                f"{name}_: result of shape {np.shape(result)} does not fit in-place into "
+                f"a tensor of shape {self.shape}"
+            )
+        self.data[...] = result
+        self._version[0] += 1
+        if any(isinstance(o, Tensor) and o.requires_grad for o in others) and _mode.enabled:
+            raise RuntimeError("in-place op with a tensor that requires grad on a tensor that doesn't")
+        return self
+
+    def add_(self, other, alpha=1):
+        return self._inplace("add", other if alpha == 1 else other * alpha)
+
+    def sub_(self, other, alpha=1):
+        return self._inplace("sub", other if alpha == 1 else other * alpha)
+
+    def mul_(self, other):
+        return self._inplace("mul", other)
+
+    def div_(self, other):
+        return self._inplace("div", other)
+
+    def clamp_(self, min=None, max=None):
+        return self._inplace("clamp", min=min, max=max)
+
+    def copy_(self, src):
+        with no_grad():
+            self.data[...] = src.data if isinstance(src, Tensor) else src
+        self._version[0] += 1
+        return self
+
+    def fill_(self, value):
+        self.data.fill(value)
+        self._version[0] += 1
+        return self
+
+    def zero_(self):
+        return self.fill_(0)
+
+    __iadd__ = add_
+    __isub__ = sub_
+    __imul__ = mul_
+    __itruediv__ = div_
+
+    # ---- operators ------------------------------------------------------------------------
+    def __add__(self, o):
+        return apply(_ADD, self, o)
+
+    def __radd__(self, o):
+        return apply(_ADD, o, self)
+
+    def __sub__(self, o):
+        return apply(_SUB, self, o)
+
+    def __rsub__(self, o):
+        return apply(_SUB, o, self)
+
+    def __mul__(self, o):
+        return apply(_MUL, self, o)
+
+    def __rmul__(self, o):
+        return apply(_MUL, o, self)
+
+    def __truediv__(self, o):
+        return apply(_DIV, self, o)
+
+    def __rtruediv__(self, o):
+        return apply(_DIV, o, self)
+
+    def __pow__(self, o):
+        return apply(OPS["pow"], self, o)
+
+    def __rpow__(self, o):
+        return apply(OPS["pow"], o, self)
+
+    def __neg__(self):
+        return apply(OPS["neg"], self)
+
+    def __matmul__(self, o):
+        return matmul(self, o)
+
+    def __rmatmul__(self, o):
+        return matmul(o, self)
+
+    def __getitem__(self, index):
+        return apply(OPS["getitem"], self, index=_index(index))
+
+    def __setitem__(self, index, value):
+        if self.requires_grad and _mode.enabled:
+            raise RuntimeError("in-place assignment into a tensor that requires grad")
+        self.data[_index(index)] = value.data if isinstance(value, Tensor) else value
+        self._version[0] += 1
+
+    def _compare(self, o, fn):
+        return Tensor._wrap(fn(self.data, o.data if isinstance(o, Tensor) else o))
+
+    def __lt__(self, o):
+        return self._compare(o, np.less)
+
+    def __le__(self, o):
+        return self._compare(o, np.less_equal)
+
+    def __gt__(self, o):
+        return self._compare(o, np.greater)
+
+    def __ge__(self, o):
+        return self._compare(o, np.greater_equal)
+
+    def __eq__(self, o):
+        return self._compare(o, np.equal)
+
+    def __ne__(self, o):
+        return self._compare(o, np.not_equal)
+
+
+def _index(index):
+    """Tensors inside an index become their arrays (advanced indexing)."""
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    if isinstance(index, list):
+        return np.asarray(index)
+    return index
+
+
+_ADD, _SUB, _MUL, _DIV = OPS["add"], OPS["sub"], OPS["mul"], OPS["div"]
+
+
+def matmul(a, b):
+    sa, sb = np.shape(a.data if isinstance(a, Tensor) else a), np.shape(
+        b.data if isinstance(b, Tensor) else b
+    )
+    ka, kb = sa[-1] if sa else None, (sb[-2] if len(sb) > 1 else sb[0]) if sb else None
+    if not sa or not sb or ka != kb:
+        raise ValueError(
+            f"matmul: shapes {tuple(sa)} and {tuple(sb)} are not aligned "
+            f"(inner sizes {ka} and {kb} must match)"
+        )
+    return apply(OPS["matmul"], a, b)
+
+
+# The `xp` namespace for rules under create_graph: the same names as ops.NP, as Tensor ops.
+def _op_fn(op):
+    return lambda *inputs, **params: apply(op, *inputs, **params)
+
+
+T = _Namespace(
+    {name: _op_fn(op) for name, op in OPS.items()}
+    | {"raw": lambda x: x.data if isinstance(x, Tensor) else x}
+)
+_ = NP  # both namespaces are built from the same table
+
+
+def reduce_dims(dim, ndim):
+    """PyTorch's dim argument (int, tuple or None) as NumPy's axis tuple."""
+    return None if dim is None else _axes(dim, ndim)
