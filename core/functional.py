@@ -222,8 +222,14 @@ def to(x, dtype):
 
 
 def linear(x, weight, bias=None):
-    out = matmul(x, weight.mT)
-    return out if bias is None else out + bias
+    if x.shape[-1:] != weight.shape[-1:]:
+        raise ValueError(
+            f"linear: input of shape {tuple(x.shape)} does not fit weight of shape "
+            f"{tuple(weight.shape)} (last sizes must match)"
+        )
+    return apply(OPS["linear"], x, weight, bias) if bias is not None else apply(
+        OPS["linear"], x, weight
+    )
 
 
 def _pair(v):

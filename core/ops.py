@@ -382,6 +382,28 @@ def _matmul_vjp_b(xp, g, o, a, b):
 
 
 defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
+def _linear(x, w, b=None):
+    out = np.matmul(x, w.T)
+    if b is not None:
+        out += b
+    return out
+
+
+def _linear_vjp_w(xp, g, o, x, w, b=None):
+    # (out, batch) @ (batch, in): the weight's gradient comes out contiguous, like the weight.
+    g2 = g if g.ndim == 2 else xp.reshape(g, shape=(-1, g.shape[-1]))
+    x2 = x if x.ndim == 2 else xp.reshape(x, shape=(-1, x.shape[-1]))
+    return xp.matmul(xp.mT(g2), x2)
+
+
+defop(
+    "linear",
+    _linear,
+    lambda xp, g, o, x, w, b=None: xp.matmul(g, w),
+    _linear_vjp_w,
+    lambda xp, g, o, x, w, b=None: g,
+    saves=("1", "0", ""),
+)
 defop("mT", lambda a: np.swapaxes(a, -1, -2), lambda xp, g, o, a: xp.mT(g), saves=("",))
 defop("clone", np.copy, lambda xp, g, o, a: g, saves=("",))
 defop(

@@ -1,0 +1,144 @@
+"""One training step of an MLP 784-256-256-10 (forward, cross_entropy, backward, SGD step),
+float32, one BLAS thread: shardgrad.core vs the same step hand-written in NumPy (the floor)
+vs PyTorch eager (if installed). Plus the per-op overhead of a 100-op elementwise chain.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/core_step.py
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import shardgrad.core as sg  # noqa: E402
+from shardgrad.core import functional as F  # noqa: E402
+from shardgrad.core import nn, optim  # noqa: E402
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    torch = None
+
+SIZES = (784, 256, 256, 10)
+LR = 0.01
+
+
+def timeit(fn, repeat=7, number=None):
+    fn()
+    if number is None:
+        t0, number = time.perf_counter(), 1
+        while time.perf_counter() - t0 < 0.05:
+            fn()
+            number += 1
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        runs.append((time.perf_counter() - t0) / number)
+    return statistics.median(runs)
+
+
+def data(batch):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, 784)).astype(np.float32), rng.integers(0, 10, batch)
+
+
+def shardgrad_step(batch):
+    model = nn.build(
+        [{"type": "linear", "out": 256}, {"type": "relu"}, {"type": "linear", "out": 256},
+         {"type": "relu"}, {"type": "linear", "out": 10}], [784], seed=0)  # fmt: skip
+    opt = optim.SGD(model.parameters(), lr=LR)
+    x, y = data(batch)
+    xt = sg.tensor(x)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(xt), y).backward()
+        opt.step()
+
+    return step
+
+
+def numpy_step(batch):
+    rng = np.random.default_rng(0)
+    ws = [rng.uniform(-0.05, 0.05, (o, i)).astype(np.float32) for i, o in zip(SIZES, SIZES[1:])]
+    bs = [np.zeros(o, np.float32) for o in SIZES[1:]]
+    x, y = data(batch)
+
+    def step():
+        acts, h = [x], x
+        for k, (w, b) in enumerate(zip(ws, bs)):
+            h = h @ w.T + b
+            if k < len(ws) - 1:
+                h = np.maximum(h, 0)
+            acts.append(h)
+        z = h - h.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(batch), y] -= 1
+        g = p / batch
+        for k in range(len(ws) - 1, -1, -1):
+            gw, gb = g.T @ acts[k], g.sum(0)
+            if k:
+                g = (g @ ws[k]) * (acts[k] > 0)
+            ws[k] -= LR * gw
+            bs[k] -= LR * gb
+
+    return step
+
+
+def torch_step(batch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = data(batch)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+
+    return step
+
+
+def chain_overhead(n=100, size=16):
+    """Per-op cost of a chain of n cheap elementwise ops, forward + backward."""
+    x = sg.randn(size, requires_grad=True)
+
+    def run():
+        h = x
+        for i in range(n // 2):
+            h = h * 1.0001
+            h = h + 0.5
+        h.sum().backward()
+        x.grad = None
+
+    return timeit(run) / n
+
+
+def main():
+    print(f"MLP {'-'.join(map(str, SIZES))} float32, 1 BLAS thread, SGD step (median of 7)\n")
+    print(f"| batch | numpy (floor) | shardgrad | torch | sg/numpy | sg/torch |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch in (32, 256):
+        tn, ts = timeit(numpy_step(batch)), timeit(shardgrad_step(batch))
+        tt = timeit(torch_step(batch)) if torch else float("nan")
+        print(f"| {batch} | {tn * 1e6:.0f} µs | {ts * 1e6:.0f} µs | {tt * 1e6:.0f} µs | "
+              f"{ts / tn:.2f}× | {ts / tt:.2f}× |")  # fmt: skip
+    print(f"\nelementwise chain (100 ops, fwd+bwd): {chain_overhead() * 1e6:.2f} µs/op")
+    print("targets: B=32 sg/numpy ≤ 1.25, sg/torch ≤ 0.6; B=256 sg/numpy ≤ 1.10; ≤ 4 µs/op")
+
+
+if __name__ == "__main__":
+    main()

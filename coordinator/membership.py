@@ -1,0 +1,72 @@
+"""The live set: who registered, when each worker was last heard from, and the Paranoid
+Pirate verdict (alive, suspect after two missed heartbeats, dead after `liveness`)."""
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    joined: float
+    last_seen: float
+    blocks_done: int = 0
+    state: str = "alive"  # alive | suspect | dead | left
+    info: dict = field(default_factory=dict)
+
+
+class Membership:
+    def __init__(self, interval: float = 0.5, liveness: int = 5):
+        self.interval, self.liveness = interval, liveness
+        self.workers: dict[str, WorkerInfo] = {}
+
+    def heard(self, wid: str, info: dict | None = None) -> bool:
+        """Record a sign of life; True if this worker is new (or back from the dead)."""
+        now = time.monotonic()
+        w = self.workers.get(wid)
+        if w is None or w.state in ("dead", "left"):
+            self.workers[wid] = WorkerInfo(wid, now, now, info=info or {})
+            return True
+        w.last_seen, w.state = now, "alive"
+        if info:
+            w.info.update(info)
+        return False
+
+    def leave(self, wid: str) -> None:
+        if wid in self.workers:
+            self.workers[wid].state = "left"
+
+    def sweep(self) -> list[str]:
+        """Update verdicts; the ids that just died."""
+        now, died = time.monotonic(), []
+        for w in self.workers.values():
+            if w.state in ("dead", "left"):
+                continue
+            silent = now - w.last_seen
+            if silent > self.interval * self.liveness:
+                w.state = "dead"
+                died.append(w.id)
+            elif silent > self.interval * 2:
+                w.state = "suspect"
+        # forget the long dead so the table stays small
+        for wid in [w.id for w in self.workers.values()
+                    if w.state in ("dead", "left") and now - w.last_seen > 300]:  # fmt: skip
+            del self.workers[wid]
+        return died
+
+    def live(self) -> list[str]:
+        """Workers that can take work, in a fixed order (assignment never depends on arrival
+        order, though results would not either)."""
+        return sorted(w.id for w in self.workers.values() if w.state in ("alive", "suspect"))
+
+    def is_live(self, wid: str) -> bool:
+        w = self.workers.get(wid)
+        return w is not None and w.state in ("alive", "suspect")
+
+    def table(self) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {"id": w.id, "state": w.state, "last_heartbeat_s": round(now - w.last_seen, 3),
+             "blocks_done": w.blocks_done, **w.info}  # fmt: skip
+            for w in sorted(self.workers.values(), key=lambda w: w.id)
+        ]

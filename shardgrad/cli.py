@@ -1,0 +1,255 @@
+"""The `shardgrad` command.
+
+    shardgrad coordinator | worker | cluster up --workers N
+    shardgrad submit SPEC | status [JOB] | watch JOB | cancel JOB | fetch JOB -o model.npz
+    shardgrad train SPEC --local | demo | keys generate DIR
+
+Addresses come from flags or the environment (ready for docker-compose):
+SHARDGRAD_COORDINATOR (client port), SHARDGRAD_COORDINATOR_WORKERS (worker port),
+SHARDGRAD_WORKER_BIND, SHARDGRAD_CLIENT_BIND, SHARDGRAD_STATE_DIR, SHARDGRAD_DATA_ROOT,
+SHARDGRAD_KEYS (key directory; turns CURVE on).
+"""
+
+import os
+
+# One BLAS thread per process unless the user says otherwise: workers are the parallelism.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+ENV = os.environ.get
+
+
+def _env_float(name, default):
+    return float(ENV(name, default))
+
+
+def cmd_coordinator(a):
+    from .coordinator.server import Config, main
+
+    cfg = Config(heartbeat_interval=a.heartbeat_interval, liveness=a.liveness)
+    main(a.worker_bind, a.client_bind, a.state_dir, a.data_root, cfg, auth=_server_auth(a))
+
+
+def cmd_worker(a):
+    from .worker.worker import main
+
+    main(a.coordinator_workers, a.data_root, a.id, a.heartbeat_interval, _peer_auth(a, "worker"))
+
+
+def cmd_cluster(a):
+    from .cluster import LocalCluster
+
+    with LocalCluster(a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root,
+                      keys=a.keys) as cluster:  # fmt: skip
+        print(f"cluster up: coordinator at {cluster.client_address} with {a.workers} workers; "
+              "Ctrl-C stops all", flush=True)  # fmt: skip
+        cluster.wait()
+
+
+def _client(a):
+    from .client import Client
+
+    return Client(a.coordinator, timeout=a.timeout, security=_peer_auth(a, "client"))
+
+
+def cmd_submit(a):
+    from .jobspec import SpecError, parse_spec
+
+    try:
+        spec = parse_spec(a.spec)
+    except (SpecError, OSError) as e:
+        sys.exit(f"shardgrad submit: {a.spec}: invalid job spec:\n{e}")
+    with _client(a) as c:
+        job = c.submit(spec)
+    print(job)
+    if a.wait:
+        a.job = job
+        cmd_watch(a)
+
+
+def cmd_status(a):
+    with _client(a) as c:
+        st = c.status(a.job)
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return
+    from .progress import print_status
+
+    print_status(st)
+
+
+def cmd_watch(a):
+    from .progress import watch
+
+    with _client(a) as c:
+        job = watch(c, a.job)
+    if job["state"] != "done":
+        sys.exit(f"job {a.job} {job['state']}: {job.get('error') or ''}")
+
+
+def cmd_cancel(a):
+    with _client(a) as c:
+        print(c.cancel(a.job)["state"])
+
+
+def cmd_fetch(a):
+    import numpy as np
+
+    with _client(a) as c:
+        state = c.fetch(a.job)
+    np.savez(a.output, **state)
+    print(f"wrote {len(state)} arrays to {a.output}")
+
+
+def cmd_train(a):
+    import numpy as np
+
+    from .jobspec import SpecError, parse_spec
+    from .training import train_local, weights_digest
+
+    if not a.local:
+        sys.exit("shardgrad train: only --local is supported (use submit for a cluster)")
+    try:
+        spec = parse_spec(a.spec)
+    except (SpecError, OSError) as e:
+        sys.exit(f"shardgrad train: {a.spec}: invalid job spec:\n{e}")
+    state, metrics = train_local(spec, a.data_root)
+    if a.output:
+        np.savez(a.output, **state)
+    last = metrics[-1]
+    print(json.dumps({"rounds": len(metrics), "loss": last.get("loss"),
+                      "eval": {k: last[k] for k in ("accuracy", "mse") if k in last},
+                      "digest": weights_digest(state)}))  # fmt: skip
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    sys.exit(run_demo(a.workers, a.output_dir))
+
+
+def cmd_keys(a):
+    from .security import generate_keys
+
+    for line in generate_keys(a.dir, a.workers, a.clients):
+        print(line)
+
+
+def _server_auth(a):
+    if not a.keys:
+        return None
+    from .security import ServerAuth
+
+    return ServerAuth(a.keys)
+
+
+def _peer_auth(a, role):
+    keys = getattr(a, "keys", None)
+    if not keys:
+        return None
+    from .security import peer_security
+
+    return peer_security(keys, role, getattr(a, "key_name", None))
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="shardgrad", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_args(s):
+        s.add_argument("--coordinator", default=ENV("SHARDGRAD_COORDINATOR", "tcp://127.0.0.1:5556"),
+                       help="coordinator client address [SHARDGRAD_COORDINATOR]")  # fmt: skip
+        s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+        s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
+        s.add_argument("--key-name", default=ENV("SHARDGRAD_KEY_NAME"),
+                       help="which client key pair in --keys to use (default: the only one)")
+
+    def server_args(s):
+        s.add_argument("--worker-bind", default=ENV("SHARDGRAD_WORKER_BIND", "tcp://127.0.0.1:5555"))
+        s.add_argument("--client-bind", default=ENV("SHARDGRAD_CLIENT_BIND", "tcp://127.0.0.1:5556"))
+        s.add_argument("--state-dir", default=ENV("SHARDGRAD_STATE_DIR", "shardgrad-state"))
+        s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
+        s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory: turn CURVE on")
+
+    hb = _env_float("SHARDGRAD_HEARTBEAT_INTERVAL", 0.5)
+    s = sub.add_parser("coordinator", help="run the coordinator")
+    server_args(s)
+    s.add_argument("--heartbeat-interval", type=float, default=hb)
+    s.add_argument("--liveness", type=int, default=int(ENV("SHARDGRAD_LIVENESS", 5)))
+    s.set_defaults(fn=cmd_coordinator)
+
+    s = sub.add_parser("worker", help="run a worker")
+    s.add_argument("--coordinator-workers", "--coordinator",
+                   default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
+                   help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]")  # fmt: skip
+    s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
+    s.add_argument("--id", default=ENV("SHARDGRAD_WORKER_ID"), help="worker identity")
+    s.add_argument("--heartbeat-interval", type=float, default=hb)
+    s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
+    s.add_argument("--key-name", default=ENV("SHARDGRAD_KEY_NAME"))
+    s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("cluster", help="run a local cluster: cluster up --workers N")
+    s.add_argument("action", choices=["up"])
+    s.add_argument("--workers", type=int, default=2)
+    server_args(s)
+    s.set_defaults(fn=cmd_cluster)
+
+    for name, fn, helptext in (("submit", cmd_submit, "submit a job spec (TOML/JSON)"),
+                               ("train", cmd_train, "run a job spec in this process")):  # fmt: skip
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("spec")
+        client_args(s)
+        s.set_defaults(fn=fn)
+    sub.choices["submit"].add_argument("--wait", action="store_true", help="watch it to the end")
+    sub.choices["train"].add_argument("--local", action="store_true", help="no cluster, no sockets")
+    sub.choices["train"].add_argument("-o", "--output", help="write the final weights (.npz)")
+    sub.choices["train"].add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
+
+    for name, fn, helptext in (("status", cmd_status, "workers and jobs"),
+                               ("watch", cmd_watch, "a progress bar until the job ends"),
+                               ("cancel", cmd_cancel, "cancel a job"),
+                               ("fetch", cmd_fetch, "download a finished job's weights")):  # fmt: skip
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("job", nargs="?" if name == "status" else None)
+        client_args(s)
+        s.set_defaults(fn=fn)
+    sub.choices["status"].add_argument("--json", action="store_true")
+    sub.choices["fetch"].add_argument("-o", "--output", default="model.npz")
+
+    s = sub.add_parser("demo", help="local cluster, digits MLP, accuracy and a loss curve")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--output-dir", default="demo-output")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("keys", help="keys generate DIR: CURVE key pairs and allow-lists")
+    s.add_argument("action", choices=["generate"])
+    s.add_argument("dir")
+    s.add_argument("--workers", type=int, default=1, help="worker key pairs to make")
+    s.add_argument("--clients", type=int, default=1, help="client key pairs to make")
+    s.set_defaults(fn=cmd_keys)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    from .client import ClientError
+
+    try:
+        a.fn(a)
+    except (ClientError, TimeoutError) as e:
+        sys.exit(f"shardgrad {a.command}: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""A local cluster: one coordinator and N workers as real processes on this machine.
+
+Used by `shardgrad cluster up`, `shardgrad demo` and the multi-process tests. Without
+explicit addresses it binds ipc:// sockets in a private temp dir, so any number of
+clusters can run side by side (tests under xdist) without a single fixed port.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from .client import Client
+
+
+class LocalCluster:
+    def __init__(self, workers=2, worker_bind=None, client_bind=None, state_dir=None,
+                 data_root=None, keys=None, heartbeat_interval=None, liveness=None,
+                 log_dir=None, env=None):  # fmt: skip
+        self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
+        self.worker_bind = worker_bind or f"ipc://{self.tmp}/workers"
+        self.client_bind = client_bind or f"ipc://{self.tmp}/clients"
+        self.state_dir = state_dir or os.path.join(self.tmp, "state")
+        self.log_dir = log_dir or os.path.join(self.tmp, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.n_workers, self.data_root, self.keys = workers, data_root, keys
+        self.hb, self.liveness = heartbeat_interval, liveness
+        self.env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+        self.coordinator = None
+        self.workers: list[subprocess.Popen] = []
+        self._spawned = 0
+
+    @property
+    def worker_address(self):
+        return self.worker_bind.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
+
+    @property
+    def client_address(self):
+        return self.client_bind.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
+
+    def _spawn(self, name, args, env=None):
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        cmd = [sys.executable, "-m", "shardgrad.cli", *args]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**self.env, **(env or {})})  # fmt: skip
+
+    def _common(self):
+        args = ["--keys", self.keys] if self.keys else []
+        if self.hb:
+            args += ["--heartbeat-interval", str(self.hb)]
+        return args
+
+    def start_coordinator(self, env=None, wait=True):
+        args = ["coordinator", "--worker-bind", self.worker_bind, "--client-bind",
+                self.client_bind, "--state-dir", self.state_dir, *self._common()]  # fmt: skip
+        if self.data_root:
+            args += ["--data-root", self.data_root]
+        if self.liveness:
+            args += ["--liveness", str(self.liveness)]
+        self.coordinator = self._spawn("coordinator", args, env)
+        if wait:
+            self.wait_until(lambda c: c.status() is not None, "the coordinator to answer")
+        return self.coordinator
+
+    def add_worker(self, env=None):
+        self._spawned += 1
+        args = ["worker", "--coordinator-workers", self.worker_address, *self._common()]
+        if self.data_root:
+            args += ["--data-root", self.data_root]
+        if self.keys:
+            args += ["--key-name", "worker"]
+        proc = self._spawn(f"worker-{self._spawned}", args, env)
+        self.workers.append(proc)
+        return proc
+
+    def start(self, wait_workers=True):
+        self.start_coordinator()
+        for _ in range(self.n_workers):
+            self.add_worker()
+        if wait_workers:
+            self.wait_workers(self.n_workers)
+        return self
+
+    def client(self, timeout=10.0, security=None):
+        if security is None and self.keys:
+            from .security import peer_security
+
+            security = peer_security(self.keys, "client", "client")
+        return Client(self.client_address, timeout=timeout, security=security)
+
+    def wait_until(self, predicate, what, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        with self.client(timeout=2.0) as c:
+            while time.monotonic() < deadline:
+                try:
+                    if predicate(c):
+                        return
+                except (TimeoutError, OSError):
+                    pass
+                if self.coordinator is not None and self.coordinator.poll() is not None:
+                    raise RuntimeError(f"the coordinator exited (see {self.log_dir}/coordinator.log)")
+                time.sleep(0.05)
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what} (logs: {self.log_dir})")
+
+    def live_workers(self, c):
+        return [w for w in c.status()["workers"] if w["state"] == "alive"]
+
+    def wait_workers(self, n, timeout=60.0):
+        self.wait_until(lambda c: len(self.live_workers(c)) >= n, f"{n} live workers", timeout)
+
+    def wait(self):
+        """Block until Ctrl-C or until the coordinator exits."""
+        try:
+            while self.coordinator.poll() is None:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+
+    def stop(self, timeout=10.0):
+        procs = [p for p in [self.coordinator, *self.workers] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,464 @@
+"""Job specs: parse TOML / JSON / dict, validate every key, report every problem at once.
+
+A spec is data, never code: it can only name layers, losses and optimizers from the
+built-in registries below, and nothing in it is ever imported, evaluated or unpickled.
+`JobSpec.to_dict()` is plain data (str, int, float, bool, list, dict) so it can travel in a
+msgpack header; `parse_spec(spec.to_dict()) == spec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+MiB = 1 << 20
+MAX_INT = 2**63 - 1  # everything must fit a msgpack int64 and numpy seeds
+
+LOSSES = ("cross_entropy", "mse", "nll", "bce_with_logits")
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
+METRICS = ("accuracy", "mse")
+
+# Layer registry: per type, its required keys and its optional keys. shardgrad.core.nn.build
+# does the structural (shape) check; this table gives early, complete messages for keys.
+_POS, _NONNEG, _BOOL, _PROB, _EPS = "pos", "nonneg", "bool", "prob", "eps"
+LAYERS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "linear": ({"out": _POS}, {"bias": _BOOL}),
+    "conv2d": ({"out": _POS, "kernel": _POS}, {"stride": _POS, "padding": _NONNEG, "bias": _BOOL}),
+    "maxpool2d": ({"kernel": _POS}, {"stride": _POS}),
+    "avgpool2d": ({"kernel": _POS}, {"stride": _POS}),
+    "flatten": ({}, {}),
+    "relu": ({}, {}),
+    "tanh": ({}, {}),
+    "sigmoid": ({}, {}),
+    "gelu": ({}, {}),
+    "dropout": ({}, {"p": _PROB}),
+    "layernorm": ({}, {"eps": _EPS}),
+    "embedding": ({"num": _POS, "dim": _POS}, {}),
+}
+
+OPTIMIZERS = {
+    "sgd": {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
+    "adam": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},  # PyTorch defaults
+}
+SOURCES = ("builtin:digits", "builtin:synthetic", "file:PATH.npz")
+SYNTHETIC = {
+    "task": "classification",
+    "n_samples": 1000,
+    "n_features": 20,
+    "n_classes": 2,
+    "noise": 0.1,
+    "seed": 0,
+}
+TOP_KEYS = (
+    "name model input_shape loss optimizer data global_batch micro_batch accumulate_steps "
+    "epochs rounds seed min_workers checkpoint_every eval"
+).split()
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    max_spec_bytes: int = 1 * MiB
+    max_layers: int = 256
+    max_params: int = 50_000_000  # estimated before nn.build allocates anything
+    max_synthetic_elements: int = 50_000_000  # n_samples * n_features
+    max_name_len: int = 200
+
+
+DEFAULT_SPEC_LIMITS = SpecLimits()
+
+
+class SpecError(ValueError):
+    """Every problem found in a spec; str() lists them one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: tuple[dict, ...]
+    input_shape: tuple[int, ...]
+    loss: str
+    optimizer: dict  # type, lr and every hyper-parameter, defaults filled in
+    data: dict  # source (+ synthetic parameters, defaults filled in)
+    global_batch: int
+    micro_batch: int
+    accumulate_steps: int = 1
+    epochs: int | None = None
+    rounds: int | None = None
+    seed: int = 0
+    min_workers: int = 1
+    checkpoint_every: int = 10
+    eval: dict | None = None  # holdout, metric
+
+    @property
+    def n_micro_batches(self) -> int:
+        return self.global_batch // self.micro_batch
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.loss in CLASSIFICATION_LOSSES else "regression"
+
+    def to_dict(self) -> dict:
+        d = {
+            "name": self.name,
+            "model": [dict(layer) for layer in self.model],
+            "input_shape": list(self.input_shape),
+            "loss": self.loss,
+            "optimizer": copy.deepcopy(self.optimizer),
+            "data": dict(self.data),
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "accumulate_steps": self.accumulate_steps,
+            "seed": self.seed,
+            "min_workers": self.min_workers,
+            "checkpoint_every": self.checkpoint_every,
+            "eval": dict(self.eval or {}),
+        }
+        d["epochs" if self.epochs is not None else "rounds"] = self.epochs or self.rounds
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, limits: SpecLimits = DEFAULT_SPEC_LIMITS) -> JobSpec:
+        return parse_spec(d, limits)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _read_source(source: Any, limits: SpecLimits) -> dict:
+    """The spec as a dict, from a dict, a path, or TOML / JSON text."""
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, bytes):
+        try:
+            source = source.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(["spec text is not valid UTF-8"]) from None
+    path = None
+    if isinstance(source, os.PathLike):
+        path = os.fspath(source)
+    elif isinstance(source, str):
+        text = source.strip()
+        # Inline text has a newline or '=' (TOML) or starts with '{' / '['; else a path.
+        if not (text[:1] in "{[" or "\n" in text or "=" in text or len(text) > 4096):
+            path = source
+    else:
+        raise SpecError([f"a spec must be a dict, a path or TOML/JSON text, not {type(source)}"])
+    if path is not None:
+        try:
+            too_big = os.path.getsize(path) > limits.max_spec_bytes
+            if not too_big:
+                with open(path, "rb") as f:
+                    source = f.read().decode("utf-8")
+        except (OSError, ValueError) as exc:  # missing file, bad path, not UTF-8
+            raise SpecError([f"cannot read spec file {_short(path)}: {exc}"]) from None
+        if too_big:
+            raise SpecError(
+                [f"spec file {_short(path)} is larger than {limits.max_spec_bytes} bytes"]
+            )
+    if len(source.encode("utf-8", "surrogatepass")) > limits.max_spec_bytes:
+        raise SpecError([f"spec is larger than {limits.max_spec_bytes} bytes"])
+    is_json = source.lstrip().startswith("{") or (path or "").endswith(".json")
+    try:
+        data = json.loads(source) if is_json else tomllib.loads(source)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError / TOMLDecodeError
+        kind = "JSON" if is_json else "TOML"
+        raise SpecError([f"spec is not valid {kind}: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"a spec must be a table/object, got {type(data).__name__}"])
+    return data
+
+
+# --- value checks: each returns the (normalised) value or records a problem ----------------
+
+
+class _Checker:
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def bad(self, key: str, expected: str, value: Any = ...) -> None:
+        got = "" if value is ... else f", got {_short(value)}"
+        self.problems.append(f"{key}: expected {expected}{got}")
+
+    def unknown(self, table: dict, known, prefix: str = "") -> None:
+        for key in table:
+            if key in known:
+                continue
+            where = f"{prefix}{key}" if isinstance(key, str) else repr(key)
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            self.problems.append(f"unknown key '{where}'{extra}")
+
+    def int_(self, key, value, lo=1, hi=MAX_INT):
+        if type(value) is not int or not lo <= value <= hi:
+            self.bad(key, f"an integer >= {lo}" + (f" and <= {hi}" if hi < MAX_INT else ""), value)
+            return None
+        return value
+
+    def float_(self, key, value, lo=None, hi=None, lo_open=False, hi_open=True, what=None):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+        ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            self.bad(key, what or "a finite number", value)
+            return None
+        return float(value)
+
+    def choice(self, key, value, options):
+        if not isinstance(value, str) or value not in options:
+            self.bad(key, "one of " + ", ".join(f"'{o}'" for o in options), value)
+            return None
+        return value
+
+    def table(self, key, value) -> dict | None:
+        if not isinstance(value, dict):
+            self.bad(key, "a table", value)
+            return None
+        return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_layer(c: _Checker, i: int, layer: Any) -> None:
+    where = f"model[{i}]"
+    if not isinstance(layer, dict):
+        return c.bad(where, "a layer table like {type = 'linear', out = 10}", layer)
+    ltype = layer.get("type")
+    if not isinstance(ltype, str) or ltype not in LAYERS:
+        return c.bad(f"{where}.type", "one of " + ", ".join(LAYERS), ltype)
+    required, optional = LAYERS[ltype]
+    c.unknown(layer, {"type", *required, *optional}, f"{where}.")
+    for key in required:
+        if key not in layer:
+            c.problems.append(f"{where} ({ltype}): missing required key '{key}'")
+    for key, kind in {**required, **optional}.items():
+        if key not in layer:
+            continue
+        value, k = layer[key], f"{where}.{key}"
+        if kind == _BOOL and not isinstance(value, bool):
+            c.bad(k, "true or false", value)
+        elif kind in (_POS, _NONNEG):
+            c.int_(k, value, lo=1 if kind == _POS else 0, hi=1 << 31)
+        elif kind == _PROB:
+            c.float_(k, value, 0.0, 1.0, what="a probability in [0, 1)")
+        elif kind == _EPS:
+            c.float_(k, value, 0.0, None, lo_open=True, what="a number > 0")
+
+
+def _estimate_params(model: list[dict], input_shape: list[int]) -> int | None:
+    """Parameter count by walking shapes, or None where the walk cannot tell (nn.build
+    reports shape errors). Lets us refuse a huge model before anything is allocated."""
+    shape, total = list(input_shape), 0
+    for layer in model:
+        t = layer["type"]
+        if t == "linear":
+            total += shape[-1] * layer["out"] + layer["out"]
+            shape[-1] = layer["out"]
+        elif t == "conv2d":
+            if len(shape) != 3:
+                return None
+            k, s, p = layer["kernel"], layer.get("stride", 1), layer.get("padding", 0)
+            total += layer["out"] * shape[0] * k * k + layer["out"]
+            shape = [layer["out"]] + [(d + 2 * p - k) // s + 1 for d in shape[1:]]
+        elif t in ("maxpool2d", "avgpool2d"):
+            k, s = layer["kernel"], layer.get("stride", layer["kernel"])
+            shape = shape[:-2] + [(d - k) // s + 1 for d in shape[-2:]]
+        elif t == "flatten":
+            shape = [math.prod(shape)]
+        elif t == "layernorm":
+            total += 2 * shape[-1]
+        elif t == "embedding":
+            total += layer["num"] * layer["dim"]
+            shape = shape + [layer["dim"]]
+        if not shape or min(shape) <= 0:
+            return None
+    return total
+
+
+def _check_model(c: _Checker, spec: dict, input_shape, seed: int, limits: SpecLimits) -> None:
+    model = spec["model"]
+    if not isinstance(model, list) or not model:
+        return c.bad("model", "a non-empty list of layer tables", model)
+    if len(model) > limits.max_layers:
+        return c.bad("model", f"at most {limits.max_layers} layers", len(model))
+    before = len(c.problems)
+    for i, layer in enumerate(model):
+        _check_layer(c, i, layer)
+    if len(c.problems) > before or input_shape is None:
+        return
+    try:
+        n_params = _estimate_params(model, list(input_shape))
+    except (ArithmeticError, IndexError, TypeError, ValueError):
+        n_params = None  # an odd shape: nn.build below gives the real message
+    if n_params is not None and n_params > limits.max_params:
+        return c.bad("model", f"at most {limits.max_params} parameters", n_params)
+    try:
+        from shardgrad.core.nn import build  # written in parallel; absent until then
+    except (ImportError, AttributeError):
+        return
+    try:
+        build([dict(layer) for layer in model], tuple(input_shape), seed)
+    except ValueError as exc:  # "layer 3 (linear): ..."
+        c.problems.append(f"model: {exc}")
+    except Exception as exc:  # a validator must never take the coordinator down
+        c.problems.append(f"model: cannot be built ({type(exc).__name__}: {exc})")
+
+
+def _check_optimizer(c: _Checker, opt: dict) -> dict:
+    otype = c.choice("optimizer.type", opt.get("type", "sgd"), tuple(OPTIMIZERS))
+    if otype is None:
+        return {}
+    defaults = OPTIMIZERS[otype]
+    c.unknown(opt, {"type", "lr", *defaults}, "optimizer.")
+    out = {"type": otype, **copy.deepcopy(defaults)}  # never share the default betas list
+    if "lr" not in opt:
+        c.problems.append("optimizer.lr: missing (the learning rate, a number > 0)")
+    else:
+        out["lr"] = c.float_("optimizer.lr", opt["lr"], 0.0, lo_open=True, what="a number > 0")
+    for key in ("momentum", "dampening", "weight_decay"):
+        if key in opt and key in defaults:
+            out[key] = c.float_(f"optimizer.{key}", opt[key], 0.0, what="a number >= 0")
+    if "eps" in opt and "eps" in defaults:
+        out["eps"] = c.float_("optimizer.eps", opt["eps"], 0.0, lo_open=True, what="a number > 0")
+    if "nesterov" in opt and "nesterov" in defaults:
+        if isinstance(opt["nesterov"], bool):
+            out["nesterov"] = opt["nesterov"]
+        else:
+            c.bad("optimizer.nesterov", "true or false", opt["nesterov"])
+    if "betas" in opt and "betas" in defaults:
+        betas = opt["betas"]
+        if isinstance(betas, list) and len(betas) == 2 and all(map(_is_beta, betas)):
+            out["betas"] = [float(b) for b in betas]
+        else:
+            c.bad("optimizer.betas", "two numbers in [0, 1), like [0.9, 0.999]", betas)
+    if out.get("nesterov") and (not out.get("momentum") or out.get("dampening")):
+        c.problems.append("optimizer.nesterov: needs momentum > 0 and dampening = 0")
+    return out
+
+
+def _is_beta(b: Any) -> bool:
+    return isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+
+
+def _check_data(c: _Checker, data: dict, limits: SpecLimits) -> dict:
+    source = data.get("source")
+    if not isinstance(source, str) or not (
+        source in ("builtin:digits", "builtin:synthetic") or source.startswith("file:")
+    ):
+        c.bad("data.source", "one of " + ", ".join(f"'{s}'" for s in SOURCES), source)
+        return {}
+    if source != "builtin:synthetic":
+        c.unknown(data, {"source"}, "data.")
+        path = source[len("file:") :]
+        if source.startswith("file:") and (not path.endswith(".npz") or "\x00" in path):
+            c.bad("data.source", "'file:PATH.npz' with a path to an .npz file", source)
+        return {"source": source}
+    c.unknown(data, {"source", *SYNTHETIC}, "data.")
+    out = {"source": source, **SYNTHETIC, **{k: v for k, v in data.items() if k in SYNTHETIC}}
+    out["task"] = c.choice("data.task", out["task"], ("classification", "regression"))
+    out["n_samples"] = c.int_("data.n_samples", out["n_samples"], 1)
+    out["n_features"] = c.int_("data.n_features", out["n_features"], 1)
+    out["n_classes"] = c.int_("data.n_classes", out["n_classes"], 2, 1 << 20)
+    out["noise"] = c.float_("data.noise", out["noise"], 0.0, what="a number >= 0")
+    out["seed"] = c.int_("data.seed", out["seed"], 0)
+    if out["n_samples"] and out["n_features"]:
+        size = out["n_samples"] * out["n_features"]
+        if size > limits.max_synthetic_elements:
+            c.bad("data", f"n_samples * n_features <= {limits.max_synthetic_elements}", size)
+    return out
+
+
+def parse_spec(source: Any, limits: SpecLimits = DEFAULT_SPEC_LIMITS) -> JobSpec:
+    """A validated JobSpec from a dict, a TOML/JSON file path, or TOML/JSON text.
+
+    Raises SpecError listing every problem found (never any other exception).
+    """
+    raw = _read_source(source, limits)
+    c = _Checker()
+    c.unknown(raw, TOP_KEYS)
+    for key in ("name", "model", "input_shape", "optimizer", "data", "global_batch", "micro_batch"):
+        if key not in raw:
+            hint = "; it must divide global_batch" if key == "micro_batch" else ""
+            c.problems.append(f"{key}: missing (required{hint})")
+    get = raw.get
+
+    name = get("name")
+    if "name" in raw and not (isinstance(name, str) and 0 < len(name) <= limits.max_name_len):
+        c.bad("name", f"a non-empty string of at most {limits.max_name_len} characters", name)
+    shape = get("input_shape")
+    if "input_shape" in raw:
+        ok = isinstance(shape, list) and 0 < len(shape) <= 8
+        if not (ok and all(type(d) is int and 0 < d <= 1 << 31 for d in shape)):
+            c.bad("input_shape", "a list of 1 to 8 positive integers, like [64]", shape)
+            shape = None
+    loss = c.choice("loss", get("loss", "cross_entropy"), LOSSES)
+    seed = c.int_("seed", get("seed", 0), lo=0)
+    ints = {}
+    for key in ("global_batch", "micro_batch"):  # required, checked above
+        if key in raw:
+            ints[key] = c.int_(key, raw[key], hi=1 << 31)
+    for key, default in (("accumulate_steps", 1), ("min_workers", 1), ("checkpoint_every", 10)):
+        ints[key] = c.int_(key, get(key, default))
+    gb, mb = ints.get("global_batch"), ints.get("micro_batch")
+    if gb and mb and gb % mb:
+        c.problems.append(f"micro_batch: {mb} does not divide global_batch {gb}")
+    if ("epochs" in raw) == ("rounds" in raw):
+        c.problems.append("epochs / rounds: set exactly one of them (an integer > 0)")
+    epochs = c.int_("epochs", raw["epochs"]) if "epochs" in raw else None
+    rounds = c.int_("rounds", raw["rounds"]) if "rounds" in raw else None
+
+    optimizer = c.table("optimizer", get("optimizer")) if "optimizer" in raw else None
+    optimizer = _check_optimizer(c, optimizer) if optimizer is not None else {}
+    data = c.table("data", get("data")) if "data" in raw else None
+    data = _check_data(c, data, limits) if data is not None else {}
+
+    ev = c.table("eval", get("eval", {}))
+    ev_out = {}
+    if ev is not None:
+        c.unknown(ev, {"holdout", "metric"}, "eval.")
+        holdout = ev.get("holdout", 0.2)
+        ev_out["holdout"] = c.float_("eval.holdout", holdout, 0.0, 1.0, what="a number in [0, 1)")
+        default_metric = "mse" if loss == "mse" else "accuracy"
+        ev_out["metric"] = c.choice("eval.metric", ev.get("metric", default_metric), METRICS)
+        if loss and ev_out["metric"] and (ev_out["metric"] == "accuracy") != (loss != "mse"):
+            c.problems.append(
+                f"eval.metric: '{ev_out['metric']}' does not fit loss '{loss}' "
+                "(use 'accuracy' with classification losses, 'mse' with mse)"
+            )
+    task = data.get("task") if data.get("source") == "builtin:synthetic" else None
+    if data.get("source") == "builtin:digits":
+        task = "classification"
+    if loss and task and (task == "classification") != (loss in CLASSIFICATION_LOSSES):
+        c.problems.append(f"loss: '{loss}' does not fit {task} data from '{data['source']}'")
+
+    if "model" in raw:
+        _check_model(c, raw, shape if "input_shape" in raw else None, seed or 0, limits)
+    if c.problems:
+        raise SpecError(c.problems)
+    return JobSpec(
+        name=name,
+        model=tuple(dict(layer) for layer in raw["model"]),  # values are validated scalars
+        input_shape=tuple(shape),
+        loss=loss,
+        optimizer=optimizer,
+        data=data,
+        epochs=epochs,
+        rounds=rounds,
+        seed=seed,
+        eval=ev_out,
+        **ints,
+    )

@@ -1,0 +1,180 @@
+"""The job runtime that worker, coordinator and `train --local` share.
+
+Everything a micro-batch's gradient depends on is computed here and only here, so the
+distributed run and the local run execute the very same code on the very same inputs:
+that, plus the canonical reduction tree (core/sampling.py), is the determinism contract.
+"""
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .core import functional as F
+from .core import nn, optim
+from .core.sampling import (
+    add_arrays,
+    epoch_permutation,
+    micro_batch_rng,
+    micro_batch_slice,
+    split_indices,
+    tree_sum,
+)
+from .core.tensor import Tensor, no_grad
+from .datasets import check_against_model, load_dataset
+from .jobspec import JobSpec
+
+LOSSES = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "nll": F.nll_loss,
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
+OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+
+
+class JobRuntime:
+    """One job's model and data in one process, and the pure functions of (round, index)
+    that the contract is made of."""
+
+    def __init__(self, spec: JobSpec, data_root: str | None = None):
+        self.spec = spec
+        self.model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
+        named = list(self.model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.loss_fn = LOSSES[spec.loss]
+        self.X, self.y = load_dataset(spec.data, data_root)
+        check_against_model(self.X, self.y, spec.input_shape, spec.loss)
+        holdout = (spec.eval or {}).get("holdout", 0.0)
+        self.train_idx, self.holdout_idx = split_indices(spec.seed, len(self.X), holdout)
+        self.global_batch, self.micro_batch = spec.global_batch, spec.micro_batch
+        self.n_micro = spec.global_batch // spec.micro_batch
+        self.steps_per_epoch = len(self.train_idx) // spec.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"global_batch {spec.global_batch} is larger than the training set "
+                f"({len(self.train_idx)} samples after the held-out split)"
+            )
+        self.total_rounds = spec.rounds or spec.epochs * self.steps_per_epoch
+        self._perm = (None, None)
+        self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+
+    # ---- the contract ----------------------------------------------------------------------
+    def position(self, round_: int) -> tuple[int, int]:
+        """(epoch, step in epoch) of round `round_` (0-based)."""
+        return divmod(round_, self.steps_per_epoch)
+
+    def sample_indices(self, round_: int, index: int) -> np.ndarray:
+        epoch, step = self.position(round_)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.spec.seed, epoch, len(self.train_idx)))
+        sl = micro_batch_slice(step, index, self.global_batch, self.micro_batch)
+        return self.train_idx[self._perm[1][sl]]
+
+    def micro_batch_grad(self, round_: int, index: int) -> list[np.ndarray]:
+        """Gradient of micro-batch `index` of round `round_` (its own forward/backward),
+        with the micro-batch's loss sum appended as a float64 array of shape (1,)."""
+        idx = self.sample_indices(round_, index)
+        epoch, step = self.position(round_)
+        for d in self._dropouts:
+            d.generator = micro_batch_rng(self.spec.seed, epoch, step, index)
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        out = self.model(Tensor(self.X[idx]))
+        loss = self.loss_fn(out, Tensor(self.y[idx])) * float(len(idx))
+        loss.backward()
+        return [p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params] + [np.array([loss.item()], np.float64)]
+
+    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree)."""
+        return tree_sum(lambda i: self.micro_batch_grad(round_, i), lo, hi)
+
+    # ---- weights and the optimizer step ----------------------------------------------------
+    def weights(self) -> list[np.ndarray]:
+        return [p.data for p in self.params]
+
+    def set_weights(self, arrays) -> None:
+        for p, a in zip(self.params, arrays, strict=True):
+            np.copyto(p.data, a)
+            p._version[0] += 1
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {n: p.data.copy() for n, p in zip(self.names, self.params, strict=True)}
+
+    def make_optimizer(self) -> optim.Optimizer:
+        hyper = {k: v for k, v in self.spec.optimizer.items() if k != "type"}
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        return OPTIMIZERS[self.spec.optimizer["type"]](self.params, **hyper)
+
+    def apply_step(self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int) -> float:
+        """Mean gradient = summed gradient / samples; one optimizer step. Returns mean loss."""
+        for p, g in zip(self.params, total[:-1], strict=True):
+            p.grad = Tensor._wrap(np.divide(g, n_samples).astype(p.dtype, copy=False))
+        opt.step()
+        opt.zero_grad()
+        return float(total[-1][0]) / n_samples
+
+    def group_end(self, round_: int) -> bool:
+        """Whether the optimizer steps after round `round_` (accumulate_steps, last round)."""
+        return (round_ + 1) % self.spec.accumulate_steps == 0 or round_ + 1 == self.total_rounds
+
+    def group_samples(self, round_: int) -> int:
+        """Samples in the accumulation group that ends at round `round_`."""
+        first = round_ - round_ % self.spec.accumulate_steps
+        return (round_ + 1 - first) * self.global_batch
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        idx = self.holdout_idx if len(self.holdout_idx) else self.train_idx
+        metric = (self.spec.eval or {}).get("metric", "accuracy")
+        self.model.eval()
+        with no_grad():
+            out = self.model(Tensor(self.X[idx])).data
+        self.model.train()
+        y = self.y[idx]
+        if metric == "accuracy":
+            pred = (out[:, 0] > 0).astype(y.dtype) if out.shape[1:] == (1,) else out.argmax(1)
+            return {"accuracy": float(np.mean(pred == y.reshape(pred.shape)))}
+        return {"mse": float(np.mean((out - y.reshape(out.shape)) ** 2))}
+
+
+def train_local(
+    spec: JobSpec,
+    data_root: str | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The whole job in one process, no sockets: the reference a distributed run must
+    equal bit for bit. Returns (final state_dict, per-round metrics)."""
+    rt = JobRuntime(spec, data_root)
+    opt = rt.make_optimizer()
+    acc, metrics = None, []
+    for r in range(rt.total_rounds):
+        t0 = time.perf_counter()
+        total = rt.block_grad(r, 0, rt.n_micro)
+        acc = total if acc is None else add_arrays(acc, total)
+        row = {"round": r, "epoch": rt.position(r)[0]}
+        if rt.group_end(r):
+            row["loss"] = rt.apply_step(opt, acc, rt.group_samples(r))
+            acc = None
+        row["samples_per_s"] = rt.global_batch / max(time.perf_counter() - t0, 1e-9)
+        if r + 1 == rt.total_rounds or rt.position(r + 1)[1] == 0:
+            row.update(rt.evaluate())
+        metrics.append(row)
+        if on_round:
+            on_round(row)
+    return rt.state_dict(), metrics
+
+
+def weights_digest(state: dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        a = np.ascontiguousarray(state[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+

@@ -1,0 +1,14 @@
+"""Shared test configuration. Keep each concern in its own clearly marked block."""
+
+# --- hypothesis profiles (wire / jobspec / datasets fuzzing) -------------------------------
+# HYPOTHESIS_PROFILE=default (the normal quick run) or =fuzz (`make fuzz`, the long run).
+# Tests that set max_examples explicitly keep their own count under both profiles.
+import os
+
+from hypothesis import HealthCheck, settings
+
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("default", max_examples=300, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+# --- end hypothesis profiles ---------------------------------------------------------------
