@@ -38,6 +38,14 @@ class ClientHandler:
         spec = wire.require(msg, "spec")[0]
         if not isinstance(spec, dict | str):
             raise wire.ProtocolError("SUBMIT: 'spec' must be a table or TOML/JSON text")
+        text = spec.strip() if isinstance(spec, str) else "{"
+        # parse_spec reads a one-line string without '=' as a file path; a client must never
+        # make the coordinator open a file (its contents could leak, /dev/zero never ends).
+        if not (text[:1] in "{[" or "\n" in text or "=" in text):
+            raise wire.ProtocolError(
+                "SUBMIT: 'spec' text must be TOML or JSON (send the file's contents; the "
+                "coordinator never opens a file named by a client)"
+            )
         if self.coord.store.count(ACTIVE) >= self.coord.cfg.max_queued_jobs:
             raise wire.ProtocolError(
                 f"the queue is full ({self.coord.cfg.max_queued_jobs} unfinished jobs); "
@@ -50,7 +58,9 @@ class ClientHandler:
             raise wire.ProtocolError(f"invalid job spec:\n{e}") from None
         except (ValueError, OSError) as e:
             raise wire.ProtocolError(f"job spec {job_spec.name!r} cannot run: {e}") from None
-        owner = msg.get("user")
+        # The owner is the authenticated CURVE key (None when auth is off), never a field the
+        # client chose: cancel and fetch are checked against it.
+        owner = msg.user
         job_id = self.coord.store.add_job(job_spec.name, job_spec.to_dict(), owner,
                                           rt.total_rounds)  # fmt: skip
         self.prepared[job_id] = rt
@@ -84,6 +94,7 @@ class ClientHandler:
 
     def on_cancel(self, msg):
         row = self._job(msg)
+        self.coord.gate.authorize(msg, row, "cancel")
         if row["state"] in FINAL:
             raise wire.ProtocolError(f"job {row['id']} is already {row['state']}")
         active = self.coord.job
@@ -106,6 +117,7 @@ class ClientHandler:
 
     def on_fetch(self, msg):
         row = self._job(msg)
+        self.coord.gate.authorize(msg, row, "fetch")
         if row["state"] != "done":
             raise wire.ProtocolError(
                 f"job {row['id']} is {row['state']}; its weights can be fetched once it is done"

@@ -26,6 +26,7 @@ import zmq
 from .. import wire
 from ..core.sampling import add_arrays
 from ..jobspec import SpecError, parse_spec
+from ..security import Gate
 from ..training import JobRuntime, weights_digest
 from .clients import ClientHandler
 from .membership import Membership
@@ -44,6 +45,12 @@ class Config:
     blocks_per_worker: int = 2
     max_queued_jobs: int = 100
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
+    # The client port gets much tighter limits (requests carry no arrays), a small queue per
+    # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
+    client_limits: wire.Limits = field(default_factory=lambda: wire.CLIENT_PORT_LIMITS)
+    client_hwm: int = 100
+    client_rate: float = 200.0
+    client_burst: int = 400
 
 
 @dataclass
@@ -72,7 +79,11 @@ class Coordinator:
         self.stopping = False
         self.ctx = zmq.Context()
         self.workers = self._router(worker_bind, auth and auth.worker_domain)
-        self.clients = self._router(client_bind, auth and auth.client_domain)
+        self.clients = self._router(client_bind, auth and auth.client_domain,
+                                    self.cfg.client_limits, self.cfg.client_hwm)  # fmt: skip
+        self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
+        # Per-message admission: revoked keys (ZAP only checks at connect) and client rates.
+        self.gate = Gate(self, auth, self.cfg.client_rate, self.cfg.client_burst)
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_handler = ClientHandler(self)
@@ -82,11 +93,11 @@ class Coordinator:
                 self.worker_endpoint, self.client_endpoint,
             )  # fmt: skip
 
-    def _router(self, bind, domain):
+    def _router(self, bind, domain, limits=None, hwm=1000):
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send is an error, not a drop
         sock.setsockopt(zmq.LINGER, 0)
-        wire.apply_socket_limits(sock, self.cfg.limits)
+        wire.apply_socket_limits(sock, limits or self.cfg.limits, hwm)
         if domain:
             domain.apply(sock)
         sock.bind(bind)
@@ -113,7 +124,7 @@ class Coordinator:
     def _drain(self, sock, types, handler, budget=256):
         for _ in range(budget):
             try:
-                _, msg = wire.recv_msg(sock, self.cfg.limits, router=True, expect_types=types,
+                _, msg = wire.recv_msg(sock, self.limits[sock], router=True, expect_types=types,
                                        flags=zmq.NOBLOCK)  # fmt: skip
             except zmq.Again:
                 return
@@ -122,6 +133,8 @@ class Coordinator:
                 log.warning("dropped a bad message: %s", e)
                 if sock is self.clients and e.envelope:
                     self._send(sock, e.envelope, wire.ERROR, {"message": str(e)})
+                continue
+            if not self.gate.admit(sock, msg):
                 continue
             try:
                 handler(msg)
@@ -392,6 +405,7 @@ class Coordinator:
             self.job = None
         self.workers.close(0)
         self.clients.close(0)
+        self.gate.close()  # the ZAP thread's sockets would block ctx.term()
         self.ctx.term()
 
 

@@ -20,22 +20,30 @@ _FREED = (
 )
 
 
+def _key(t, fn):
+    """A vertex of the graph: a tensor's history at the time it was used (its grad_fn
+    then), or the leaf tensor itself."""
+    return id(fn) if fn is not None else id(t)
+
+
 def _topological(roots):
-    """Tensors that need a gradient, each after every tensor computed from it."""
-    order, seen, stack = [], set(), [(r, False) for r in roots]
+    """(tensor, grad_fn) vertices that need a gradient, each after all computed from it."""
+    order, seen = [], set()
+    stack = [(r, r.grad_fn, False) for r in roots]
     while stack:
-        t, done = stack.pop()
+        t, fn, done = stack.pop()
         if done:
-            order.append(t)
+            order.append((t, fn))
             continue
-        if id(t) in seen:
+        key = _key(t, fn)
+        if key in seen:
             continue
-        seen.add(id(t))
-        stack.append((t, True))
-        if t.grad_fn is not None:
-            for a in t.grad_fn.inputs:
-                if isinstance(a, Tensor) and a.requires_grad and id(a) not in seen:
-                    stack.append((a, False))
+        seen.add(key)
+        stack.append((t, fn, True))
+        if fn is not None:
+            for a, parent in zip(fn.inputs, fn.parents, strict=True):
+                if isinstance(a, Tensor) and a.requires_grad and _key(a, parent) not in seen:
+                    stack.append((a, parent, False))
     order.reverse()
     return order
 
@@ -82,7 +90,7 @@ def _vjps(node, g, create_graph):
     else:
         xp, out = NP, node.out
         args = [a.data if isinstance(a, Tensor) else a for a in inputs]
-    for i, a in enumerate(inputs):
+    for i, (a, parent) in enumerate(zip(inputs, node.parents, strict=True)):
         if isinstance(a, Tensor) and a.requires_grad:
             if op.variadic:
                 ga = op.vjps[0](i, xp, g, out, *args, **params)
@@ -90,9 +98,11 @@ def _vjps(node, g, create_graph):
                 ga = op.vjps[i](xp, g, out, *args, **params)
             if ga.shape != a.shape:
                 ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
+            elif not create_graph and type(ga) is not np.ndarray:
+                ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
             if ga.dtype != a.dtype:
                 ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
-            yield a, ga
+            yield a, parent, ga
 
 
 def _hooked(t, g, create_graph):
@@ -106,7 +116,9 @@ def _hooked(t, g, create_graph):
 def _owned(g, handed):
     """A gradient stored in .grad must be the caller's own writable array, not a view or an
     array also stored elsewhere (add hands the same array to both inputs)."""
-    if g.base is not None or not g.flags.writeable or id(g) in handed:
+    if type(g) is not np.ndarray:
+        g = np.array(g)  # a NumPy scalar from 0-d arithmetic: .grad holds arrays
+    elif g.base is not None or not g.flags.writeable or id(g) in handed:
         g = g.copy()
     handed.add(id(g))
     return g
@@ -120,7 +132,7 @@ def _store(t, g, create_graph, handed):
     elif t.grad.data.flags.writeable and t.grad.shape == g.shape:
         np.add(t.grad.data, g, out=t.grad.data)  # accumulate in place, as PyTorch does
     else:
-        t.grad = Tensor._wrap(t.grad.data + g)
+        t.grad = Tensor._wrap(np.asarray(t.grad.data + g))
 
 
 def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=None, capture=None):
@@ -136,33 +148,33 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
     only = None if inputs is None else {id(t) for t in inputs}
     pending: dict[int, object] = {}
     for r, g in zip(roots, grads, strict=True):
-        g = _seed(r, g, create_graph)
-        pending[id(r)] = g if id(r) not in pending else pending[id(r)] + g
+        g, key = _seed(r, g, create_graph), _key(r, r.grad_fn)
+        pending[key] = g if key not in pending else pending[key] + g
     order, handed = _topological(roots), set()
     ctx = enable_grad() if create_graph else no_grad()
     with ctx:
-        for t in order:
-            g = pending.pop(id(t), None)
+        for t, node in order:
+            g = pending.pop(_key(t, node), None)
             if g is None:
                 continue
-            if t._hooks:
+            current = t.grad_fn is node  # not an older version of an in-place-modified tensor
+            if t._hooks and current:
                 g = _hooked(t, g, create_graph)
-            if capture is not None and id(t) in capture:
+            if capture is not None and id(t) in capture and current:
                 capture[id(t)] = g
-            node = t.grad_fn
             if node is None:
                 if capture is None and (only is None or id(t) in only):
                     _store(t, g, create_graph, handed)
                 continue
-            if t._retains_grad and capture is None:
+            if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
             _check_saved(node)
-            for a, ga in _vjps(node, g, create_graph):
-                prev = pending.get(id(a))
-                pending[id(a)] = ga if prev is None else prev + ga
+            for a, parent, ga in _vjps(node, g, create_graph):
+                key = _key(a, parent)
+                prev = pending.get(key)
+                pending[key] = ga if prev is None else prev + ga
     if not retain_graph:
-        for t in order:
-            node = t.grad_fn
+        for _, node in order:
             if node is not None and node.saved:
                 node.freed = True
                 node.out = None

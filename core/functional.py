@@ -77,7 +77,8 @@ def mean(x, dim=None, keepdim=False):
 def var(x, dim=None, unbiased=True, keepdim=False, correction=None):
     correction = (1 if unbiased else 0) if correction is None else correction
     d = x - mean(x, dim, keepdim=True)
-    return sum(d * d, dim, keepdim) * (1.0 / (_count(x, dim) - correction))
+    dof = _count(x, dim) - correction
+    return sum(d * d, dim, keepdim) * (1.0 / dof if dof > 0 else float("nan"))  # torch: nan
 
 
 def std(x, dim=None, unbiased=True, keepdim=False, correction=None):

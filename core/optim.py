@@ -20,7 +20,7 @@ class Optimizer:
         unknown = set(hyper) - set(self.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown argument(s) {sorted(unknown)}")
-        group = {**self.defaults, **hyper}
+        group = {**self.defaults, **hyper, "params": self.params}
         if group["lr"] is None or group["lr"] < 0:
             raise ValueError(f"Invalid learning rate: {group['lr']}")
         self.param_groups = [group]
@@ -51,7 +51,7 @@ class Optimizer:
         group = dict(state_dict["param_groups"][0])
         if len(group.pop("params")) != len(self.params):
             raise ValueError("loaded state dict has a different number of parameters")
-        self.param_groups = [{**self.defaults, **group}]
+        self.param_groups = [{**self.defaults, **group, "params": self.params}]
         self.state = {int(i): {k: (np.array(v) if isinstance(v, np.ndarray) else v)
                                for k, v in s.items()}
                       for i, s in state_dict["state"].items()}  # fmt: skip

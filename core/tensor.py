@@ -58,11 +58,14 @@ class Node:
     """What backward needs of one op application: its inputs (Tensors or constants), its
     parameters, its output array and the versions of the values its rules read."""
 
-    __slots__ = ("op", "inputs", "params", "out", "saved", "freed")
+    __slots__ = ("op", "inputs", "parents", "params", "out", "saved", "freed")
 
     def __init__(self, op, inputs, params, out, saved):
         self.op, self.inputs, self.params, self.out = op, inputs, params, out
         self.saved, self.freed = saved, False
+        # Edges point at the history an input had when it was used, so an in-place op on
+        # that input later (which gives it a new grad_fn) cannot reroute this gradient.
+        self.parents = tuple(a.grad_fn if isinstance(a, Tensor) else None for a in inputs)
 
     def name(self):
         return f"{self.op.name.capitalize()}Backward"
@@ -113,6 +116,11 @@ def _as_array(data, dtype=None):
     if dtype is not None:
         return np.array(data, dtype=dtype)
     arr = np.array(data)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"tensor(): data must be numbers or booleans, got {arr.dtype} "
+            f"(e.g. {str(arr.flat[0])[:20]!r})" if arr.size else "tensor(): bad data"
+        )
     if arr.dtype == np.float64 and not isinstance(data, np.ndarray | np.generic):
         arr = arr.astype(_DEFAULT_FLOAT)  # Python floats become float32, as in PyTorch
     elif arr.dtype.kind in "iu" and not isinstance(data, np.ndarray | np.generic):
@@ -294,34 +302,34 @@ class Tensor:
 
     # ---- operators ------------------------------------------------------------------------
     def __add__(self, o):
-        return apply(_ADD, self, o)
+        return _binary(_ADD, self, o)
 
     def __radd__(self, o):
-        return apply(_ADD, o, self)
+        return _binary(_ADD, o, self)
 
     def __sub__(self, o):
-        return apply(_SUB, self, o)
+        return _binary(_SUB, self, o)
 
     def __rsub__(self, o):
-        return apply(_SUB, o, self)
+        return _binary(_SUB, o, self)
 
     def __mul__(self, o):
-        return apply(_MUL, self, o)
+        return _binary(_MUL, self, o)
 
     def __rmul__(self, o):
-        return apply(_MUL, o, self)
+        return _binary(_MUL, o, self)
 
     def __truediv__(self, o):
-        return apply(_DIV, self, o)
+        return _binary(_DIV, self, o)
 
     def __rtruediv__(self, o):
-        return apply(_DIV, o, self)
+        return _binary(_DIV, o, self)
 
     def __pow__(self, o):
-        return apply(OPS["pow"], self, o)
+        return _binary(OPS["pow"], self, o)
 
     def __rpow__(self, o):
-        return apply(OPS["pow"], o, self)
+        return _binary(OPS["pow"], o, self)
 
     def __neg__(self):
         return apply(OPS["neg"], self)
@@ -375,6 +383,16 @@ def _index(index):
 
 
 _ADD, _SUB, _MUL, _DIV = OPS["add"], OPS["sub"], OPS["mul"], OPS["div"]
+
+
+def _binary(op, a, b):
+    """Apply a binary op; an integer tensor meeting a Python float becomes float32 first
+    (PyTorch promotes to its default float dtype; NumPy would pick float64)."""
+    if type(b) is float and isinstance(a, Tensor) and a.data.dtype.kind in "biu":
+        a = apply(OPS["cast"], a, dtype=_DEFAULT_FLOAT)
+    elif type(a) is float and isinstance(b, Tensor) and b.data.dtype.kind in "biu":
+        b = apply(OPS["cast"], b, dtype=_DEFAULT_FLOAT)
+    return apply(op, a, b)
 
 
 def matmul(a, b):

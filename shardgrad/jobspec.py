@@ -311,7 +311,7 @@ def _check_model(c: _Checker, spec: dict, input_shape, seed: int, limits: SpecLi
     except (ImportError, AttributeError):
         return
     try:
-        build([dict(layer) for layer in model], tuple(input_shape), seed)
+        build([dict(layer) for layer in model], list(input_shape), seed, limits.max_params)
     except ValueError as exc:  # "layer 3 (linear): ..."
         c.problems.append(f"model: {exc}")
     except Exception as exc:  # a validator must never take the coordinator down

@@ -87,6 +87,13 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# The coordinator's client port: requests are a header only (a spec is at most 1 MiB), so a
+# client can send no array frames and far less data than a worker. The frame cap (enforced
+# by libzmq as MAXMSGSIZE, which drops the connection) sits above the header limit so that
+# a moderately oversized request still gets a clear ERROR reply.
+CLIENT_PORT_LIMITS = Limits(
+    max_frame_bytes=8 * MiB, max_message_bytes=8 * MiB, max_arrays=0, max_header_bytes=2 * MiB
+)
 
 
 @dataclass(slots=True)
@@ -97,6 +104,9 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     envelope: tuple[bytes, ...] = ()  # routing frames to reply with (ROUTER side only)
+    # The sender's authenticated ZMQ User-Id (z85 CURVE public key, set by ZAP); None when
+    # the socket runs without authentication. Never taken from the header.
+    user: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -388,7 +398,16 @@ def recv_msg(
         exc.identity, exc.envelope = identity, envelope
         raise
     msg.envelope = envelope
+    msg.user = _user_id(frames[0]) if frames else None
     return identity, msg
+
+
+def _user_id(frame) -> str | None:
+    """The ZMQ "User-Id" property of a received frame (copy=False), or None without ZAP."""
+    try:
+        return frame.get("User-Id")
+    except Exception:  # ZMQError EINVAL: no User-Id metadata (no authentication)
+        return None
 
 
 def apply_socket_limits(sock, limits: Limits = DEFAULT_LIMITS, hwm: int = 1000) -> None:

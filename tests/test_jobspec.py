@@ -283,3 +283,16 @@ def test_json_top_level_must_be_an_object(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("[1, 2]")
     assert problems_of(path) == ["a spec must be a table/object, got list"]
+
+
+def test_structural_errors_come_from_nn_build():
+    nn = pytest.importorskip("shardgrad.core.nn")
+    if not hasattr(nn, "build"):
+        pytest.skip("shardgrad.core.nn.build is not written yet")
+    model = [{"type": "conv2d", "out": 2, "kernel": 3}, {"type": "linear", "out": 3}]
+    spec = with_(model=model, input_shape=[1, 8, 8], data={"source": "file:d.npz"})
+    (problem,) = problems_of(spec)
+    assert problem.startswith("model: layer 1 (linear): ")
+    big_kernel = [{"type": "conv2d", "out": 2, "kernel": 9}, {"type": "flatten"}]
+    spec = with_(model=big_kernel, input_shape=[1, 8, 8], data={"source": "file:d.npz"})
+    assert problems_of(spec)[0].startswith("model: layer 0 (conv2d): kernel 9 does not fit")

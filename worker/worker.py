@@ -64,6 +64,9 @@ class Worker:
         self.queue: deque = deque()
         self.stopping = False
         self.dropped = 0
+        # Test hook: seconds of extra "compute" per micro-batch, to make rounds slow enough
+        # for fault tests to land a signal mid-round. Never set in production.
+        self.delay = float(os.environ.get("SHARDGRAD_FAULT_DELAY", "0") or 0)
 
     def run(self):
         self.ctx = zmq.Context()
@@ -138,6 +141,8 @@ class Worker:
                 return [list(b) for b in blocks[k:]]
             t0 = time.perf_counter()
             grads = rt.block_grad(rnd, lo, hi)
+            if self.delay:  # fault injection: a slow worker (numerics unchanged)
+                time.sleep(self.delay * (hi - lo))
             fields = {"job": job, "round": rnd, "block": [lo, hi],
                       "compute_s": time.perf_counter() - t0}  # fmt: skip
             if not all(np.isfinite(g).all() for g in grads):

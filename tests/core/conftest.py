@@ -20,7 +20,10 @@ if _HERE not in sys.path:
 
 
 def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -366,6 +366,7 @@ def test_second_derivative_float32_default():
     assert g2.item() == pytest.approx(18.0)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_backward_create_graph_accumulates_like_torch(torch):
     def fn(m, x):
         (x**3).sum().backward(create_graph=True)

@@ -1,0 +1,24 @@
+"""Fixtures for the fault tests (helpers live in fault_helpers.py)."""
+
+import pytest
+from fault_helpers import DELAY, HB
+
+from shardgrad.cluster import LocalCluster
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    clusters = []
+
+    def make(workers, **kw):
+        kw.setdefault("heartbeat_interval", HB)
+        kw.setdefault("env", {"SHARDGRAD_FAULT_DELAY": DELAY})
+        cl = LocalCluster(workers, state_dir=str(tmp_path / "state"), **kw)
+        clusters.append(cl)
+        return cl
+
+    yield make
+    for cl in clusters:
+        cl.stop()
+
+

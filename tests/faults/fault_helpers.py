@@ -1,0 +1,71 @@
+"""Helpers for the fault tests: real processes, real signals, conditions with deadlines."""
+
+import functools
+import os
+import signal
+import time
+
+from shardgrad.jobspec import parse_spec
+from shardgrad.training import train_local, weights_digest
+
+FAULT_SPEC = {
+    "name": "faults",
+    "model": [{"type": "linear", "out": 32}, {"type": "relu"}, {"type": "dropout", "p": 0.1},
+              {"type": "linear", "out": 10}],
+    "input_shape": [64],
+    "loss": "cross_entropy",
+    "optimizer": {"type": "adam", "lr": 0.01},
+    "data": {"source": "builtin:digits"},
+    "global_batch": 64,
+    "micro_batch": 4,
+    "accumulate_steps": 2,
+    "rounds": 40,
+    "seed": 3,
+    "min_workers": 1,
+    "checkpoint_every": 4,
+    "eval": {"holdout": 0.2},
+}  # fmt: skip
+HB = 0.2  # heartbeat interval in the fault tests: dead after 5 * 0.2 = 1 s
+DELAY = "0.006"  # seconds per micro-batch: a round takes ~0.1 s, long enough to hit mid-way
+
+
+def spec(**overrides):
+    return parse_spec({**FAULT_SPEC, **overrides})
+
+
+@functools.lru_cache
+def _reference(spec_json):
+    import json
+
+    state, _ = train_local(parse_spec(json.loads(spec_json)))
+    return weights_digest(state)
+
+
+def reference_digest(job_spec):
+    import json
+
+    return _reference(json.dumps(job_spec.to_dict(), sort_keys=True))
+
+
+def wait_for(predicate, what, timeout=60.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_status(client, job):
+    return client.status(job)["job"]
+
+
+def round_of(client, job):
+    return job_status(client, job)["round"]
+
+
+def kill(proc, sig=signal.SIGKILL):
+    os.kill(proc.pid, sig)
+    if sig in (signal.SIGKILL, signal.SIGTERM):
+        proc.wait(30)
