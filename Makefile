@@ -31,3 +31,27 @@ demo: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Docker end to end (tests/e2e/test_compose.py, docs/docker.md). First the engine script
+# brings up dockerd and a local base image (this workplace has no registry; the script lives
+# in ../shared/tools beside the clone, override with DOCKER_ENGINE_SCRIPT=...). If it cannot,
+# that is said loudly and the tests run anyway: they skip when no engine answers, and fail
+# for real once one does.
+DOCKER_ENGINE_SCRIPT ?= $(abspath $(CURDIR)/../shared/tools/docker-engine)
+
+test-docker: $(VENV)/.installed
+	@start=$$(date +%s); base=""; \
+	if [ ! -f "$(DOCKER_ENGINE_SCRIPT)" ]; then \
+	  echo "!!!!!!!! test-docker: NO DOCKER ENGINE SCRIPT at $(DOCKER_ENGINE_SCRIPT) (set DOCKER_ENGINE_SCRIPT);"; \
+	  echo "!!!!!!!! the docker tests will SKIP unless an engine is already running"; \
+	elif ! base=$$(bash "$(DOCKER_ENGINE_SCRIPT)"); then \
+	  base=""; \
+	  echo "!!!!!!!! test-docker: THE DOCKER ENGINE SCRIPT FAILED ($(DOCKER_ENGINE_SCRIPT)); see its messages above;"; \
+	  echo "!!!!!!!! the docker tests will SKIP unless an engine is already running"; \
+	else \
+	  echo "test-docker: engine up, base image $$base, in $$(( $$(date +%s) - start )) s"; \
+	fi; \
+	if [ -n "$$base" ]; then export SHARDGRAD_BASE_IMAGE="$${SHARDGRAD_BASE_IMAGE:-$$base}"; fi; \
+	$(PY) -m pytest -m docker -v -rs --durations=5 tests/e2e/test_compose.py; rc=$$?; \
+	echo "test-docker: $$(( $$(date +%s) - start )) s in all (engine + image + tests), exit $$rc"; \
+	exit $$rc

@@ -41,8 +41,21 @@ def cmd_worker(a):
     main(a.coordinator_workers, a.data_root, a.id, a.heartbeat_interval, _peer_auth(a, "worker"))
 
 
+def _sigterm_as_interrupt():
+    """Commands that own child processes must stop them on SIGTERM too (a supervisor, docker,
+    `kill`): SIGTERM's default action would exit without cleanup and orphan the children."""
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_cluster(a):
     from .cluster import LocalCluster
+
+    _sigterm_as_interrupt()
 
     with LocalCluster(a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root,
                       keys=a.keys) as cluster:  # fmt: skip
@@ -102,8 +115,10 @@ def cmd_fetch(a):
 
     with _client(a) as c:
         state = c.fetch(a.job)
-    np.savez(a.output, **state)
-    print(f"wrote {len(state)} arrays to {a.output}")
+    # np.savez appends ".npz" to a name without it: report the file that really exists.
+    path = a.output if a.output.endswith(".npz") else a.output + ".npz"
+    np.savez(path, **state)
+    print(f"wrote {len(state)} arrays to {path}")
 
 
 def cmd_train(a):
@@ -129,6 +144,8 @@ def cmd_train(a):
 
 def cmd_demo(a):
     from .demo import run_demo
+
+    _sigterm_as_interrupt()
 
     sys.exit(run_demo(a.workers, a.output_dir))
 
@@ -167,12 +184,19 @@ def parser():
                        help="coordinator client address [SHARDGRAD_COORDINATOR]")  # fmt: skip
         s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
         s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
-        s.add_argument("--key-name", default=ENV("SHARDGRAD_KEY_NAME"),
-                       help="which client key pair in --keys to use (default: the only one)")
+        s.add_argument(
+            "--key-name",
+            default=ENV("SHARDGRAD_KEY_NAME"),
+            help="which client key pair in --keys to use (default: the only one)",
+        )
 
     def server_args(s):
-        s.add_argument("--worker-bind", default=ENV("SHARDGRAD_WORKER_BIND", "tcp://127.0.0.1:5555"))
-        s.add_argument("--client-bind", default=ENV("SHARDGRAD_CLIENT_BIND", "tcp://127.0.0.1:5556"))
+        s.add_argument(
+            "--worker-bind", default=ENV("SHARDGRAD_WORKER_BIND", "tcp://127.0.0.1:5555")
+        )
+        s.add_argument(
+            "--client-bind", default=ENV("SHARDGRAD_CLIENT_BIND", "tcp://127.0.0.1:5556")
+        )
         s.add_argument("--state-dir", default=ENV("SHARDGRAD_STATE_DIR", "shardgrad-state"))
         s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
         s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory: turn CURVE on")
@@ -215,7 +239,7 @@ def parser():
     for name, fn, helptext in (("status", cmd_status, "workers and jobs"),
                                ("watch", cmd_watch, "a progress bar until the job ends"),
                                ("cancel", cmd_cancel, "cancel a job"),
-                               ("fetch", cmd_fetch, "download a finished job's weights")):  # fmt: skip
+                               ("fetch", cmd_fetch, "a done job's weights (.npz)")):  # fmt: skip
         s = sub.add_parser(name, help=helptext)
         s.add_argument("job", nargs="?" if name == "status" else None)
         client_args(s)
@@ -241,12 +265,16 @@ def main(argv=None):
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    from zmq import ZMQError
+
     from .client import ClientError
 
     try:
         a.fn(a)
     except (ClientError, TimeoutError) as e:
         sys.exit(f"shardgrad {a.command}: {e}")
+    except ZMQError as e:  # a malformed address or a port in use: say so, no traceback
+        sys.exit(f"shardgrad {a.command}: {e} (addresses look like tcp://HOST:PORT or ipc://PATH)")
     except KeyboardInterrupt:
         sys.exit(130)
 

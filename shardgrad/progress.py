@@ -45,6 +45,11 @@ def _dash(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _one_line(text) -> str:
+    # Errors can span lines (a spec's problems): keep each job on one row of the table.
+    return " / ".join(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
 def format_status(status: dict) -> str:
     """The STATUS reply as text: a workers table, then the job (or jobs) table."""
     workers = status.get("workers", [])
@@ -59,7 +64,7 @@ def format_status(status: dict) -> str:
     if jobs:
         rows = [[j["id"], j.get("name") or "-", j["state"],
                  f"{j.get('round', 0)}/{_dash(j.get('total_rounds'))}",
-                 _dash(j.get("checkpoint_round")), _eval_text(j), j.get("error") or ""]
+                 _dash(j.get("checkpoint_round")), _eval_text(j), _one_line(j.get("error"))]
                 for j in jobs]  # fmt: skip
         parts.append(_table(["JOB", "NAME", "STATE", "ROUND", "CHECKPOINT", "EVAL", "ERROR"], rows))
     elif "jobs" in status:
@@ -99,11 +104,23 @@ class _Postfix:
             # With accumulate_steps > 1 only the step's last round carries "loss".
             if row.get("loss") is not None:
                 self.values["loss"] = f"{row['loss']:.4f}"
-            if row.get("samples_per_s") is not None:
-                self.values["samples/s"] = f"{row['samples_per_s']:,.0f}"
             if row.get("accuracy") is not None:
                 self.values["acc"] = f"{row['accuracy']:.2%}"
+        rate = _throughput(rows)
+        if rate is not None:
+            self.values["samples/s"] = f"{rate:,.0f}"
         return bool(rows)
+
+
+def _throughput(rows: list[dict]) -> float | None:
+    """Samples/s over the new rows, weighted by round time: one round's own figure jumps
+    around too much to read."""
+    timed = [r for r in rows if r.get("samples_per_s") and r.get("round_s")]
+    seconds = sum(r["round_s"] for r in timed)
+    if seconds > 0:
+        return sum(r["samples_per_s"] * r["round_s"] for r in timed) / seconds
+    last = [r["samples_per_s"] for r in rows if r.get("samples_per_s")]
+    return last[-1] if last else None
 
 
 def watch(client, job_id: str, poll: float = POLL_S, file=None) -> dict:
@@ -123,6 +140,4 @@ def watch(client, job_id: str, poll: float = POLL_S, file=None) -> dict:
                 break
             time.sleep(poll)
             job = client.status(job_id)["job"]
-        if job["state"] != "done":
-            bar.write(f"job {job_id} {job['state']}" + (f": {job['error']}" if job.get("error") else ""))
-    return job
+    return job  # the caller reports a failure: it knows whether that is an error

@@ -151,7 +151,7 @@ def peer_security(keys_dir, role: str, key_name: str | None = None) -> PeerSecur
     """The CURVE client settings for `role` ("worker" or "client") from a key directory.
 
     `key_name` picks DIR/private/NAME.key_secret (or is a path to a .key_secret file); when
-    None, the one private key whose name starts with the role is used.
+    None, DIR/private/ROLE.key_secret, else the one private key whose name starts with ROLE.
     """
     keys_dir = os.path.abspath(os.fspath(keys_dir))
     if not os.path.isdir(keys_dir):
@@ -166,7 +166,10 @@ def peer_security(keys_dir, role: str, key_name: str | None = None) -> PeerSecur
             found = sorted(f for f in os.listdir(private) if f.endswith(".key_secret"))
         except OSError:
             found = []
-        mine = [f for f in found if f.startswith(role)]
+        # The key named after the role ("worker", "client") if there is one, else the only
+        # one whose name starts with it ("worker-3" on a machine that holds just that key).
+        exact = f"{role}.key_secret"
+        mine = [exact] if exact in found else [f for f in found if f.startswith(role)]
         if len(mine) != 1:
             have = ", ".join(f[: -len(".key_secret")] for f in found) or "none"
             raise KeyDirError(

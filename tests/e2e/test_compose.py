@@ -217,7 +217,7 @@ class Cluster:
     @property
     def client(self):
         if self._client is None:
-            from shardgrad import Client
+            from shardgrad.client import Client
 
             self._client = Client(self.address, timeout=10)
         return self._client
@@ -320,7 +320,9 @@ def cluster(tmp_path_factory):
         "SHARDGRAD_CLIENT_PORT": str(port),
         "SHARDGRAD_IMAGE": IMAGE,
         "SHARDGRAD_DATA_DIR": str(data_dir),
-        "OPENBLAS_NUM_THREADS": "1",  # the host reference runs like the containers
+        # The host reference must use the BLAS kernels the containers use (compose's default).
+        "OPENBLAS_NUM_THREADS": "1",
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "Haswell"),
     }
     if OFFLINE:
         _build_wheelhouse()
@@ -388,14 +390,13 @@ def test_jobs_from_host_and_client_container_match_local(cluster):
 
     job = cluster.submit(DIGITS)  # from the host, through the published client port
     cluster.cli("watch", "--coordinator", cluster.address, job, timeout=JOB_WITHIN)
-    cluster.wait_done(job)
-    assert cluster.accuracy(job) >= 0.95
+    summary = cluster.wait_done(job)
+    assert summary["eval"]["accuracy"] >= 0.93, summary  # this short job reaches ~0.95
     assert_bitwise_equal(cluster.fetch(job), want, "host-submitted job")
 
     # The same job from inside the compose network, with the examples/jobs volume.
-    out = cluster.compose("run", "--rm", "client", "submit", "/jobs/digits.toml").stdout
-    job2 = _job_id(out)
-    assert job2 != job
+    job2 = cluster.compose("run", "--rm", "client", "submit", "/jobs/digits.toml").stdout.strip()
+    assert job2 and job2 != job
     cluster.wait_done(job2)
     assert_bitwise_equal(cluster.fetch(job2), want, "client-container job")
 
@@ -404,7 +405,7 @@ def test_worker_crash_mid_job_completes_identically_and_worker_comes_back(cluste
     spec = _long_spec(cluster.tmp, "crash")
     want = cluster.reference(spec)
     job = cluster.submit(spec)
-    cluster.wait_progress(job, at_least=20)
+    cluster.wait_round(job, at_least=20)
 
     victim = cluster.containers("worker")[0]
     before = cluster.inspect(victim)
@@ -415,50 +416,50 @@ def test_worker_crash_mid_job_completes_identically_and_worker_comes_back(cluste
         return st["RestartCount"] > before["RestartCount"] and st["State"]["Running"]
 
     _wait_for(
-        "the restart policy to bring the killed worker back",
+        "the restart policy to bring the crashed worker back",
         restarted,
         RESTART_WITHIN,
         cluster.logs,
     )
-    cluster.wait_done(job)
+    summary = cluster.wait_done(job)
+    assert summary["round"] == summary["total_rounds"]
     assert_bitwise_equal(cluster.fetch(job), want, "job with a crashed worker")
-    assert len(cluster.containers("worker")) == 3
-    assert all(cluster.inspect(c)["State"]["Running"] for c in cluster.containers("worker"))
+    workers = cluster.containers("worker")
+    assert len(workers) == 3 and all(cluster.inspect(c)["State"]["Running"] for c in workers)
 
 
 def test_coordinator_restart_resumes_from_checkpoint(cluster):
     spec = _long_spec(cluster.tmp, "restart")
-    every = tomllib.loads(spec.read_text()).get("checkpoint_every", 10)
     want = cluster.reference(spec)
     job = cluster.submit(spec)
-    reached = cluster.wait_progress(job, at_least=3 * every)
+    reached = cluster.wait_round(job, at_least=30)
 
-    cluster.compose("restart", "-t", "10", "coordinator")
+    # SIGTERM: the coordinator checkpoints into the `state` volume and exits; a new process
+    # in the same container finds the queue and the checkpoint there.
+    cluster.compose("restart", "-t", "20", "coordinator")
+    cluster.reconnect()
     cluster.wait_healthy()
-    cluster._client = None  # a fresh connection to the new process
 
-    # Resumed, not restarted: the first progress seen is at least the last checkpoint.
-    def known_again():
-        return cluster.state(job) and (cluster.progress(job),)
-
-    (first_seen,) = _wait_for(
-        "the job to be known again after the restart",
-        known_again,
+    after = _wait_for(
+        "the job to be known after the restart",
+        lambda: cluster.job(job),
         RESTART_WITHIN,
         cluster.logs,
         tolerate=(Exception,),
     )
-    assert first_seen >= (reached // every) * every or cluster.state(job) in SUCCESS, (
-        f"the job went back to round {first_seen} after a restart at round {reached} "
-        f"(checkpoint every {every}): not resumed from its checkpoint"
-    )
-    cluster.wait_done(job)
+    assert after["checkpoint_round"] is not None and after["checkpoint_round"] >= reached, after
+    summary = cluster.wait_done(job)
+    assert summary["round"] == summary["total_rounds"]
+    logs = cluster.compose("logs", "--no-color", "coordinator").stdout
+    assert f"job {job} resumes from its checkpoint" in logs, logs[-3000:]
     assert_bitwise_equal(cluster.fetch(job), want, "job across a coordinator restart")
 
 
 def test_down_v_leaves_nothing(cluster):
-    assert any(_leftovers(cluster.project).values())
+    before = _leftovers(cluster.project)
+    assert all(before.values()), f"the labels filter finds the project's objects: {before}"
     cluster.compose("down", "-v", "--remove-orphans", "-t", "5")
     assert _leftovers(cluster.project) == {"containers": [], "volumes": [], "networks": []}
-    with socket.socket() as s:  # the published port is free again
-        s.bind(("127.0.0.1", cluster.port))
+    with socket.socket() as s:  # nothing listens on the published port any more
+        s.settimeout(5)
+        assert s.connect_ex(("127.0.0.1", cluster.port)) != 0

@@ -51,6 +51,16 @@ def dealer(address, security=None, identity=None, monitor=False):
     return (s, mon) if monitor else s
 
 
+def try_send(sock, frames) -> bool:
+    """Send without blocking; False if the socket would not even queue it (a refused DEALER
+    has no connection to queue on)."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
 def wait_event(mon, wanted, timeout=5.0):
     """True once the monitor reports an event in `wanted`."""
     from zmq.utils.monitor import recv_monitor_message

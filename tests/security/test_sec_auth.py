@@ -7,7 +7,16 @@ import time
 
 import pytest
 import zmq
-from sec_helpers import SLOW, dealer, expected_digest, recv_all, spec, wait_event, wait_for
+from sec_helpers import (
+    SLOW,
+    dealer,
+    expected_digest,
+    recv_all,
+    spec,
+    try_send,
+    wait_event,
+    wait_for,
+)
 
 from shardgrad import wire
 from shardgrad.client import Client, ClientError
@@ -33,19 +42,20 @@ def test_strangers_get_nothing_and_cannot_join_or_submit(keys, tmp_path, make_cl
     # 1. No CURVE at all: the coordinator's CURVE server never completes a handshake.
     w = dealer(cl.worker_address, identity=b"intruder")
     c = dealer(cl.client_address)
-    w.send_multipart(ready)
-    c.send_multipart(status)
-    c.send_multipart(submit)
+    try_send(w, ready)
+    try_send(c, status)
+    try_send(c, submit)
     # 2. CURVE with the right server key but a key pair the coordinator never listed.
     list(generate_keys(tmp_path / "other", workers=1, clients=1, admins=0))
     stranger_w = peer_security(tmp_path / "other", "worker")
     stranger_c = peer_security(tmp_path / "other", "client")
-    stranger_w.server_public = stranger_c.server_public = peer_security(keys, "client").server_public
+    server_key = peer_security(keys, "client").server_public
+    stranger_w.server_public = stranger_c.server_public = server_key
     w2, wmon = dealer(cl.worker_address, stranger_w, b"intruder2", monitor=True)
     c2, cmon = dealer(cl.client_address, stranger_c, monitor=True)
     assert wait_event(wmon, AUTH_FAILED) and wait_event(cmon, AUTH_FAILED)  # ZAP said no
-    w2.send_multipart(ready)
-    c2.send_multipart(submit)
+    try_send(w2, ready)
+    try_send(c2, submit)
 
     for s in (w, c, w2, c2):
         assert recv_all(s, timeout=1.0) == []  # no reply, no data, not even an ERROR
@@ -63,14 +73,14 @@ def test_role_keys_are_separate(keys, make_cluster):
     as_client = peer_security(keys, "client", "worker")
     s, mon = dealer(cl.client_address, as_client, monitor=True)
     assert wait_event(mon, AUTH_FAILED)
-    s.send_multipart(wire.encode(wire.SUBMIT, {"spec": spec().to_dict(), "req": 1}))
+    try_send(s, wire.encode(wire.SUBMIT, {"spec": spec().to_dict(), "req": 1}))
     assert recv_all(s, 1.0) == []
     # A client key (or an admin key) cannot pose as a worker.
     for name in ("client", "admin"):
         as_worker = peer_security(keys, "worker", name)
         s, mon = dealer(cl.worker_address, as_worker, f"fake-{name}".encode(), monitor=True)
         assert wait_event(mon, AUTH_FAILED)
-        s.send_multipart(wire.encode(wire.READY, {"worker": f"fake-{name}", "info": {}}))
+        try_send(s, wire.encode(wire.READY, {"worker": f"fake-{name}", "info": {}}))
         assert recv_all(s, 0.5) == []
     assert not any(w.startswith("fake-") for w in worker_ids(cl))
     with cl.client() as c:
@@ -136,8 +146,8 @@ def test_only_owner_or_admin_may_cancel_or_fetch(keys, make_cluster):
           Client(cl.client_address, security=sec("client-2")) as other,
           Client(cl.client_address, security=sec("admin")) as admin):  # fmt: skip
         # A "user" field is just ignored: ownership comes from the CURVE key.
-        job = owner.request(wire.SUBMIT, {"spec": spec(rounds=5).to_dict(),
-                                          "user": sec("client-2").user_id}).fields["job"]  # fmt: skip
+        forged = {"spec": spec(rounds=5).to_dict(), "user": sec("client-2").user_id}
+        job = owner.request(wire.SUBMIT, forged).fields["job"]
         owner.wait(job, timeout=60)
         with pytest.raises(ClientError, match="not authorized to fetch"):
             other.fetch(job)
@@ -165,8 +175,10 @@ def test_key_directory_errors(tmp_path):
     again = list(generate_keys(tmp_path / "k", workers=3, clients=1))  # adds, never overwrites
     assert sum(line.startswith("created") for line in again) == 1
     assert oct((tmp_path / "k" / "private" / "worker.key_secret").stat().st_mode & 0o777) == "0o600"
+    assert peer_security(tmp_path / "k", "worker").name == "worker.key_secret"
+    os.remove(tmp_path / "k" / "private" / "worker.key_secret")
     with pytest.raises(KeyDirError, match="cannot choose a worker key"):
-        peer_security(tmp_path / "k", "worker")  # three worker keys: which one?
+        peer_security(tmp_path / "k", "worker")  # worker-2 or worker-3?
     with pytest.raises(KeyDirError, match="no key pair"):
         peer_security(tmp_path / "k", "client", "nobody")
     with pytest.raises(KeyDirError, match="does not exist"):

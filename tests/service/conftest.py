@@ -75,7 +75,7 @@ def spec_with(base: dict, **changes) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _local(spec_json: str):
     state, metrics = train_local(parse_spec(json.loads(spec_json)))
     return state, metrics
@@ -97,8 +97,9 @@ def assert_bitwise_equal(got: dict, want: dict, what: str) -> None:
                 if g.shape == w.shape
                 else "shape differs"
             )
-            bad.append(f"{name}: {g.dtype}{list(g.shape)} vs {w.dtype}{list(w.shape)}, "
-                       f"max |diff| {diff}")  # fmt: skip
+            bad.append(
+                f"{name}: {g.dtype}{list(g.shape)} vs {w.dtype}{list(w.shape)}, max |diff| {diff}"
+            )
     assert not bad, f"{what}: not bitwise equal:\n  " + "\n  ".join(bad)
     assert weights_digest(got) == weights_digest(want), f"{what}: sha256 digests differ"
 
@@ -179,8 +180,10 @@ def make_cluster(request):
     for cluster in clusters:
         stop_cluster(cluster)
         if failed:
-            print(f"\n--- cluster logs kept in {cluster.log_dir}; coordinator log tail:\n"
-                  f"{log_tail(cluster)}")  # fmt: skip
+            print(
+                f"\n--- cluster logs kept in {cluster.log_dir}; coordinator log tail:\n"
+                f"{log_tail(cluster)}"
+            )
         else:
             shutil.rmtree(cluster.tmp, ignore_errors=True)
 

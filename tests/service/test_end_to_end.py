@@ -52,7 +52,10 @@ def test_bitwise_identical_for_1_to_4_workers(make_cluster, svc):
                 metrics = c.metrics(job)
                 assert len(metrics) == len(ref_metrics) == status["total_rounds"], what
                 # every round really was spread over all n workers
-                assert {m["workers"] for m in metrics} == {n}, (what, [m["workers"] for m in metrics])
+                assert {m["workers"] for m in metrics} == {n}, (
+                    what,
+                    [m["workers"] for m in metrics],
+                )
                 losses = [m["loss"] for m in metrics if "loss" in m]
                 assert losses == [m["loss"] for m in ref_metrics if "loss" in m], what
     for spec in specs:
@@ -74,8 +77,13 @@ def test_cli_train_local_is_the_reference(tmp_path, svc, which):
     path.write_text(json.dumps(spec))
     out = tmp_path / "model.npz"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run([*_cli(), "train", str(path), "--local", "-o", str(out)],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [*_cli(), "train", str(path), "--local", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     ref_state, ref_metrics = svc.local_reference(spec)

@@ -12,9 +12,9 @@ import importlib.util
 
 import numpy as np
 import pytest
-
 from shardgrad.core import nn
 from shardgrad.core.tensor import Tensor
+
 from shardgrad.jobspec import parse_spec
 from shardgrad.training import JobRuntime
 
@@ -39,8 +39,14 @@ REGRESSION = {
     "input_shape": [20],
     "loss": "mse",
     "optimizer": {"type": "sgd", "lr": 1.0},
-    "data": {"source": "builtin:synthetic", "task": "regression", "n_samples": 400,
-             "n_features": 20, "noise": 0.1, "seed": 7},  # fmt: skip
+    "data": {
+        "source": "builtin:synthetic",
+        "task": "regression",
+        "n_samples": 400,
+        "n_features": 20,
+        "noise": 0.1,
+        "seed": 7,
+    },
     "global_batch": 60,
     "micro_batch": 4,  # 15 micro-batches
     "rounds": 1,
@@ -91,23 +97,32 @@ def test_round_mean_gradient_equals_full_batch_gradient(make_cluster, svc):
                 mean_grad = init[name].astype(np.float64) - final[name].astype(np.float64)
                 assert np.abs(want[name]).max() > 0, (case, name, "a trivially zero gradient")
                 np.testing.assert_allclose(
-                    mean_grad, want[name].astype(np.float64), rtol=1e-4, atol=1e-6,
+                    mean_grad,
+                    want[name].astype(np.float64),
+                    rtol=1e-4,
+                    atol=1e-6,
                     err_msg=f"{case}: mean gradient of {name} (init - final) vs full batch",
-                )  # fmt: skip
+                )
             # the reported loss is the same full-batch mean
             assert metrics[-1]["loss"] == pytest.approx(want_loss, rel=1e-5), case
 
 
 # --- the PyTorch oracle ------------------------------------------------------------------------
 ORACLE_JOBS = {
-    "adam": dict(DIGITS_BASE, name="oracle-adam", rounds=5,
-                 optimizer={"type": "adam", "lr": 0.01}),  # fmt: skip
-    "sgd-momentum": dict(DIGITS_BASE, name="oracle-sgd-momentum", rounds=5,
-                         optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9,
-                                    "weight_decay": 1e-3}),  # fmt: skip
-    "adamw-accumulate-2": dict(DIGITS_BASE, name="oracle-adamw-acc2", rounds=6,
-                               accumulate_steps=2,
-                               optimizer={"type": "adamw", "lr": 0.01, "weight_decay": 0.05}),  # fmt: skip
+    "adam": dict(DIGITS_BASE, name="oracle-adam", rounds=5, optimizer={"type": "adam", "lr": 0.01}),
+    "sgd-momentum": dict(
+        DIGITS_BASE,
+        name="oracle-sgd-momentum",
+        rounds=5,
+        optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+    ),
+    "adamw-accumulate-2": dict(
+        DIGITS_BASE,
+        name="oracle-adamw-acc2",
+        rounds=6,
+        accumulate_steps=2,
+        optimizer={"type": "adamw", "lr": 0.01, "weight_decay": 0.05},
+    ),
 }
 
 
@@ -149,8 +164,10 @@ def _torch_run(spec, init):
 
 
 @pytest.mark.oracle
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="the PyTorch oracle needs the oracle extra (pip install -e '.[oracle]')")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="the PyTorch oracle needs the oracle extra (pip install -e '.[oracle]')",
+)
 def test_optimizer_trajectories_match_pytorch(make_cluster, svc):
     import torch
 
@@ -164,8 +181,9 @@ def test_optimizer_trajectories_match_pytorch(make_cluster, svc):
             want, want_losses = _torch_run(spec, init)
             for name in want:
                 torch.testing.assert_close(
-                    torch.from_numpy(final[name]), torch.from_numpy(want[name]),
+                    torch.from_numpy(final[name]),
+                    torch.from_numpy(want[name]),
                     msg=lambda m, name=name, case=case: f"{case}: {name}: {m}",
-                )  # fmt: skip
+                )
             got_losses = [m["loss"] for m in metrics if "loss" in m]
             np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, err_msg=case)

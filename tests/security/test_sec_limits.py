@@ -1,0 +1,98 @@
+"""Bad input through the real coordinator while a job runs: path escapes, pickled .npz,
+data that does not fit the model, oversize specs and messages, files named by a client, a
+message flood. Each gets a clear error; the running job still ends with the exact weights."""
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+from sec_helpers import SLOW, dealer, expected_digest, make_npz, recv_all, spec, try_send
+
+from shardgrad import wire
+from shardgrad.client import ClientError
+from shardgrad.security import peer_security
+
+pytestmark = pytest.mark.slow
+
+
+def data_spec(source, **kw):
+    return spec(data={"source": source}, **kw).to_dict()
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_bad_input_gets_clear_errors_while_a_job_runs(tmp_path, keys, make_cluster, auth):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 64)).astype(np.float32), rng.integers(0, 10, 100)
+    make_npz(str(root / "good.npz"), X=X, y=y)
+    outside = make_npz(str(tmp_path / "outside.npz"), X=X, y=y)
+    (root / "link.npz").symlink_to(outside)
+    make_npz(str(root / "pickled.npz"), X=np.array([{"a": 1}] * 100, dtype=object), y=y)
+    make_npz(str(root / "wide.npz"), X=np.zeros((100, 3), np.float32), y=y)
+    make_npz(str(root / "floaty.npz"), X=X, y=rng.normal(size=100))
+
+    cl = make_cluster(2, keys=str(keys) if auth else None, data_root=str(root), env=SLOW)
+    with cl.client(timeout=10.0) as c:
+        job = c.submit(spec(rounds=150))
+        deadline = time.monotonic() + 30
+        while c.status(job)["job"]["state"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        bad = {
+            "file:../outside.npz": "contains '..'",
+            f"file:{outside}": "outside the data root",
+            "file:link.npz": "outside the data root",
+            "file:pickled.npz": "pickled arrays are never loaded",
+            "file:wide.npz": "input_shape",
+            "file:floaty.npz": "integer class labels",
+            "file:missing.npz": "cannot read data file",
+        }
+        for source, match in bad.items():
+            with pytest.raises(ClientError, match=match):
+                c.submit(data_spec(source))
+        # The good file passes (and is queued behind the running job; cancel it).
+        c.cancel(c.submit(data_spec("file:good.npz")))
+
+        # Oversize specs: too many parameters, too many layers, too much text.
+        with pytest.raises(ClientError, match="parameters"):
+            c.submit({**spec().to_dict(), "model": [{"type": "linear", "out": 10**6}]})
+        with pytest.raises(ClientError, match="at most 256 layers"):
+            c.submit({**spec().to_dict(), "model": [{"type": "relu"}] * 300})
+        with pytest.raises(ClientError, match="spec is larger than"):
+            c.request(wire.SUBMIT, {"spec": "# " + "x" * (1 << 20) + "\nname = 'a'"})
+        # A path instead of spec text: the coordinator never opens it (/dev/zero never ends).
+        for path in ("/dev/zero", "/etc/passwd", "examples/jobs/digits.toml"):
+            with pytest.raises(ClientError, match="never opens a file"):
+                c.request(wire.SUBMIT, {"spec": path})
+        # Oversize messages: a 3 MiB header, array frames on the client port.
+        with pytest.raises(ClientError, match="header is .* bytes, above the limit"):
+            c.request(wire.STATUS, {"pad": "x" * (3 << 20)})
+        sec = peer_security(keys, "client") if auth else None
+        raw = dealer(cl.client_address, sec)
+        try_send(raw, wire.encode(wire.STATUS, {"req": 1}, {"a": np.zeros(10)}))
+        (err,) = recv_all(raw, 2.0)
+        assert err.type == wire.ERROR and "above the limit of 1" in err["message"]
+        # A 10 MiB frame is over the transport cap: libzmq drops that connection unread.
+        raw2 = dealer(cl.client_address, sec)
+        try_send(raw2, [b"\x00" * (10 << 20)])
+        assert recv_all(raw2, 1.0) == []
+
+        # A flood from one peer: a burst is served, the rest is refused with a rate-limit
+        # error (once a second) and dropped, and nothing else is disturbed.
+        flood = dealer(cl.client_address, sec)
+        flood.setsockopt(zmq.SNDHWM, 0)
+        for i in range(5000):
+            flood.send_multipart(wire.encode(wire.JOBS, {"req": i}))
+        replies = recv_all(flood, 3.0)
+        ok = [m for m in replies if m.type == wire.OK]
+        limited = [m for m in replies if m.type == wire.ERROR]
+        assert 400 <= len(ok) < 5000
+        assert limited and all(m["message"].startswith("rate limit:") for m in limited)
+        counters = c.status()["counters"]
+        assert counters["rate_limited"] >= 5000 - len(ok) - len(limited)
+        assert counters["bad_message"] >= 2
+
+        assert c.status(job)["job"]["state"] == "running"  # all of the above happened mid-job
+        final = c.wait(job, timeout=180)
+        assert final["digest"] == expected_digest(rounds=150)
