@@ -333,8 +333,7 @@ class Coordinator:
         if job.next_round == rt.total_rounds:
             return self.finish_job()
         if job.next_round % rt.spec.checkpoint_every == 0:
-            self.checkpoint()
-        self.store.update(job.id, round=job.next_round)
+            self.checkpoint()  # also records the round in the queue database
         self.start_round()
 
     def checkpoint(self):

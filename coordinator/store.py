@@ -92,7 +92,7 @@ class Store:
 
     def save_checkpoint(self, job_id: str, arrays: dict, meta: dict) -> None:
         atomic_save(self._path(job_id, "checkpoint"), arrays, meta)
-        self.update(job_id, checkpoint_round=meta["round"])
+        self.update(job_id, checkpoint_round=meta["round"], round=meta["round"])
 
     def load_checkpoint(self, job_id: str):
         return load(self._path(job_id, "checkpoint"))

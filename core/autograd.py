@@ -30,20 +30,22 @@ def _topological(roots):
     """(tensor, grad_fn) vertices that need a gradient, each after all computed from it."""
     order, seen = [], set()
     stack = [(r, r.grad_fn, False) for r in roots]
+    pop, push = stack.pop, stack.append
     while stack:
-        t, fn, done = stack.pop()
+        t, fn, done = pop()
         if done:
             order.append((t, fn))
             continue
-        key = _key(t, fn)
+        key = id(fn) if fn is not None else id(t)
         if key in seen:
             continue
         seen.add(key)
-        stack.append((t, fn, True))
+        push((t, fn, True))
         if fn is not None:
-            for a, parent in zip(fn.inputs, fn.parents, strict=True):
-                if isinstance(a, Tensor) and a.requires_grad and _key(a, parent) not in seen:
-                    stack.append((a, parent, False))
+            for a, parent in zip(fn.inputs, fn.parents):
+                if isinstance(a, Tensor) and a.requires_grad:
+                    if (id(parent) if parent is not None else id(a)) not in seen:
+                        push((a, parent, False))
     order.reverse()
     return order
 
@@ -82,7 +84,7 @@ def _seed(root, grad, create_graph):
 
 
 def _vjps(node, g, create_graph):
-    """(input, gradient) for every input of `node` that needs one."""
+    """[(input, its history, gradient)] for every input of `node` that needs one."""
     op, inputs, params = node.op, node.inputs, node.params
     if create_graph:
         xp, args = T, inputs
@@ -90,19 +92,22 @@ def _vjps(node, g, create_graph):
     else:
         xp, out = NP, node.out
         args = [a.data if isinstance(a, Tensor) else a for a in inputs]
-    for i, (a, parent) in enumerate(zip(inputs, node.parents, strict=True)):
-        if isinstance(a, Tensor) and a.requires_grad:
-            if op.variadic:
-                ga = op.vjps[0](i, xp, g, out, *args, **params)
-            else:
-                ga = op.vjps[i](xp, g, out, *args, **params)
-            if ga.shape != a.shape:
-                ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
-            elif not create_graph and type(ga) is not np.ndarray:
-                ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
-            if ga.dtype != a.dtype:
-                ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
-            yield a, parent, ga
+    result = []
+    for i, a in enumerate(inputs):
+        if not (isinstance(a, Tensor) and a.requires_grad):
+            continue
+        if op.variadic:
+            ga = op.vjps[0](i, xp, g, out, *args, **params)
+        else:
+            ga = op.vjps[i](xp, g, out, *args, **params)
+        if ga.shape != a.data.shape:
+            ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
+        elif not create_graph and type(ga) is not np.ndarray:
+            ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
+        if ga.dtype != a.data.dtype:
+            ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
+        result.append((a, node.parents[i], ga))
+    return result
 
 
 def _hooked(t, g, create_graph):
@@ -154,7 +159,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
     ctx = enable_grad() if create_graph else no_grad()
     with ctx:
         for t, node in order:
-            g = pending.pop(_key(t, node), None)
+            g = pending.pop(id(node) if node is not None else id(t), None)
             if g is None:
                 continue
             current = t.grad_fn is node  # not an older version of an in-place-modified tensor
@@ -170,7 +175,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
             _check_saved(node)
             for a, parent, ga in _vjps(node, g, create_graph):
-                key = _key(a, parent)
+                key = id(parent) if parent is not None else id(a)
                 prev = pending.get(key)
                 pending[key] = ga if prev is None else prev + ga
     if not retain_graph:

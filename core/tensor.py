@@ -65,7 +65,7 @@ class Node:
         self.saved, self.freed = saved, False
         # Edges point at the history an input had when it was used, so an in-place op on
         # that input later (which gives it a new grad_fn) cannot reroute this gradient.
-        self.parents = tuple(a.grad_fn if isinstance(a, Tensor) else None for a in inputs)
+        self.parents = [a.grad_fn if isinstance(a, Tensor) else None for a in inputs]
 
     def name(self):
         return f"{self.op.name.capitalize()}Backward"
@@ -92,8 +92,15 @@ def _saved_versions(op, inputs, out_version):
 
 def apply(op, *inputs, **params):
     """Run `op` forward on NumPy data and record it if the result needs a gradient."""
+    datas, need = [], False
+    for a in inputs:  # one pass: the hot path of every op
+        if isinstance(a, Tensor):
+            datas.append(a.data)
+            need = need or a.requires_grad
+        else:
+            datas.append(a)
     try:
-        out = op.forward(*[a.data if isinstance(a, Tensor) else a for a in inputs], **params)
+        out = op.forward(*datas, **params)
     except (ValueError, IndexError) as e:
         shapes = ", ".join(str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray))
         raise ValueError(f"{op.name}: cannot apply to shapes {shapes}: {e}") from None
@@ -102,7 +109,7 @@ def apply(op, *inputs, **params):
     t.grad = t.grad_fn = t._hooks = None
     t._version = [0]
     t._retains_grad = False
-    if _mode.enabled and any(isinstance(a, Tensor) and a.requires_grad for a in inputs):
+    if need and _mode.enabled:
         t.requires_grad = True
         t.grad_fn = Node(op, inputs, params, t.data, _saved_versions(op, inputs, t._version))
     else:

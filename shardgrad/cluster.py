@@ -6,6 +6,7 @@ clusters can run side by side (tests under xdist) without a single fixed port.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ class LocalCluster:
                  data_root=None, keys=None, heartbeat_interval=None, liveness=None,
                  log_dir=None, env=None):  # fmt: skip
         self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
+        # The temp dir (sockets, and state and logs unless placed elsewhere) goes away on
+        # stop; SHARDGRAD_KEEP_CLUSTER=1 keeps it for a post-mortem.
+        self.cleanup = not os.environ.get("SHARDGRAD_KEEP_CLUSTER")
         self.worker_bind = worker_bind or f"ipc://{self.tmp}/workers"
         self.client_bind = client_bind or f"ipc://{self.tmp}/clients"
         self.state_dir = state_dir or os.path.join(self.tmp, "state")
@@ -111,12 +115,9 @@ class LocalCluster:
         self.wait_until(lambda c: len(self.live_workers(c)) >= n, f"{n} live workers", timeout)
 
     def wait(self):
-        """Block until Ctrl-C or until the coordinator exits."""
-        try:
-            while self.coordinator.poll() is None:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
+        """Block until the coordinator exits (Ctrl-C propagates; __exit__ stops all)."""
+        while self.coordinator.poll() is None:
+            time.sleep(0.2)
 
     def stop(self, timeout=10.0):
         procs = [p for p in [self.coordinator, *self.workers] if p is not None]
@@ -131,9 +132,15 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self.cleanup:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
 
     def __exit__(self, *exc):
         self.stop()
