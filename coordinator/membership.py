@@ -66,7 +66,7 @@ class Membership:
     def table(self) -> list[dict]:
         now = time.monotonic()
         return [
-            {"id": w.id, "state": w.state, "last_heartbeat_s": round(now - w.last_seen, 3),
-             "blocks_done": w.blocks_done, **w.info}  # fmt: skip
+            {**w.info, "id": w.id, "state": w.state, "last_heartbeat_s": round(now - w.last_seen, 3),
+             "blocks_done": w.blocks_done}  # fmt: skip
             for w in sorted(self.workers.values(), key=lambda w: w.id)
         ]

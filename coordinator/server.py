@@ -176,11 +176,16 @@ class Coordinator:
     # ---- workers --------------------------------------------------------------------------
     def on_worker(self, msg):
         wid = wire.field_of(msg, "worker", str)
+        # The id a worker claims must be the identity of the connection it speaks on (its
+        # heartbeat socket's is id + "#hb"): nobody can speak for another worker.
+        expected = f"{wid}#hb" if msg.type == wire.HEARTBEAT else wid
+        if not msg.envelope or msg.envelope[0] != expected.encode():
+            raise wire.ProtocolError(f"{msg.type} claims worker {wid!r} from another connection")
         if msg.type == wire.BYE:
             self.members.leave(wid)
             log.info("worker %s left", wid)
             return
-        if self.members.heard(wid, msg.get("info") if msg.type == wire.READY else None):
+        if self.members.heard(wid, _worker_info(msg) if msg.type == wire.READY else None):
             log.info("worker %s joined", wid)
         if msg.type == wire.GRADS:
             self.on_grads(wid, msg)
@@ -191,8 +196,13 @@ class Coordinator:
         if r is None or job_id != job.id or rnd != r.index:
             self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
             return
-        block = tuple(block) if isinstance(block, list) else None
-        if block not in r.holders or block in r.delivered:
+        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
+            raise wire.ProtocolError(f"GRADS 'block' must be [lo, hi] integers, got {block!r}")
+        block = tuple(block)
+        if block not in r.holders:
+            self.counters["unknown_block"] += 1
+            return
+        if block in r.delivered:
             self.counters["duplicate_grads"] += 1
             return
         arrays = self._check_grads(msg, job)
@@ -406,6 +416,18 @@ class Coordinator:
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()
         self.ctx.term()
+
+
+def _worker_info(msg) -> dict:
+    """What a READY may say about its worker, for `status`: host and pid, nothing else."""
+    info = msg.get("info")
+    info = info if isinstance(info, dict) else {}
+    out = {}
+    if isinstance(info.get("host"), str):
+        out["host"] = info["host"][:100]
+    if type(info.get("pid")) is int:
+        out["pid"] = info["pid"]
+    return out
 
 
 def main(worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, ready=None):

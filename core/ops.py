@@ -200,7 +200,7 @@ defop(
 defop(
     "relu",
     lambda a: np.maximum(a, 0, dtype=a.dtype),
-    lambda xp, g, o, a: g * _mask(xp.raw(a) > 0, xp.raw(g).dtype),
+    lambda xp, g, o, a: g * (xp.raw(a) > 0),  # float * bool: one pass, dtype kept
     saves=("0",),
 )
 defop(

@@ -120,18 +120,20 @@ class LocalCluster:
             time.sleep(0.2)
 
     def stop(self, timeout=10.0):
-        procs = [p for p in [self.coordinator, *self.workers] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-                p.terminate()
+        # Workers first (their BYE still reaches the coordinator), then the coordinator.
         deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for group in (self.workers, [self.coordinator]):
+            procs = [p for p in group if p is not None]
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if self.cleanup:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -311,7 +311,9 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
 
             def grads(arrays, **fields):
                 worker_sock.send_multipart(
-                    wire.encode(wire.GRADS, {"worker": victim, **fields}, arrays)
+                    # it claims its own connection's id: the coordinator refuses a GRADS that
+                    # claims another worker's id outright (checked in the second test)
+                    wire.encode(wire.GRADS, {"worker": "malformed-sender", **fields}, arrays)
                 )
 
             # wrong shapes for the victim's pending block of the current round. The round
@@ -322,7 +324,7 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
                 rnd = c.status(job)["job"]["round"]
                 before = c.status()["counters"]
                 grads(wrong_shape, job=job, round=rnd, block=list(last_block))
-                after = counted(before, "bad_message", "late_grads", "duplicate_grads")
+                after = counted(before, "bad_message", "late_grads", "unknown_block")
                 if after.get("bad_message", 0) > before.get("bad_message", 0):
                     break
             else:
@@ -378,10 +380,10 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
                 (
                     "block nobody holds",
                     dict(job=job, round=rnd, block=[9999, 10000]),
-                    "duplicate_grads",
+                    "unknown_block",
                 ),
-                ("misaligned block", dict(job=job, round=rnd, block=[0, 3]), "duplicate_grads"),
-                ("block not a list", dict(job=job, round=rnd, block="0-1"), "duplicate_grads"),
+                ("misaligned block", dict(job=job, round=rnd, block=[0, 3]), "unknown_block"),
+                ("block not a list", dict(job=job, round=rnd, block="0-1"), "bad_message"),
             ]:
                 before = c.status()["counters"]
                 grads(good, **fields)
@@ -438,30 +440,53 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
 
             rnd = svc.wait_for(settled, 10, "the round to stall")
             base = c.status()["counters"]
+            # a message claiming the real worker's id from another connection: refused
             sock.send_multipart(
-                [
-                    header(
-                        type="READY",
-                        v=V,
-                        worker="probe-spoof",
-                        info={"id": "spoofed", "state": "alive"},
-                    )
-                ]
+                wire.encode(wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [0, 1]})
             )
-            sock.send_multipart([header(type="READY", v=V, worker="probe-list-info", info=[1, 2])])
-            sock.send_multipart(
-                wire.encode(
-                    wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [[0], [1]]}
+            # self-consistent peers (the claimed id is the connection's identity) with
+            # malformed fields: sanitised or refused, never an internal error
+            spoof = ctx.socket(zmq.DEALER)
+            spoof.setsockopt(zmq.LINGER, 0)
+            spoof.setsockopt(zmq.IDENTITY, b"probe-spoof")
+            spoof.connect(cluster.worker_address)
+            listy = ctx.socket(zmq.DEALER)
+            listy.setsockopt(zmq.LINGER, 0)
+            listy.setsockopt(zmq.IDENTITY, b"probe-list-info")
+            listy.connect(cluster.worker_address)
+            try:
+                spoof.send_multipart(
+                    [
+                        header(
+                            type="READY",
+                            v=V,
+                            worker="probe-spoof",
+                            info={"id": "spoofed", "state": "alive"},
+                        )
+                    ]  # fmt: skip
                 )
-            )
-            # the coordinator reads one connection in order: once this marker shows up in the
-            # worker table, everything above has been handled
-            sock.send_multipart([header(type="HEARTBEAT", v=V, worker="probe-marker")])
-            svc.wait_for(
-                lambda: "probe-marker" in [w["id"] for w in c.status()["workers"]],
-                10,
-                "the coordinator to read the probes",
-            )
+                listy.send_multipart(
+                    [header(type="READY", v=V, worker="probe-list-info", info=[1, 2])]
+                )
+                spoof.send_multipart(
+                    wire.encode(
+                        wire.GRADS,
+                        {"worker": "probe-spoof", "job": job, "round": rnd, "block": [[0], [1]]},
+                    )
+                )
+                svc.wait_for(
+                    lambda: (
+                        c.status()["counters"].get("bad_message", 0)
+                        >= base.get("bad_message", 0) + 2
+                        and {"probe-spoof", "probe-list-info"}
+                        <= {w["id"] for w in c.status()["workers"]}
+                    ),
+                    10,
+                    "the coordinator to read the probes",
+                )
+            finally:
+                spoof.close(0)
+                listy.close(0)
             status = c.status()  # must not fail because of a malformed READY
             counters = status["counters"]
             assert counters.get("internal_error", 0) == base.get("internal_error", 0), (
