@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -53,8 +52,16 @@ def data(batch):
 
 def shardgrad_step(batch):
     model = nn.build(
-        [{"type": "linear", "out": 256}, {"type": "relu"}, {"type": "linear", "out": 256},
-         {"type": "relu"}, {"type": "linear", "out": 10}], [784], seed=0)  # fmt: skip
+        [
+            {"type": "linear", "out": 256},
+            {"type": "relu"},
+            {"type": "linear", "out": 256},
+            {"type": "relu"},
+            {"type": "linear", "out": 10},
+        ],
+        [784],
+        seed=0,
+    )
     opt = optim.SGD(model.parameters(), lr=LR)
     x, y = data(batch)
     xt = sg.tensor(x)
@@ -69,13 +76,16 @@ def shardgrad_step(batch):
 
 def numpy_step(batch):
     rng = np.random.default_rng(0)
-    ws = [rng.uniform(-0.05, 0.05, (o, i)).astype(np.float32) for i, o in zip(SIZES, SIZES[1:])]
+    ws = [
+        rng.uniform(-0.05, 0.05, (o, i)).astype(np.float32)
+        for i, o in zip(SIZES, SIZES[1:], strict=False)
+    ]
     bs = [np.zeros(o, np.float32) for o in SIZES[1:]]
     x, y = data(batch)
 
     def step():
         acts, h = [x], x
-        for k, (w, b) in enumerate(zip(ws, bs)):
+        for k, (w, b) in enumerate(zip(ws, bs, strict=False)):
             h = h @ w.T + b
             if k < len(ws) - 1:
                 h = np.maximum(h, 0)
@@ -98,8 +108,12 @@ def numpy_step(batch):
 def torch_step(batch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-        torch.nn.Linear(256, 10))  # fmt: skip
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = data(batch)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -118,7 +132,7 @@ def chain_overhead(n=100, size=16):
 
     def run():
         h = x
-        for i in range(n // 2):
+        for _ in range(n // 2):
             h = h * 1.0001
             h = h + 0.5
         h.sum().backward()
@@ -129,13 +143,15 @@ def chain_overhead(n=100, size=16):
 
 def main():
     print(f"MLP {'-'.join(map(str, SIZES))} float32, 1 BLAS thread, SGD step (best of 7)\n")
-    print(f"| batch | numpy (floor) | shardgrad | torch | sg/numpy | sg/torch |")
+    print("| batch | numpy (floor) | shardgrad | torch | sg/numpy | sg/torch |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in (32, 256):
         tn, ts = timeit(numpy_step(batch)), timeit(shardgrad_step(batch))
         tt = timeit(torch_step(batch)) if torch else float("nan")
-        print(f"| {batch} | {tn * 1e6:.0f} µs | {ts * 1e6:.0f} µs | {tt * 1e6:.0f} µs | "
-              f"{ts / tn:.2f}× | {ts / tt:.2f}× |")  # fmt: skip
+        print(
+            f"| {batch} | {tn * 1e6:.0f} µs | {ts * 1e6:.0f} µs | {tt * 1e6:.0f} µs | "
+            f"{ts / tn:.2f}× | {ts / tt:.2f}× |"
+        )
     print(f"\nelementwise chain (100 ops, fwd+bwd): {chain_overhead() * 1e6:.2f} µs/op")
     print("targets: B=32 sg/numpy ≤ 1.25, sg/torch ≤ 0.6; B=256 sg/numpy ≤ 1.10; ≤ 4 µs/op")
 

@@ -57,8 +57,10 @@ def main():
         for name, r in (("open", base), ("CURVE", curve_run[label])):
             sps = r["batch"] / r["round_s"]
             cost = 1 - sps / (base["batch"] / base["round_s"])
-            print(f"| {label} | {name} | {sps:,.0f} | {r['round_s'] * 1e3:.1f} | "
-                  f"{r['overhead_s'] * 1e3:.1f} | {cost:+.1%} |")  # fmt: skip
+            print(
+                f"| {label} | {name} | {sps:,.0f} | {r['round_s'] * 1e3:.1f} | "
+                f"{r['overhead_s'] * 1e3:.1f} | {cost:+.1%} |"
+            )
 
 
 if __name__ == "__main__":

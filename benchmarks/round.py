@@ -36,10 +36,10 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
-from shardgrad.core import nn  # noqa: E402
-from shardgrad.core.sampling import assign_blocks  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
+from shardgrad.core import nn  # noqa: E402
+from shardgrad.core.sampling import assign_blocks  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
 

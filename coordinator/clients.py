@@ -23,8 +23,12 @@ class ClientHandler:
         self.coord._send(self.coord.clients, msg.envelope, wire.OK, fields, arrays)
 
     def error(self, msg, message):
-        self.coord._send(self.coord.clients, msg.envelope, wire.ERROR,
-                         {"message": message, "req": msg.get("req")})  # fmt: skip
+        self.coord._send(
+            self.coord.clients,
+            msg.envelope,
+            wire.ERROR,
+            {"message": message, "req": msg.get("req")},
+        )
 
     def _job(self, msg):
         job_id = wire.field_of(msg, "job", str)
@@ -61,15 +65,16 @@ class ClientHandler:
         # The owner is the authenticated CURVE key (None when auth is off), never a field the
         # client chose: cancel and fetch are checked against it.
         owner = msg.user
-        job_id = self.coord.store.add_job(job_spec.name, job_spec.to_dict(), owner,
-                                          rt.total_rounds)  # fmt: skip
+        job_id = self.coord.store.add_job(job_spec.name, job_spec.to_dict(), owner, rt.total_rounds)
         self.prepared[job_id] = rt
         log.info("job %s (%s) queued", job_id, job_spec.name)
         return {"job": job_id}, None
 
     def summary(self, row):
-        out = {k: row[k] for k in ("id", "name", "state", "round", "total_rounds",
-                                   "checkpoint_round", "error")}  # fmt: skip
+        out = {
+            k: row[k]
+            for k in ("id", "name", "state", "round", "total_rounds", "checkpoint_round", "error")
+        }
         active = self.coord.job
         if active is not None and active.id == row["id"]:
             out["state"] = active.state

@@ -49,8 +49,11 @@ class Membership:
             elif silent > self.interval * 2:
                 w.state = "suspect"
         # forget the long dead so the table stays small
-        for wid in [w.id for w in self.workers.values()
-                    if w.state in ("dead", "left") and now - w.last_seen > 300]:  # fmt: skip
+        for wid in [
+            w.id
+            for w in self.workers.values()
+            if w.state in ("dead", "left") and now - w.last_seen > 300
+        ]:
             del self.workers[wid]
         return died
 
@@ -66,7 +69,12 @@ class Membership:
     def table(self) -> list[dict]:
         now = time.monotonic()
         return [
-            {**w.info, "id": w.id, "state": w.state, "last_heartbeat_s": round(now - w.last_seen, 3),
-             "blocks_done": w.blocks_done}  # fmt: skip
+            {
+                **w.info,
+                "id": w.id,
+                "state": w.state,
+                "last_heartbeat_s": round(now - w.last_seen, 3),
+                "blocks_done": w.blocks_done,
+            }
             for w in sorted(self.workers.values(), key=lambda w: w.id)
         ]

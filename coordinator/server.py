@@ -68,8 +68,7 @@ class ActiveJob:
 
 
 class Coordinator:
-    def __init__(self, worker_bind, client_bind, state_dir, data_root=None, config=None,
-                 auth=None):  # fmt: skip
+    def __init__(self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None):
         self.cfg = config or Config()
         self.data_root = data_root
         self.store = Store(state_dir)
@@ -79,8 +78,9 @@ class Coordinator:
         self.stopping = False
         self.ctx = zmq.Context()
         self.workers = self._router(worker_bind, auth and auth.worker_domain)
-        self.clients = self._router(client_bind, auth and auth.client_domain,
-                                    self.cfg.client_limits, self.cfg.client_hwm)  # fmt: skip
+        self.clients = self._router(
+            client_bind, auth and auth.client_domain, self.cfg.client_limits, self.cfg.client_hwm
+        )
         self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
         # Per-message admission: revoked keys (ZAP only checks at connect) and client rates.
         self.gate = Gate(self, auth, self.cfg.client_rate, self.cfg.client_burst)
@@ -90,8 +90,9 @@ class Coordinator:
         if auth is None:
             log.warning(
                 "running without --keys: anyone who can reach %s and %s can join or submit",
-                self.worker_endpoint, self.client_endpoint,
-            )  # fmt: skip
+                self.worker_endpoint,
+                self.client_endpoint,
+            )
 
     def _router(self, bind, domain, limits=None, hwm=1000):
         sock = self.ctx.socket(zmq.ROUTER)
@@ -108,8 +109,9 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
-        log.info("coordinator: workers on %s, clients on %s", self.worker_endpoint,
-                 self.client_endpoint)  # fmt: skip
+        log.info(
+            "coordinator: workers on %s, clients on %s", self.worker_endpoint, self.client_endpoint
+        )
         try:
             while not self.stopping:
                 ready = dict(poller.poll(timeout=50))
@@ -124,8 +126,9 @@ class Coordinator:
     def _drain(self, sock, types, handler, budget=256):
         for _ in range(budget):
             try:
-                _, msg = wire.recv_msg(sock, self.limits[sock], router=True, expect_types=types,
-                                       flags=zmq.NOBLOCK)  # fmt: skip
+                _, msg = wire.recv_msg(
+                    sock, self.limits[sock], router=True, expect_types=types, flags=zmq.NOBLOCK
+                )
             except zmq.Again:
                 return
             except wire.ProtocolError as e:
@@ -142,14 +145,19 @@ class Coordinator:
                 self.counters["bad_message"] += 1
                 log.warning("dropped a bad %s message: %s", msg.type, e)
                 if sock is self.clients:
-                    self._send(sock, msg.envelope, wire.ERROR,
-                               {"message": str(e), "req": msg.get("req")})  # fmt: skip
+                    self._send(
+                        sock, msg.envelope, wire.ERROR, {"message": str(e), "req": msg.get("req")}
+                    )
             except Exception as e:  # a bug must cost one request, never the coordinator
                 self.counters["internal_error"] += 1
                 log.exception("error handling %s", msg.type)
                 if sock is self.clients:
-                    self._send(sock, msg.envelope, wire.ERROR,
-                               {"message": f"internal error: {e}", "req": msg.get("req")})  # fmt: skip
+                    self._send(
+                        sock,
+                        msg.envelope,
+                        wire.ERROR,
+                        {"message": f"internal error: {e}", "req": msg.get("req")},
+                    )
 
     def _send(self, sock, identity, msg_type, fields=None, arrays=None) -> bool:
         try:
@@ -162,8 +170,11 @@ class Coordinator:
 
     def tick(self):
         for wid in self.members.sweep():
-            log.warning("worker %s is dead (no heartbeat for %.1f s)", wid,
-                        self.cfg.heartbeat_interval * self.cfg.liveness)  # fmt: skip
+            log.warning(
+                "worker %s is dead (no heartbeat for %.1f s)",
+                wid,
+                self.cfg.heartbeat_interval * self.cfg.liveness,
+            )
             self.counters["workers_died"] += 1
         job = self.job
         if job is None:
@@ -222,14 +233,20 @@ class Coordinator:
             a = msg.arrays.get(name)
             if a is None or a.shape != shape or a.dtype != dtype:
                 got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
-                raise wire.ProtocolError(f"GRADS array '{name}': expected {dtype}{list(shape)}, got {got}")
+                raise wire.ProtocolError(
+                    f"GRADS array '{name}': expected {dtype}{list(shape)}, got {got}"
+                )
             arrays.append(a)
         return arrays
 
     def on_bad_numerics(self, wid, block, where):
         r = self.job.round
         r.failures.setdefault(block, []).append(wid)
-        which = f"micro-batch {where}" if isinstance(where, int) else f"micro-batches {block[0]}..{block[1] - 1}"
+        which = (
+            f"micro-batch {where}"
+            if isinstance(where, int)
+            else f"micro-batches {block[0]}..{block[1] - 1}"
+        )
         if len(r.failures[block]) >= 2:
             return self.fail_job(
                 f"round {r.index}, {which}: the gradient has NaN/Inf again after recomputing "
@@ -249,7 +266,9 @@ class Coordinator:
             return  # FIFO: the head of the queue waits for its workers
         try:
             spec = parse_spec(row["spec"])
-            rt = self.client_handler.prepared.pop(row["id"], None) or JobRuntime(spec, self.data_root)
+            rt = self.client_handler.prepared.pop(row["id"], None) or JobRuntime(
+                spec, self.data_root
+            )
         except (SpecError, ValueError, OSError) as e:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return
@@ -268,8 +287,12 @@ class Coordinator:
         live = self.members.live()
         if len(live) < job.rt.spec.min_workers:
             if job.state != "paused":
-                log.warning("job %s paused: %d live worker(s), needs %d", job.id, len(live),
-                            job.rt.spec.min_workers)  # fmt: skip
+                log.warning(
+                    "job %s paused: %d live worker(s), needs %d",
+                    job.id,
+                    len(live),
+                    job.rt.spec.min_workers,
+                )
                 job.state = "paused"
                 self.store.update(job.id, state="paused")
             return
@@ -286,8 +309,12 @@ class Coordinator:
         for wid, blocks in assignment.items():
             if not blocks:
                 continue
-            fields = {"job": job.id, "round": r.index, "blocks": [list(b) for b in blocks],
-                      "spec": job.rt.spec.to_dict()}  # fmt: skip
+            fields = {
+                "job": job.id,
+                "round": r.index,
+                "blocks": [list(b) for b in blocks],
+                "spec": job.rt.spec.to_dict(),
+            }
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
@@ -309,7 +336,9 @@ class Coordinator:
             idle = r.idle(live)
             slow = [b for b in r.pending() if len(r.holders[b]) == 1]
             if idle and slow:
-                log.info("round %d: backing up %d straggling block(s)", r.index, len(slow[: len(idle)]))
+                log.info(
+                    "round %d: backing up %d straggling block(s)", r.index, len(slow[: len(idle)])
+                )
                 self.send_blocks(r.reissue(slow[: len(idle)], idle))
 
     def deadline(self):
@@ -323,8 +352,11 @@ class Coordinator:
         total = r.total()
         t1 = time.monotonic()
         job.acc = total if job.acc is None else add_arrays(job.acc, total)
-        row = {"round": r.index, "epoch": rt.position(r.index)[0],
-               "round_loss": float(total[-1][0]) / rt.global_batch}  # fmt: skip
+        row = {
+            "round": r.index,
+            "epoch": rt.position(r.index)[0],
+            "round_loss": float(total[-1][0]) / rt.global_batch,
+        }
         if rt.group_end(r.index):
             row["loss"] = rt.apply_step(job.opt, job.acc, rt.group_samples(r.index))
             job.acc = None
@@ -332,9 +364,15 @@ class Coordinator:
         t2 = time.monotonic()
         round_s = t2 - r.started
         compute = max(r.compute_s.values(), default=0.0)
-        row.update(round_s=round_s, compute_s=compute, reduce_s=t1 - t0, step_s=t2 - t1,
-                   overhead_s=round_s - compute, workers=len(r.compute_s),
-                   samples_per_s=rt.global_batch / max(round_s, 1e-9))  # fmt: skip
+        row.update(
+            round_s=round_s,
+            compute_s=compute,
+            reduce_s=t1 - t0,
+            step_s=t2 - t1,
+            overhead_s=round_s - compute,
+            workers=len(r.compute_s),
+            samples_per_s=rt.global_batch / max(round_s, 1e-9),
+        )
         job.round_times.append(round_s)
         job.next_round, job.round = r.index + 1, None
         if job.next_round == rt.total_rounds or rt.position(job.next_round)[1] == 0:
@@ -361,8 +399,12 @@ class Coordinator:
                     scalars[f"{i}.{k}"] = v
         for i, a in enumerate(job.acc or []):
             arrays[f"acc{i}"] = a
-        meta = {"round": job.next_round, "opt_scalars": scalars, "metrics": job.metrics,
-                "round_times": job.round_times[-20:]}  # fmt: skip
+        meta = {
+            "round": job.next_round,
+            "opt_scalars": scalars,
+            "metrics": job.metrics,
+            "round_times": job.round_times[-20:],
+        }
         self.store.save_checkpoint(job.id, arrays, meta)
 
     def _restore(self, job, arrays, meta):
@@ -385,8 +427,12 @@ class Coordinator:
     def finish_job(self):
         job = self.job
         state = job.rt.state_dict()
-        result = {"digest": weights_digest(state), "metrics": job.metrics,
-                  "eval": {k: v for k, v in job.metrics[-1].items() if k in ("accuracy", "mse")}}  # fmt: skip
+        last = job.metrics[-1]
+        result = {
+            "digest": weights_digest(state),
+            "metrics": job.metrics,
+            "eval": {k: v for k, v in last.items() if k in ("accuracy", "mse")},
+        }
         self.store.save_result(job.id, state, result)
         self.store.update(job.id, round=job.next_round)
         self.store.drop_checkpoint(job.id)
@@ -438,4 +484,3 @@ def main(worker_bind, client_bind, state_dir, data_root=None, config=None, auth=
     if ready:
         ready(coord)
     coord.serve()
-

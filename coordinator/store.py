@@ -74,16 +74,21 @@ class Store:
 
     def count(self, states=ACTIVE) -> int:
         marks = ",".join("?" * len(states))
-        return self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
+        return self.db.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states
+        ).fetchone()[0]
 
     def next_job(self) -> dict | None:
         """The job to run: an unfinished one that was running (resume it), else the oldest
         queued one (FIFO)."""
-        row = self.db.execute(
-            "SELECT * FROM jobs WHERE state IN ('running', 'paused') ORDER BY seq LIMIT 1"
-        ).fetchone() or self.db.execute(
-            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1"
-        ).fetchone()
+        row = (
+            self.db.execute(
+                "SELECT * FROM jobs WHERE state IN ('running', 'paused') ORDER BY seq LIMIT 1"
+            ).fetchone()
+            or self.db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+        )
         return _row(row) if row else None
 
     # ---- checkpoints and results ------------------------------------------------------------

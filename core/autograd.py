@@ -42,7 +42,7 @@ def _topological(roots):
         seen.add(key)
         push((t, fn, True))
         if fn is not None:
-            for a, parent in zip(fn.inputs, fn.parents):
+            for a, parent in zip(fn.inputs, fn.parents, strict=True):
                 if isinstance(a, Tensor) and a.requires_grad:
                     if (id(parent) if parent is not None else id(a)) not in seen:
                         push((a, parent, False))

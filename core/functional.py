@@ -228,8 +228,10 @@ def linear(x, weight, bias=None):
             f"linear: input of shape {tuple(x.shape)} does not fit weight of shape "
             f"{tuple(weight.shape)} (last sizes must match)"
         )
-    return apply(OPS["linear"], x, weight, bias) if bias is not None else apply(
-        OPS["linear"], x, weight
+    return (
+        apply(OPS["linear"], x, weight, bias)
+        if bias is not None
+        else apply(OPS["linear"], x, weight)
     )
 
 
@@ -349,7 +351,9 @@ def _targets(logits, target, name):
             f"integer dtype, got shape {tuple(t.shape)} dtype {t.dtype}"
         )
     if t.size and (t.min() < 0 or t.max() >= logits.shape[1]):
-        raise ValueError(f"{name}: target {int(t.max())} is out of range for {logits.shape[1]} classes")
+        raise ValueError(
+            f"{name}: target {int(t.max())} is out of range for {logits.shape[1]} classes"
+        )
     return t
 
 

@@ -136,8 +136,9 @@ class Linear(Module):
 
 
 class Conv2d(Module):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 generator=None):  # fmt: skip
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, generator=None
+    ):
         super().__init__()
         kh, kw = F._pair(kernel_size)
         rng, bound = _rng(generator), 1 / math.sqrt(in_channels * kh * kw)
@@ -325,8 +326,11 @@ def _same(cls, *keys):
 
 LAYERS = {
     "linear": ({"out": None, "bias": True}, ("out",), _linear),
-    "conv2d": ({"out": None, "kernel": None, "stride": 1, "padding": 0, "bias": True},
-               ("out", "kernel"), _conv),  # fmt: skip
+    "conv2d": (
+        {"out": None, "kernel": None, "stride": 1, "padding": 0, "bias": True},
+        ("out", "kernel"),
+        _conv,
+    ),
     "maxpool2d": ({"kernel": None, "stride": None}, ("kernel",), _pool(MaxPool2d)),
     "avgpool2d": ({"kernel": None, "stride": None}, ("kernel",), _pool(AvgPool2d)),
     "flatten": ({}, (), lambda shape, a, rng: (Flatten(), (math.prod(shape),))),
@@ -336,9 +340,12 @@ LAYERS = {
     "gelu": ({}, (), _same(GELU)),
     "dropout": ({"p": 0.5}, (), _same(Dropout, "p")),
     "layernorm": ({"eps": 1e-5}, (), lambda shape, a, rng: (LayerNorm(shape[-1], a["eps"]), shape)),
-    "embedding": ({"num": None, "dim": None}, ("num", "dim"),
-                  lambda shape, a, rng: (Embedding(a["num"], a["dim"], rng), shape + (a["dim"],))),
-}  # fmt: skip
+    "embedding": (
+        {"num": None, "dim": None},
+        ("num", "dim"),
+        lambda shape, a, rng: (Embedding(a["num"], a["dim"], rng), shape + (a["dim"],)),
+    ),
+}
 _INT_KEYS = {"out", "kernel", "stride", "padding", "num", "dim"}
 
 
@@ -357,7 +364,11 @@ def _layer_args(i, layer):
         raise ValueError(f"layer {i} ({kind}): missing key(s) {missing}")
     args = {**defaults, **{k: v for k, v in layer.items() if k != "type"}}
     for k, v in args.items():
-        if k in _INT_KEYS and v is not None and (type(v) is not int or v < (0 if k == "padding" else 1)):
+        if (
+            k in _INT_KEYS
+            and v is not None
+            and (type(v) is not int or v < (0 if k == "padding" else 1))
+        ):
             raise ValueError(f"layer {i} ({kind}): '{k}' must be a positive integer, got {v!r}")
     if kind == "dropout" and not (isinstance(args["p"], int | float) and 0 <= args["p"] < 1):
         raise ValueError(f"layer {i} (dropout): 'p' must be a number in [0, 1), got {args['p']!r}")

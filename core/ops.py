@@ -209,6 +209,8 @@ defop(
     lambda xp, g, o, a: g * (2 / math.sqrt(math.pi)) * xp.exp(-(a * a)),
     saves=("0",),
 )
+
+
 def _clamp_mask(a, min, max, dtype):
     # Gradient passes where min <= a <= max, boundaries included (PyTorch).
     keep = np.ones(a.shape, dtype=bool)
@@ -289,9 +291,11 @@ defop(
 defop(
     "expand_reduced",
     expand_reduced,
-    lambda xp, g, o, a, shape, dim=None, keepdim=False: xp.sum(g, dim=dim, keepdim=keepdim)
-    if dim is not None
-    else xp.reshape(xp.sum(g), shape=a.shape),
+    lambda xp, g, o, a, shape, dim=None, keepdim=False: (
+        xp.sum(g, dim=dim, keepdim=keepdim)
+        if dim is not None
+        else xp.reshape(xp.sum(g), shape=a.shape)
+    ),
     saves=("",),
 )
 
@@ -382,6 +386,8 @@ def _matmul_vjp_b(xp, g, o, a, b):
 
 
 defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
+
+
 def _linear(x, w, b=None):
     out = np.matmul(x, w.T)
     if b is not None:

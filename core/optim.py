@@ -41,9 +41,14 @@ class Optimizer:
                 p._version[0] += 1
 
     def state_dict(self):
-        state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                     for k, v in s.items() if not k.startswith("_")}  # scratch is not state
-                 for i, s in self.state.items()}  # fmt: skip
+        state = {
+            i: {
+                k: (v.copy() if isinstance(v, np.ndarray) else v)
+                for k, v in s.items()
+                if not k.startswith("_")
+            }  # scratch is not state
+            for i, s in self.state.items()
+        }
         group = dict(self.param_groups[0], params=list(range(len(self.params))))
         return {"state": state, "param_groups": [group]}
 
@@ -52,14 +57,20 @@ class Optimizer:
         if len(group.pop("params")) != len(self.params):
             raise ValueError("loaded state dict has a different number of parameters")
         self.param_groups = [{**self.defaults, **group, "params": self.params}]
-        self.state = {int(i): {k: (np.array(v) if isinstance(v, np.ndarray) else v)
-                               for k, v in s.items()}
-                      for i, s in state_dict["state"].items()}  # fmt: skip
+        self.state = {
+            int(i): {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for i, s in state_dict["state"].items()
+        }
 
 
 class SGD(Optimizer):
-    defaults = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "nesterov": False,
-                "weight_decay": 0.0}  # fmt: skip
+    defaults = {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+    }
 
     def __init__(self, params, lr=1e-3, **kw):
         super().__init__(params, lr=lr, **kw)
@@ -83,7 +94,9 @@ class SGD(Optimizer):
                 else:
                     buf += d_p
             if g["nesterov"]:
-                d_p = np.add(d_p, np.multiply(buf, g["momentum"], out=_tmp2(st, p)), out=_tmp(st, p))
+                d_p = np.add(
+                    d_p, np.multiply(buf, g["momentum"], out=_tmp2(st, p)), out=_tmp(st, p)
+                )
             else:
                 d_p = buf
         p -= np.multiply(d_p, g["lr"], out=_tmp2(st, p))
@@ -102,7 +115,9 @@ class Adam(Optimizer):
         if g["weight_decay"] and self.decoupled:
             p *= 1 - g["lr"] * g["weight_decay"]
         elif g["weight_decay"]:
-            grad = np.add(grad, np.multiply(p, g["weight_decay"], out=_tmp2(st, p)), out=_tmp2(st, p))
+            grad = np.add(
+                grad, np.multiply(p, g["weight_decay"], out=_tmp2(st, p)), out=_tmp2(st, p)
+            )
         # m.lerp_(grad, 1 - beta1): m + w * (grad - m)
         np.subtract(grad, m, out=tmp)
         tmp *= 1 - beta1

@@ -102,7 +102,9 @@ def apply(op, *inputs, **params):
     try:
         out = op.forward(*datas, **params)
     except (ValueError, IndexError) as e:
-        shapes = ", ".join(str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray))
+        shapes = ", ".join(
+            str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray)
+        )
         raise ValueError(f"{op.name}: cannot apply to shapes {shapes}: {e}") from None
     t = Tensor.__new__(Tensor)
     t.data = out if type(out) is np.ndarray else np.asarray(out)
@@ -126,7 +128,9 @@ def _as_array(data, dtype=None):
     if arr.dtype.kind not in "biuf":
         raise TypeError(
             f"tensor(): data must be numbers or booleans, got {arr.dtype} "
-            f"(e.g. {str(arr.flat[0])[:20]!r})" if arr.size else "tensor(): bad data"
+            f"(e.g. {str(arr.flat[0])[:20]!r})"
+            if arr.size
+            else "tensor(): bad data"
         )
     if arr.dtype == np.float64 and not isinstance(data, np.ndarray | np.generic):
         arr = arr.astype(_DEFAULT_FLOAT)  # Python floats become float32, as in PyTorch
@@ -270,7 +274,9 @@ class Tensor:
         self.data[...] = result
         self._version[0] += 1
         if any(isinstance(o, Tensor) and o.requires_grad for o in others) and _mode.enabled:
-            raise RuntimeError("in-place op with a tensor that requires grad on a tensor that doesn't")
+            raise RuntimeError(
+                "in-place op with a tensor that requires grad on a tensor that doesn't"
+            )
         return self
 
     def add_(self, other, alpha=1):
@@ -403,8 +409,9 @@ def _binary(op, a, b):
 
 
 def matmul(a, b):
-    sa, sb = np.shape(a.data if isinstance(a, Tensor) else a), np.shape(
-        b.data if isinstance(b, Tensor) else b
+    sa, sb = (
+        np.shape(a.data if isinstance(a, Tensor) else a),
+        np.shape(b.data if isinstance(b, Tensor) else b),
     )
     ka, kb = sa[-1] if sa else None, (sb[-2] if len(sb) > 1 else sb[0]) if sb else None
     if not sa or not sb or ka != kb:

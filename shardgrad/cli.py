@@ -57,10 +57,14 @@ def cmd_cluster(a):
 
     _sigterm_as_interrupt()
 
-    with LocalCluster(a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root,
-                      keys=a.keys) as cluster:  # fmt: skip
-        print(f"cluster up: coordinator at {cluster.client_address} with {a.workers} workers; "
-              "Ctrl-C stops all", flush=True)  # fmt: skip
+    with LocalCluster(
+        a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root, keys=a.keys
+    ) as cluster:
+        print(
+            f"cluster up: coordinator at {cluster.client_address} with {a.workers} workers; "
+            "Ctrl-C stops all",
+            flush=True,
+        )
         cluster.wait()
 
 
@@ -137,9 +141,16 @@ def cmd_train(a):
     if a.output:
         np.savez(a.output, **state)
     last = metrics[-1]
-    print(json.dumps({"rounds": len(metrics), "loss": last.get("loss"),
-                      "eval": {k: last[k] for k in ("accuracy", "mse") if k in last},
-                      "digest": weights_digest(state)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rounds": len(metrics),
+                "loss": last.get("loss"),
+                "eval": {k: last[k] for k in ("accuracy", "mse") if k in last},
+                "digest": weights_digest(state),
+            }
+        )
+    )
 
 
 def cmd_demo(a):
@@ -180,8 +191,11 @@ def parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def client_args(s):
-        s.add_argument("--coordinator", default=ENV("SHARDGRAD_COORDINATOR", "tcp://127.0.0.1:5556"),
-                       help="coordinator client address [SHARDGRAD_COORDINATOR]")  # fmt: skip
+        s.add_argument(
+            "--coordinator",
+            default=ENV("SHARDGRAD_COORDINATOR", "tcp://127.0.0.1:5556"),
+            help="coordinator client address [SHARDGRAD_COORDINATOR]",
+        )
         s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
         s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
         s.add_argument(
@@ -209,9 +223,12 @@ def parser():
     s.set_defaults(fn=cmd_coordinator)
 
     s = sub.add_parser("worker", help="run a worker")
-    s.add_argument("--coordinator-workers", "--coordinator",
-                   default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
-                   help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]")  # fmt: skip
+    s.add_argument(
+        "--coordinator-workers",
+        "--coordinator",
+        default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
+        help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
+    )
     s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
     s.add_argument("--id", default=ENV("SHARDGRAD_WORKER_ID"), help="worker identity")
     s.add_argument("--heartbeat-interval", type=float, default=hb)
@@ -225,8 +242,10 @@ def parser():
     server_args(s)
     s.set_defaults(fn=cmd_cluster)
 
-    for name, fn, helptext in (("submit", cmd_submit, "submit a job spec (TOML/JSON)"),
-                               ("train", cmd_train, "run a job spec in this process")):  # fmt: skip
+    for name, fn, helptext in (
+        ("submit", cmd_submit, "submit a job spec (TOML/JSON)"),
+        ("train", cmd_train, "run a job spec in this process"),
+    ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("spec")
         client_args(s)
@@ -236,10 +255,12 @@ def parser():
     sub.choices["train"].add_argument("-o", "--output", help="write the final weights (.npz)")
     sub.choices["train"].add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
 
-    for name, fn, helptext in (("status", cmd_status, "workers and jobs"),
-                               ("watch", cmd_watch, "a progress bar until the job ends"),
-                               ("cancel", cmd_cancel, "cancel a job"),
-                               ("fetch", cmd_fetch, "a done job's weights (.npz)")):  # fmt: skip
+    for name, fn, helptext in (
+        ("status", cmd_status, "workers and jobs"),
+        ("watch", cmd_watch, "a progress bar until the job ends"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("fetch", cmd_fetch, "a done job's weights (.npz)"),
+    ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("job", nargs="?" if name == "status" else None)
         client_args(s)
@@ -263,8 +284,10 @@ def parser():
 
 def main(argv=None):
     a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     from zmq import ZMQError
 
     from .client import ClientError

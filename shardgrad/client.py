@@ -1,10 +1,10 @@
 """Python client for the coordinator's client port.
 
-    from shardgrad import Client
-    c = Client("tcp://localhost:5556")
-    job = c.submit("examples/jobs/digits.toml")
-    c.wait(job)
-    weights = c.fetch(job)          # {name: ndarray}
+from shardgrad import Client
+c = Client("tcp://localhost:5556")
+job = c.submit("examples/jobs/digits.toml")
+c.wait(job)
+weights = c.fetch(job)          # {name: ndarray}
 """
 
 import itertools

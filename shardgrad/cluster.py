@@ -17,9 +17,19 @@ from .client import Client
 
 
 class LocalCluster:
-    def __init__(self, workers=2, worker_bind=None, client_bind=None, state_dir=None,
-                 data_root=None, keys=None, heartbeat_interval=None, liveness=None,
-                 log_dir=None, env=None):  # fmt: skip
+    def __init__(
+        self,
+        workers=2,
+        worker_bind=None,
+        client_bind=None,
+        state_dir=None,
+        data_root=None,
+        keys=None,
+        heartbeat_interval=None,
+        liveness=None,
+        log_dir=None,
+        env=None,
+    ):
         self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
         # The temp dir (sockets, and state and logs unless placed elsewhere) goes away on
         # stop; SHARDGRAD_KEEP_CLUSTER=1 keeps it for a post-mortem.
@@ -47,8 +57,9 @@ class LocalCluster:
     def _spawn(self, name, args, env=None):
         log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         cmd = [sys.executable, "-m", "shardgrad.cli", *args]
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**self.env, **(env or {})})  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
+        )
 
     def _common(self):
         args = ["--keys", self.keys] if self.keys else []
@@ -57,8 +68,16 @@ class LocalCluster:
         return args
 
     def start_coordinator(self, env=None, wait=True):
-        args = ["coordinator", "--worker-bind", self.worker_bind, "--client-bind",
-                self.client_bind, "--state-dir", self.state_dir, *self._common()]  # fmt: skip
+        args = [
+            "coordinator",
+            "--worker-bind",
+            self.worker_bind,
+            "--client-bind",
+            self.client_bind,
+            "--state-dir",
+            self.state_dir,
+            *self._common(),
+        ]
         if self.data_root:
             args += ["--data-root", self.data_root]
         if self.liveness:
@@ -104,7 +123,9 @@ class LocalCluster:
                 except (TimeoutError, OSError):
                     pass
                 if self.coordinator is not None and self.coordinator.poll() is not None:
-                    raise RuntimeError(f"the coordinator exited (see {self.log_dir}/coordinator.log)")
+                    raise RuntimeError(
+                        f"the coordinator exited (see {self.log_dir}/coordinator.log)"
+                    )
                 time.sleep(0.05)
         raise TimeoutError(f"timed out after {timeout} s waiting for {what} (logs: {self.log_dir})")
 

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 MAX_FILE_ELEMENTS = 1 << 28  # per array in an .npz; checked before the data is read
-_SYNTHETIC_DEFAULTS = {
+SYNTHETIC_DEFAULTS = {
     "task": "classification",
     "n_samples": 1000,
     "n_features": 20,
@@ -45,8 +45,8 @@ def load_dataset(
     if source == "builtin:digits":
         return _digits()
     if source == "builtin:synthetic":
-        params = {**_SYNTHETIC_DEFAULTS, **data_spec}
-        key = tuple(params[k] for k in _SYNTHETIC_DEFAULTS)
+        params = {**SYNTHETIC_DEFAULTS, **data_spec}
+        key = tuple(params[k] for k in SYNTHETIC_DEFAULTS)
         if not all(isinstance(v, (int, float, str)) for v in key):
             raise DataError(f"synthetic data parameters must be numbers or strings: {key}")
         return _synthetic(*key)

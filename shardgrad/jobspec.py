@@ -17,6 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .datasets import SYNTHETIC_DEFAULTS
+
 MiB = 1 << 20
 MAX_INT = 2**63 - 1  # everything must fit a msgpack int64 and numpy seeds
 
@@ -48,14 +50,7 @@ OPTIMIZERS = {
     "adamw": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},  # PyTorch defaults
 }
 SOURCES = ("builtin:digits", "builtin:synthetic", "file:PATH.npz")
-SYNTHETIC = {
-    "task": "classification",
-    "n_samples": 1000,
-    "n_features": 20,
-    "n_classes": 2,
-    "noise": 0.1,
-    "seed": 0,
-}
+SYNTHETIC = SYNTHETIC_DEFAULTS  # the parameters of builtin:synthetic and their defaults
 TOP_KEYS = (
     "name model input_shape loss optimizer data global_batch micro_batch accumulate_steps "
     "epochs rounds seed min_workers checkpoint_every eval"

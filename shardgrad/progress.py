@@ -32,8 +32,9 @@ def _age(seconds) -> str:
 
 def _eval_text(job: dict) -> str:
     # A finished job has its final "eval"; a running one may have evaluated after an epoch.
-    ev = job.get("eval") or {k: v for k, v in (job.get("last") or {}).items()
-                             if k in ("accuracy", "mse")}  # fmt: skip
+    ev = job.get("eval") or {
+        k: v for k, v in (job.get("last") or {}).items() if k in ("accuracy", "mse")
+    }
     if "accuracy" in ev:
         return f"acc {ev['accuracy']:.2%}"
     if "mse" in ev:
@@ -56,16 +57,26 @@ def format_status(status: dict) -> str:
     jobs = [status["job"]] if status.get("job") else status.get("jobs", [])
     parts = []
     if workers:
-        rows = [[w["id"], w["state"], _age(w.get("last_heartbeat_s")), str(w.get("blocks_done", 0))]
-                for w in workers]  # fmt: skip
+        rows = [
+            [w["id"], w["state"], _age(w.get("last_heartbeat_s")), str(w.get("blocks_done", 0))]
+            for w in workers
+        ]
         parts.append(_table(["WORKER", "STATE", "HEARTBEAT", "BLOCKS"], rows))
     else:
         parts.append("no workers connected")
     if jobs:
-        rows = [[j["id"], j.get("name") or "-", j["state"],
-                 f"{j.get('round', 0)}/{_dash(j.get('total_rounds'))}",
-                 _dash(j.get("checkpoint_round")), _eval_text(j), _one_line(j.get("error"))]
-                for j in jobs]  # fmt: skip
+        rows = [
+            [
+                j["id"],
+                j.get("name") or "-",
+                j["state"],
+                f"{j.get('round', 0)}/{_dash(j.get('total_rounds'))}",
+                _dash(j.get("checkpoint_round")),
+                _eval_text(j),
+                _one_line(j.get("error")),
+            ]
+            for j in jobs
+        ]
         parts.append(_table(["JOB", "NAME", "STATE", "ROUND", "CHECKPOINT", "EVAL", "ERROR"], rows))
     elif "jobs" in status:
         parts.append("no jobs")
@@ -128,8 +139,13 @@ def watch(client, job_id: str, poll: float = POLL_S, file=None) -> dict:
     Returns the job's final status (the "job" table of STATUS: state, error, eval, ...)."""
     job = client.status(job_id)["job"]
     post = _Postfix()
-    with tqdm(total=job.get("total_rounds") or None, desc=_describe(job), unit="round",
-              file=file or sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=job.get("total_rounds") or None,
+        desc=_describe(job),
+        unit="round",
+        file=file or sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         while True:
             if post.update(client.metrics(job_id, since=post.seen)):
                 bar.set_postfix(post.values, refresh=False)

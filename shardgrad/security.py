@@ -253,8 +253,11 @@ class _CurveCallback:
     def callback(self, domain, key) -> bool:
         ok = key in self.allow
         if not ok:
-            log.warning("refused a %s connection: key %s is not in the allow-list",
-                        self.domain, key.decode("ascii", "replace"))  # fmt: skip
+            log.warning(
+                "refused a %s connection: key %s is not in the allow-list",
+                self.domain,
+                key.decode("ascii", "replace"),
+            )
         return ok
 
 
@@ -353,8 +356,11 @@ class Gate:
             allow = self.auth.clients if is_client else self.auth.workers
             if msg.user is None or msg.user not in allow:
                 coord.counters["revoked_key"] += 1
-                log.warning("refused a %s message from key %s: not in the allow-list (revoked?)",
-                            msg.type, msg.user)  # fmt: skip
+                log.warning(
+                    "refused a %s message from key %s: not in the allow-list (revoked?)",
+                    msg.type,
+                    msg.user,
+                )
                 if is_client:
                     self._error(msg, "not authorized: this key is not (or no longer) allowed")
                 else:
@@ -392,8 +398,9 @@ class Gate:
         return False
 
     def _error(self, msg, text):
-        self.coord._send(self.coord.clients, msg.envelope, wire.ERROR,
-                         {"message": text, "req": msg.get("req")})  # fmt: skip
+        self.coord._send(
+            self.coord.clients, msg.envelope, wire.ERROR, {"message": text, "req": msg.get("req")}
+        )
 
     def authorize(self, msg, row: dict, action: str) -> None:
         """With auth on, only the job's owner or an admin may `action` (cancel / fetch) it."""

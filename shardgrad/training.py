@@ -86,7 +86,9 @@ class JobRuntime:
         out = self.model(Tensor(self.X[idx]))
         loss = self.loss_fn(out, Tensor(self.y[idx])) * float(len(idx))
         loss.backward()
-        return [p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params] + [np.array([loss.item()], np.float64)]
+        return [
+            p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params
+        ] + [np.array([loss.item()], np.float64)]
 
     def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
         """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree)."""
@@ -177,4 +179,3 @@ def weights_digest(state: dict[str, np.ndarray]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-

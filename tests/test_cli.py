@@ -125,8 +125,10 @@ def test_bad_address_is_a_message_not_a_traceback():
 
 def test_train_local_prints_the_same_digest_twice(tmp_path):
     spec = write(tmp_path / "small.toml", SMALL_SPEC)
-    runs = [shardgrad("train", str(spec), "--local", "-o", str(tmp_path / f"w{i}.npz"))
-            for i in range(2)]  # fmt: skip
+    runs = [
+        shardgrad("train", str(spec), "--local", "-o", str(tmp_path / f"w{i}.npz"))
+        for i in range(2)
+    ]
     outs = []
     for r in runs:
         assert r.returncode == 0, r.stderr
@@ -240,7 +242,7 @@ def test_format_status_shows_every_state():
                 "error": "worker data: boom",
                 "eval": {},
             },
-        ],  # fmt: skip
+        ],
     }
     text = format_status(status)
     assert re.search(r"w-1\s+alive\s+0\.2s ago\s+12", text)
@@ -256,8 +258,10 @@ class FakeClient:
 
     def __init__(self):
         self.states = [("queued", 0), ("running", 2), ("paused", 2), ("running", 3), ("done", 4)]
-        self.rows = [{"round": r, "loss": 1.0 / (r + 1), "samples_per_s": 100.0, "round_s": 0.1}
-                     for r in range(4)]  # fmt: skip
+        self.rows = [
+            {"round": r, "loss": 1.0 / (r + 1), "samples_per_s": 100.0, "round_s": 0.1}
+            for r in range(4)
+        ]
         self.metric_calls = []
 
     def status(self, job_id):
@@ -320,8 +324,9 @@ def test_readme_has_python_examples():
 def test_readme_python_block_runs(tmp_path, index):
     code = readme_python_blocks()[index]
     script = write(tmp_path / f"readme_{index}.py", code)
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=TIMEOUT)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert r.returncode == 0, f"README python block {index} failed:\n{code}\n{r.stderr}"
 
 

@@ -47,7 +47,9 @@ class Heartbeat(threading.Thread):
         try:
             while not self.stop.wait(self.interval):
                 try:
-                    wire.send_msg(sock, wire.HEARTBEAT, {"worker": self.worker_id}, flags=zmq.NOBLOCK)
+                    wire.send_msg(
+                        sock, wire.HEARTBEAT, {"worker": self.worker_id}, flags=zmq.NOBLOCK
+                    )
                 except zmq.Again:
                     pass
         finally:
@@ -55,8 +57,15 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, address, data_root=None, worker_id=None, heartbeat_interval=0.5,
-                 security=None, limits=wire.DEFAULT_LIMITS):  # fmt: skip
+    def __init__(
+        self,
+        address,
+        data_root=None,
+        worker_id=None,
+        heartbeat_interval=0.5,
+        security=None,
+        limits=wire.DEFAULT_LIMITS,
+    ):
         self.address, self.data_root, self.limits = address, data_root, limits
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.interval, self.security = heartbeat_interval, security
@@ -106,8 +115,9 @@ class Worker:
     def drain(self):
         while True:
             try:
-                _, msg = wire.recv_msg(self.sock, self.limits, expect_types=wire.TO_WORKER_TYPES,
-                                       flags=zmq.NOBLOCK)  # fmt: skip
+                _, msg = wire.recv_msg(
+                    self.sock, self.limits, expect_types=wire.TO_WORKER_TYPES, flags=zmq.NOBLOCK
+                )
             except zmq.Again:
                 return
             except wire.ProtocolError as e:
@@ -118,9 +128,13 @@ class Worker:
 
     def superseded(self, job, rnd):
         """A newer round of `job` is queued, or the job was stopped: this work is stale."""
-        return any(m.get("job") == job and (m.type == wire.STOP_JOB or
-                   (m.type == wire.TASK and isinstance(m.get("round"), int) and m.get("round") > rnd))
-                   for m in self.queue)  # fmt: skip
+        for m in self.queue:
+            if m.get("job") != job:
+                continue
+            later = isinstance(m.get("round"), int) and m.get("round") > rnd
+            if m.type == wire.STOP_JOB or (m.type == wire.TASK and later):
+                return True
+        return False
 
     def do_task(self, msg):
         """Compute and send every block of a TASK; the blocks not done if we must stop."""
@@ -143,8 +157,12 @@ class Worker:
             grads = rt.block_grad(rnd, lo, hi)
             if self.delay:  # fault injection: a slow worker (numerics unchanged)
                 time.sleep(self.delay * (hi - lo))
-            fields = {"job": job, "round": rnd, "block": [lo, hi],
-                      "compute_s": time.perf_counter() - t0}  # fmt: skip
+            fields = {
+                "job": job,
+                "round": rnd,
+                "block": [lo, hi],
+                "compute_s": time.perf_counter() - t0,
+            }
             if not all(np.isfinite(g).all() for g in grads):
                 fields["nonfinite"] = self.first_nonfinite(rt, rnd, lo, hi)
             names = [str(i) for i in range(len(grads) - 1)] + ["loss"]

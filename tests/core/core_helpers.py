@@ -7,10 +7,11 @@ torch is imported lazily, so the torch-free tests can import this module too.
 from __future__ import annotations
 
 import numpy as np
-import shardgrad.core as sg
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+import shardgrad.core as sg
 from shardgrad.core import functional as sgF
 from shardgrad.core import nn as sgnn
 

@@ -3,8 +3,9 @@ propagation, leaf .grad accumulation, freed graphs, version counters, higher ord
 
 import numpy as np
 import pytest
-import shardgrad.core as sg
 from core_helpers import DTYPE_IDS, FLOAT_DTYPES, SG, assert_close, check, torch_lib
+
+import shardgrad.core as sg
 from shardgrad.core import functional as F
 from shardgrad.core.autograd import grad
 

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+
 import shardgrad.core as sg
 from shardgrad.core import functional as F
 from shardgrad.core import nn

@@ -7,6 +7,7 @@ for every input element. Inputs stay away from kinks (relu at 0, max ties, ...).
 
 import numpy as np
 import pytest
+
 import shardgrad.core as sg
 from shardgrad.core import functional as F
 

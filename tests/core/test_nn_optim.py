@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import shardgrad.core as sg
 from core_helpers import SG, TOL32, assert_close, to_numpy, torch_lib
+
+import shardgrad.core as sg
 from shardgrad.core import functional as F
 from shardgrad.core import nn, optim
 
@@ -128,8 +129,11 @@ def test_loss_modules_match_torch(reduction, torch):
             outs[m.name] = (loss, x.grad)
         assert_close(outs["sg"][0], outs["torch"][0], **TOL32, what=f"{name} value")
         assert_close(outs["sg"][1], outs["torch"][1], **TOL32, what=f"{name} grad")
-    assert_close(nn.CrossEntropyLoss()(sg.tensor(logits), sg.tensor(target)), T.F.cross_entropy(
-        torch.tensor(logits), torch.tensor(target)), **TOL32)  # fmt: skip
+    assert_close(
+        nn.CrossEntropyLoss()(sg.tensor(logits), sg.tensor(target)),
+        T.F.cross_entropy(torch.tensor(logits), torch.tensor(target)),
+        **TOL32,
+    )
 
 
 # ---------------------------------------------------------------- dropout
@@ -331,8 +335,11 @@ def test_build_cnn_from_spec():
 
 
 def test_build_embedding_from_spec():
-    spec = [{"type": "embedding", "num": 20, "dim": 4}, {"type": "flatten"},
-            {"type": "linear", "out": 2}]  # fmt: skip
+    spec = [
+        {"type": "embedding", "num": 20, "dim": 4},
+        {"type": "flatten"},
+        {"type": "linear", "out": 2},
+    ]
     model = nn.build(spec, [3], seed=0)
     out = model(sg.tensor(np.array([[1, 2, 3], [19, 0, 0]])))
     assert tuple(out.shape) == (2, 2)
@@ -538,9 +545,12 @@ def test_mlp_learns_xor_with_adam():
     x, y = xor_data()
     gen = np.random.default_rng(0)
     model = nn.Sequential(
-        nn.Linear(2, 32, generator=gen), nn.Tanh(), nn.Linear(32, 32, generator=gen), nn.Tanh(),
+        nn.Linear(2, 32, generator=gen),
+        nn.Tanh(),
+        nn.Linear(32, 32, generator=gen),
+        nn.Tanh(),
         nn.Linear(32, 2, generator=gen),
-    )  # fmt: skip
+    )
     opt = optim.Adam(model.parameters(), lr=0.02)
     for _ in range(300):
         opt.zero_grad()
@@ -555,8 +565,13 @@ def test_mlp_learns_xor_with_adam():
 def test_built_mlp_learns_xor_with_sgd_momentum():
     """The same problem through nn.build and SGD(lr=0.2, momentum=0.9): loss < 0.05."""
     x, y = xor_data()
-    spec = [{"type": "linear", "out": 32}, {"type": "tanh"}, {"type": "linear", "out": 32},
-            {"type": "tanh"}, {"type": "linear", "out": 2}]  # fmt: skip
+    spec = [
+        {"type": "linear", "out": 32},
+        {"type": "tanh"},
+        {"type": "linear", "out": 32},
+        {"type": "tanh"},
+        {"type": "linear", "out": 2},
+    ]
     model = nn.build(spec, [2], seed=0)
     opt = optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()

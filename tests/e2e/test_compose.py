@@ -21,7 +21,6 @@ Set SHARDGRAD_DOCKER_OFFLINE=0 to build the plain way, from a registry.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from shardgrad.training import weights_digest
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -131,15 +132,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _digest(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        a = np.ascontiguousarray(weights[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
@@ -151,7 +143,7 @@ def assert_bitwise_equal(got: dict, want: dict, what: str) -> None:
         assert got[name].dtype == want[name].dtype, f"{what}: dtype of {name}"
         assert got[name].shape == want[name].shape, f"{what}: shape of {name}"
         assert np.array_equal(got[name], want[name]), f"{what}: {name} differs from --local"
-    assert _digest(got) == _digest(want)
+    assert weights_digest(got) == weights_digest(want)
 
 
 def _long_spec(tmp: Path, name: str) -> Path:

@@ -20,5 +20,3 @@ def make_cluster(tmp_path):
     yield make
     for cl in clusters:
         cl.stop()
-
-

@@ -10,8 +10,12 @@ from shardgrad.training import train_local, weights_digest
 
 FAULT_SPEC = {
     "name": "faults",
-    "model": [{"type": "linear", "out": 32}, {"type": "relu"}, {"type": "dropout", "p": 0.1},
-              {"type": "linear", "out": 10}],
+    "model": [
+        {"type": "linear", "out": 32},
+        {"type": "relu"},
+        {"type": "dropout", "p": 0.1},
+        {"type": "linear", "out": 10},
+    ],
     "input_shape": [64],
     "loss": "cross_entropy",
     "optimizer": {"type": "adam", "lr": 0.01},
@@ -24,7 +28,7 @@ FAULT_SPEC = {
     "min_workers": 1,
     "checkpoint_every": 4,
     "eval": {"holdout": 0.2},
-}  # fmt: skip
+}
 HB = 0.2  # heartbeat interval in the fault tests: dead after 5 * 0.2 = 1 s
 DELAY = "0.006"  # seconds per micro-batch: a round takes ~0.1 s, long enough to hit mid-way
 

@@ -5,10 +5,9 @@ import signal
 import time
 
 import pytest
+from fault_helpers import HB, job_status, kill, reference_digest, round_of, spec, wait_for
 
 from shardgrad.training import weights_digest
-
-from fault_helpers import HB, job_status, kill, reference_digest, round_of, spec, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +103,11 @@ def test_default_heartbeat_detects_kill9_within_3s(make_cluster):
         victim = cl.workers[0]
         kill(victim)
         t0 = time.monotonic()
-        wait_for(lambda: any(w["state"] == "dead" for w in c.status()["workers"]),
-                 "the coordinator to see the death", 15)  # fmt: skip
+        wait_for(
+            lambda: any(w["state"] == "dead" for w in c.status()["workers"]),
+            "the coordinator to see the death",
+            15,
+        )
         detected = time.monotonic() - t0
     print(f"detected a kill -9 after {detected:.2f} s")
     assert detected <= 3.0 + 1.0  # 2.5 s by design; 1 s of margin for a loaded machine

@@ -40,8 +40,24 @@ ports = {
 counts = {"worker": 0, "client": 0, "replies": 0}
 
 ALL_TYPES = sorted(wire.WORKER_TYPES | wire.CLIENT_TYPES | wire.TO_WORKER_TYPES) + ["", "X" * 70]
-FIELDS = ["worker", "job", "round", "block", "blocks", "spec", "req", "since", "info", "user",
-          "returned", "nonfinite", "compute_s", "type", "v", "arrays"]  # fmt: skip
+FIELDS = [
+    "worker",
+    "job",
+    "round",
+    "block",
+    "blocks",
+    "spec",
+    "req",
+    "since",
+    "info",
+    "user",
+    "returned",
+    "nonfinite",
+    "compute_s",
+    "type",
+    "v",
+    "arrays",
+]
 NAMES = ["job-000001", "w", "fuzz-w", "builtin:digits", "file:../x.npz", "/dev/zero"]
 leaf = st.one_of(
     st.none(),
@@ -91,8 +107,9 @@ message = st.one_of(
 )
 
 
-@settings(max_examples=examples, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))  # fmt: skip
+@settings(
+    max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(st.sampled_from(["worker", "client"]), message)
 def fire(port, frames):
     if not frames:

@@ -24,8 +24,12 @@ from shardgrad.security import KeyDirError, generate_keys, peer_security
 
 pytestmark = pytest.mark.slow
 AUTH_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-NO_HANDSHAKE = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED}  # fmt: skip
+NO_HANDSHAKE = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    zmq.EVENT_DISCONNECTED,
+}
 
 
 def worker_ids(cl):
@@ -110,26 +114,42 @@ def test_revoked_client_is_dropped_on_its_open_connection(keys, make_cluster):
     # Re-listing the key lets it back in (reload works both ways).
     listed.write_bytes(saved)
     time.sleep(1.3)
-    with Client(cl.client_address, timeout=3.0,
-                security=peer_security(keys, "client", "client-2")) as again:  # fmt: skip
+    with Client(
+        cl.client_address, timeout=3.0, security=peer_security(keys, "client", "client-2")
+    ) as again:
         assert again.jobs() == []
 
 
 def test_revoked_worker_is_dropped_and_the_job_still_finishes(keys, make_cluster):
     cl = make_cluster(1, keys=str(keys), env=SLOW)
-    cmd = [sys.executable, "-m", "shardgrad.cli", "worker", "--coordinator-workers",
-           cl.worker_address, "--keys", str(keys), "--key-name", "worker-2",
-           "--heartbeat-interval", "0.2", "--id", "second"]  # fmt: skip
-    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=cl.env)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardgrad.cli",
+        "worker",
+        "--coordinator-workers",
+        cl.worker_address,
+        "--keys",
+        str(keys),
+        "--key-name",
+        "worker-2",
+        "--heartbeat-interval",
+        "0.2",
+        "--id",
+        "second",
+    ]
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cl.env)
     try:
         wait_for(lambda: "second" in worker_ids(cl), "worker-2 to join")
         with cl.client() as c:
             job = c.submit(spec(rounds=80))
             wait_for(lambda: c.status(job)["job"]["round"] >= 3, "a few rounds")
             os.remove(keys / "workers" / "worker-2.key")
-            wait_for(lambda: "second" not in worker_ids(cl), "the revoked worker to be dropped",
-                     timeout=5)  # fmt: skip
+            wait_for(
+                lambda: "second" not in worker_ids(cl),
+                "the revoked worker to be dropped",
+                timeout=5,
+            )
             final = c.wait(job, timeout=120)
             assert final["digest"] == expected_digest(rounds=80)
             assert "second" not in worker_ids(cl)  # its heartbeats are refused too
@@ -142,9 +162,11 @@ def test_revoked_worker_is_dropped_and_the_job_still_finishes(keys, make_cluster
 def test_only_owner_or_admin_may_cancel_or_fetch(keys, make_cluster):
     cl = make_cluster(1, keys=str(keys))
     sec = lambda name: peer_security(keys, "client", name)
-    with (Client(cl.client_address, security=sec("client")) as owner,
-          Client(cl.client_address, security=sec("client-2")) as other,
-          Client(cl.client_address, security=sec("admin")) as admin):  # fmt: skip
+    with (
+        Client(cl.client_address, security=sec("client")) as owner,
+        Client(cl.client_address, security=sec("client-2")) as other,
+        Client(cl.client_address, security=sec("admin")) as admin,
+    ):
         # A "user" field is just ignored: ownership comes from the CURVE key.
         forged = {"spec": spec(rounds=5).to_dict(), "user": sec("client-2").user_id}
         job = owner.request(wire.SUBMIT, forged).fields["job"]

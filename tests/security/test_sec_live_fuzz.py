@@ -21,10 +21,19 @@ def test_fuzzed_frames_on_both_ports_while_a_job_runs(keys, make_cluster, auth):
     with cl.client() as c:
         job = c.submit(spec(rounds=120))
         fuzz = subprocess.run(
-            [sys.executable, FUZZER, cl.worker_address, cl.client_address,
-             str(keys) if auth else "-", str(EXAMPLES)],
-            capture_output=True, text=True, timeout=240, env=cl.env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                FUZZER,
+                cl.worker_address,
+                cl.client_address,
+                str(keys) if auth else "-",
+                str(EXAMPLES),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=cl.env,
+        )
         assert fuzz.returncode == 0, fuzz.stderr[-3000:]
         counts = json.loads(fuzz.stdout.strip().splitlines()[-1])
         assert counts["worker"] + counts["client"] >= EXAMPLES * 0.9, counts

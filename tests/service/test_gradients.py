@@ -12,9 +12,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+
 from shardgrad.core import nn
 from shardgrad.core.tensor import Tensor
-
 from shardgrad.jobspec import parse_spec
 from shardgrad.training import JobRuntime
 

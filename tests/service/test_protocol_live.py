@@ -21,10 +21,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from shardgrad.core import nn
-from shardgrad.core.sampling import assign_blocks
 
 from shardgrad import wire
+from shardgrad.core import nn
+from shardgrad.core.sampling import assign_blocks
 from shardgrad.jobspec import parse_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -463,7 +463,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
                             worker="probe-spoof",
                             info={"id": "spoofed", "state": "alive"},
                         )
-                    ]  # fmt: skip
+                    ]
                 )
                 listy.send_multipart(
                     [header(type="READY", v=V, worker="probe-list-info", info=[1, 2])]
