@@ -85,13 +85,18 @@ def test_bad_input_gets_clear_errors_while_a_job_runs(tmp_path, keys, make_clust
         flood.setsockopt(zmq.SNDHWM, 0)
         for i in range(5000):
             flood.send_multipart(wire.encode(wire.JOBS, {"req": i}))
-        replies = recv_all(flood, 3.0)
-        ok = [m for m in replies if m.type == wire.OK]
-        limited = [m for m in replies if m.type == wire.ERROR]
+        # Read until the coordinator has dealt with all 5000 (a loaded machine is slow).
+        replies, deadline = [], time.monotonic() + 60
+        while True:
+            replies += recv_all(flood, 0.5)
+            ok = [m for m in replies if m.type == wire.OK]
+            limited = [m for m in replies if m.type == wire.ERROR]
+            counters = c.status()["counters"]
+            if counters.get("rate_limited", 0) >= 5000 - len(ok) - len(limited):
+                break
+            assert time.monotonic() < deadline, ("the flood was never fully handled", counters)
         assert 400 <= len(ok) < 5000
         assert limited and all(m["message"].startswith("rate limit:") for m in limited)
-        counters = c.status()["counters"]
-        assert counters["rate_limited"] >= 5000 - len(ok) - len(limited)
         assert counters["bad_message"] >= 2
 
         final = c.wait(job, timeout=180)
