@@ -18,6 +18,8 @@ class Round:
         self.holders: dict[tuple, set[str]] = {}  # block -> workers it is out with
         self.failures: dict[tuple, list[str]] = {}  # block -> workers whose result was bad
         self.compute_s: dict[str, float] = {}
+        # When half the blocks were in: what the healthy workers take, stragglers aside.
+        self.half_time: float | None = None
         self.assignment = assign_blocks(n_micro, workers, per_worker)
         for wid, blocks in self.assignment.items():
             for b in blocks:
@@ -39,6 +41,8 @@ class Round:
             return False
         self.delivered[block] = arrays
         self.compute_s[wid] = self.compute_s.get(wid, 0.0) + compute_s
+        if self.half_time is None and 2 * len(self.delivered) >= len(self.holders):
+            self.half_time = time.monotonic() - self.started
         return True
 
     def complete(self) -> bool:

@@ -336,10 +336,10 @@ class Coordinator:
             idle = r.idle(live)
             slow = [b for b in r.pending() if len(r.holders[b]) == 1]
             if idle and slow:
-                log.info(
-                    "round %d: backing up %d straggling block(s)", r.index, len(slow[: len(idle)])
-                )
-                self.send_blocks(r.reissue(slow[: len(idle)], idle))
+                backups = slow[: len(idle)]
+                log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
+                self.counters["backup_blocks"] += len(backups)
+                self.send_blocks(r.reissue(backups, idle))
 
     def deadline(self):
         recent = self.job.round_times[-20:]
@@ -373,7 +373,9 @@ class Coordinator:
             workers=len(r.compute_s),
             samples_per_s=rt.global_batch / max(round_s, 1e-9),
         )
-        job.round_times.append(round_s)
+        # The deadline adapts to how long the healthy half of a round takes, so a
+        # persistent straggler cannot stretch it to its own pace.
+        job.round_times.append(r.half_time if r.half_time is not None else round_s)
         job.next_round, job.round = r.index + 1, None
         if job.next_round == rt.total_rounds or rt.position(job.next_round)[1] == 0:
             row.update(rt.evaluate())

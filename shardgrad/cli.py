@@ -31,7 +31,9 @@ def _env_float(name, default):
 def cmd_coordinator(a):
     from .coordinator.server import Config, main
 
-    cfg = Config(heartbeat_interval=a.heartbeat_interval, liveness=a.liveness)
+    cfg = Config(
+        heartbeat_interval=a.heartbeat_interval, liveness=a.liveness, min_deadline=a.min_deadline
+    )
     main(a.worker_bind, a.client_bind, a.state_dir, a.data_root, cfg, auth=_server_auth(a))
 
 
@@ -220,6 +222,12 @@ def parser():
     server_args(s)
     s.add_argument("--heartbeat-interval", type=float, default=hb)
     s.add_argument("--liveness", type=int, default=int(ENV("SHARDGRAD_LIVENESS", 5)))
+    s.add_argument(
+        "--min-deadline",
+        type=float,
+        default=_env_float("SHARDGRAD_MIN_DEADLINE", 5.0),
+        help="seconds before a round's stragglers get backup tasks (at least; it adapts)",
+    )
     s.set_defaults(fn=cmd_coordinator)
 
     s = sub.add_parser("worker", help="run a worker")

@@ -121,3 +121,24 @@ def test_nan_gradients_fail_with_a_clear_message(make_cluster):
         wait_for(lambda: job_status(c, job)["state"] == "failed", "the job to fail", 60)
         error = job_status(c, job)["error"]
     assert "NaN/Inf" in error and "round" in error and "micro-batch" in error
+
+
+def test_straggler_gets_backup_tasks_first_result_wins(make_cluster):
+    """One worker is alive but very slow: past the round deadline its blocks are re-issued
+    to idle workers and the first result wins; weights identical, and the job does not
+    wait for the straggler."""
+    job_spec = spec(rounds=12)
+    cl = make_cluster(2, env={"SHARDGRAD_FAULT_DELAY": "0.002", "SHARDGRAD_MIN_DEADLINE": "0.3"})
+    cl.start()
+    cl.add_worker(env={"SHARDGRAD_FAULT_DELAY": "0.5"})  # ~2-3 s per block: a straggler
+    cl.wait_workers(3)
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        t0 = time.monotonic()
+        digest = finish(c, job)
+        elapsed = time.monotonic() - t0
+        backups = c.status()["counters"].get("backup_blocks", 0)
+    assert digest == reference_digest(job_spec)
+    assert backups >= 1
+    # Without backups every round would wait >= 2 s for the straggler's blocks.
+    assert elapsed < 12 * 2.0, elapsed
