@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -35,10 +36,18 @@ class DataError(ValueError):
 
 
 def load_dataset(
-    data_spec: dict, data_root: str | None = None, *, max_elements: int = MAX_FILE_ELEMENTS
+    data_spec: dict,
+    data_root: str | None = None,
+    *,
+    max_elements: int = MAX_FILE_ELEMENTS,
+    verify: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(X, y) for a spec's `data` table. Relative `file:` paths resolve against data_root
-    (or the working directory when None) and may never leave it."""
+    (or the working directory when None) and may never leave it.
+
+    An uncompressed .npz (np.savez) is memory-mapped, so a process reads only the samples
+    it indexes. `verify=False` skips the scan of X for NaN/Inf (the coordinator verifies
+    at submit; workers then touch only their own samples)."""
     if not isinstance(data_spec, dict) or not isinstance(data_spec.get("source"), str):
         raise DataError("data spec must be a table with a string 'source'")
     source = data_spec["source"]
@@ -57,7 +66,7 @@ def load_dataset(
         except OSError as exc:
             raise DataError(f"cannot read data file '{source[5:]}': {exc.strerror}") from None
         # mtime and size in the key: a rewritten file is reloaded, not served stale.
-        return _npz(path, st.st_mtime_ns, st.st_size, max_elements)
+        return _npz(path, st.st_mtime_ns, st.st_size, max_elements, verify)
     raise DataError(
         f"unknown data source {source!r}: use 'builtin:digits', 'builtin:synthetic' "
         "or 'file:PATH.npz'"
@@ -85,8 +94,9 @@ def resolve_data_path(path: str, data_root: str | None) -> str:
 
 
 def _frozen(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    X.setflags(write=False)
-    y.setflags(write=False)
+    for a in (X, y):
+        if a.flags.writeable:
+            a.setflags(write=False)
     return X, y
 
 
@@ -133,16 +143,18 @@ def _synthetic(task, n_samples, n_features, n_classes, noise, seed):
     return _frozen(X.astype(np.float32), y.astype(np.float32).reshape(-1, 1))
 
 
-def _member_header(zf: zipfile.ZipFile, name: str, shown: str, max_elements: int) -> None:
-    """Check an .npy member's dtype and size from its header, before reading its data."""
+def _member(zf: zipfile.ZipFile, path: str, name: str, shown: str, max_elements: int):
+    """Check an .npy member's dtype and size from its header, before reading its data; a
+    read-only memmap of it when it is stored uncompressed in C order, else None."""
     with zf.open(name) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
             raise DataError(f"array '{name[:-4]}' in '{shown}' uses unsupported .npy {version}")
+        header_len = f.tell()
     if dtype.hasobject or dtype.kind not in "biuf":
         raise DataError(
             f"array '{name[:-4]}' in '{shown}' has dtype {dtype}; only plain numeric arrays "
@@ -150,40 +162,62 @@ def _member_header(zf: zipfile.ZipFile, name: str, shown: str, max_elements: int
         )
     if int(np.prod(shape, dtype=object)) > max_elements:
         raise DataError(f"array '{name[:-4]}' in '{shown}' has shape {shape}: too large")
+    info = zf.getinfo(name)
+    if info.file_size != header_len + dtype.itemsize * int(np.prod(shape, dtype=object)):
+        raise DataError(
+            f"cannot read '{shown}' as an .npz with arrays X and y: array '{name[:-4]}' "
+            f"declares shape {shape} {dtype} but its data is {info.file_size - header_len} bytes"
+        )
+    if info.compress_type != zipfile.ZIP_STORED or fortran or not all(shape):
+        return None
+    with open(path, "rb") as raw:  # the local header's own name/extra lengths
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+    n_name, n_extra = struct.unpack("<HH", local[26:30])
+    offset = info.header_offset + 30 + n_name + n_extra + header_len
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
 
 
 @functools.lru_cache(maxsize=8)
-def _npz(path: str, _mtime: int, _size: int, max_elements: int):
+def _npz(path: str, _mtime: int, _size: int, max_elements: int, verify: bool = True):
     shown = os.path.basename(path)
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
+            arrays = {}
             for key in ("X", "y"):
                 if f"{key}.npy" not in names:
                     raise DataError(f"'{shown}' has no array '{key}' (it needs arrays X and y)")
-                _member_header(zf, f"{key}.npy", shown, max_elements)
-        with np.load(path, allow_pickle=False) as npz:
-            X, y = npz["X"], npz["y"]
+                arrays[key] = _member(zf, path, f"{key}.npy", shown, max_elements)
+        if any(a is None for a in arrays.values()):
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] if a is None else a for k, a in arrays.items()}
     except DataError:
         raise
     except Exception as exc:  # BadZipFile, truncated data, bad headers, ...
         raise DataError(f"cannot read '{shown}' as an .npz with arrays X and y: {exc}") from None
-    return _frozen(*_normalise(X, y, shown))
+    return _frozen(*_normalise(arrays["X"], arrays["y"], shown, verify))
 
 
-def _normalise(X: np.ndarray, y: np.ndarray, shown: str) -> tuple[np.ndarray, np.ndarray]:
+def _normalise(X, y, shown: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     if X.ndim < 2:
         raise DataError(f"X in '{shown}' has shape {X.shape}; it needs (samples, features...)")
     if y.ndim not in (1, 2):
         raise DataError(f"y in '{shown}' has shape {y.shape}; it needs (samples,) or (samples, k)")
     if len(X) != len(y):
         raise DataError(f"'{shown}' has {len(X)} samples in X but {len(y)} in y")
-    X = X.astype(np.float32) if X.dtype.kind == "f" else X.astype(np.int64)
-    y = y.astype(np.float32) if y.dtype.kind == "f" else y.astype(np.int64)
-    for name, arr in (("X", X), ("y", y)):
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    # copy=False keeps a memmap of float32 / int64 data a memmap (nothing read yet)
+    X = X.astype(np.float32 if X.dtype.kind == "f" else np.int64, copy=False)
+    y = np.array(y, dtype=np.float32 if y.dtype.kind == "f" else np.int64)
+    for name, arr in (("X", X), ("y", y)) if verify else (("y", y),):
+        if arr.dtype.kind == "f" and not _all_finite(arr):
             raise DataError(f"{name} in '{shown}' contains NaN or infinity")
     return X, y
+
+
+def _all_finite(arr: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """np.isfinite(arr).all() in slices: bounded memory, even for a memmap larger than RAM."""
+    return all(np.isfinite(arr[i : i + chunk]).all() for i in range(0, len(arr), chunk))
 
 
 def check_against_model(

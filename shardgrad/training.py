@@ -38,14 +38,14 @@ class JobRuntime:
     """One job's model and data in one process, and the pure functions of (round, index)
     that the contract is made of."""
 
-    def __init__(self, spec: JobSpec, data_root: str | None = None):
+    def __init__(self, spec: JobSpec, data_root: str | None = None, verify_data: bool = True):
         self.spec = spec
         self.model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
         named = list(self.model.named_parameters())
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.loss_fn = LOSSES[spec.loss]
-        self.X, self.y = load_dataset(spec.data, data_root)
+        self.X, self.y = load_dataset(spec.data, data_root, verify=verify_data)
         check_against_model(self.X, self.y, spec.input_shape, spec.loss)
         holdout = (spec.eval or {}).get("holdout", 0.0)
         self.train_idx, self.holdout_idx = split_indices(spec.seed, len(self.X), holdout)

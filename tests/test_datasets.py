@@ -208,3 +208,16 @@ def test_check_against_model():
         check_against_model(X, y[:4], [8, 8], "mse")
     with pytest.raises(DataError, match="unknown loss"):
         check_against_model(X, y, [8, 8], "hinge")
+
+
+def test_uncompressed_npz_is_memory_mapped_and_equal(tmp_path):
+    """np.savez (stored) members are mapped, so a worker reads only the rows it indexes;
+    the values equal the compressed path's bit for bit."""
+    arrays = good_arrays()
+    np.savez(tmp_path / "plain.npz", **arrays)
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    Xp, yp = load_dataset({"source": "file:plain.npz"}, str(tmp_path), verify=False)
+    Xc, yc = load_dataset({"source": "file:packed.npz"}, str(tmp_path))
+    assert isinstance(Xp, np.memmap) and not isinstance(Xc, np.memmap)
+    assert np.array_equal(Xp, Xc) and np.array_equal(yp, yc)
+    assert not Xp.flags.writeable

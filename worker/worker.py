@@ -180,7 +180,8 @@ class Worker:
         rt = self.runtimes.get(job)
         if rt is None:
             log.info("loading job %s", job)
-            rt = JobRuntime(parse_spec(spec), self.data_root)
+            # The coordinator verified the data at submit; a worker reads only its samples.
+            rt = JobRuntime(parse_spec(spec), self.data_root, verify_data=False)
             self.runtimes = {job: rt}  # one job at a time: drop the previous one's data
         return rt
 
