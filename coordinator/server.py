@@ -377,14 +377,18 @@ class Coordinator:
         # persistent straggler cannot stretch it to its own pace.
         job.round_times.append(r.half_time if r.half_time is not None else round_s)
         job.next_round, job.round = r.index + 1, None
-        if job.next_round == rt.total_rounds or rt.position(job.next_round)[1] == 0:
+        done = job.next_round == rt.total_rounds
+        if not done:
+            # The next round goes out first: workers compute while we evaluate and write
+            # the checkpoint (the weights stay as they are until that round's step).
+            self.start_round()
+        if done or rt.position(job.next_round)[1] == 0:
             row.update(rt.evaluate())
         job.metrics.append(row)
-        if job.next_round == rt.total_rounds:
+        if done:
             return self.finish_job()
         if job.next_round % rt.spec.checkpoint_every == 0:
             self.checkpoint()  # also records the round in the queue database
-        self.start_round()
 
     def checkpoint(self):
         """Weights, optimizer state, the next round and any partial accumulation: all a
