@@ -51,16 +51,31 @@ def _topological(roots):
 
 
 def _check_saved(node):
+    """Every value a rule of an input that needs grad will read must be unchanged since
+    the forward (PyTorch's version counter check)."""
     if node.freed:
         raise RuntimeError(_FREED)
-    for counter, version in node.saved:
-        if counter[0] != version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an "
-                f"inplace operation: the input of {node.name()} is at version {counter[0]}; "
-                f"expected version {version} instead. Hint: do the in-place change after "
-                "backward, or use an out-of-place op (x = x + 1 instead of x += 1)."
-            )
+    op = node.op
+    if not op.saves_any:
+        return
+    inputs = node.inputs
+    for i, a in enumerate(inputs):
+        if not (isinstance(a, Tensor) and a.requires_grad):
+            continue
+        for j in op.saves[0 if op.variadic else i]:
+            if j < 0:
+                counter, version = node.out_version
+            elif j < len(inputs) and isinstance(inputs[j], Tensor):
+                counter, version = inputs[j]._version, node.versions[j]
+            else:
+                continue
+            if counter[0] != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified "
+                    f"by an inplace operation: the input of {node.name()} is at version "
+                    f"{counter[0]}; expected version {version} instead. Hint: do the in-place "
+                    "change after backward, or use an out-of-place op (x = x + 1, not x += 1)."
+                )
 
 
 def _seed(root, grad, create_graph):
@@ -180,7 +195,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 pending[key] = ga if prev is None else prev + ga
     if not retain_graph:
         for _, node in order:
-            if node is not None and node.saved:
+            if node is not None and node.op.saves_any:
                 node.freed = True
                 node.out = None
 

@@ -21,12 +21,14 @@ OPS: dict[str, "Op"] = {}
 
 
 class Op:
-    __slots__ = ("name", "forward", "vjps", "saves", "uses_out", "variadic")
+    __slots__ = ("name", "forward", "vjps", "saves", "saves_any", "uses_out", "variadic")
 
     def __init__(self, name, forward, vjps, saves, variadic):
         self.name, self.forward, self.vjps, self.variadic = name, forward, vjps, variadic
-        self.saves = saves
-        self.uses_out = any("o" in s for s in saves)
+        # per input: the indices its rule reads, -1 for the output
+        self.saves = tuple(tuple(-1 if c == "o" else int(c) for c in s) for s in saves)
+        self.saves_any = any(self.saves)
+        self.uses_out = any(-1 in s for s in self.saves)
 
 
 def defop(name, forward, *vjps, saves=None, variadic=False):

@@ -55,17 +55,18 @@ class enable_grad(_SetGrad):
 
 
 class Node:
-    """What backward needs of one op application: its inputs (Tensors or constants), its
-    parameters, its output array and the versions of the values its rules read."""
+    """What backward needs of one op application: its inputs (Tensors or constants), the
+    history each input had then (`parents`), their version counters then (`versions`),
+    its parameters and its output array."""
 
-    __slots__ = ("op", "inputs", "parents", "params", "out", "saved", "freed")
+    __slots__ = ("op", "inputs", "parents", "versions", "params", "out", "out_version", "freed")
 
-    def __init__(self, op, inputs, params, out, saved):
+    def __init__(self, op, inputs, parents, versions, params, out, out_version):
         self.op, self.inputs, self.params, self.out = op, inputs, params, out
-        self.saved, self.freed = saved, False
         # Edges point at the history an input had when it was used, so an in-place op on
         # that input later (which gives it a new grad_fn) cannot reroute this gradient.
-        self.parents = [a.grad_fn if isinstance(a, Tensor) else None for a in inputs]
+        self.parents, self.versions, self.out_version = parents, versions, out_version
+        self.freed = False
 
     def name(self):
         return f"{self.op.name.capitalize()}Backward"
@@ -74,31 +75,19 @@ class Node:
         return f"<{self.name()}>"
 
 
-def _saved_versions(op, inputs, out_version):
-    """(counter, value) of every value a rule of an input that needs grad will read."""
-    saved = []
-    for i, a in enumerate(inputs):
-        if isinstance(a, Tensor) and a.requires_grad:
-            for c in op.saves[0 if op.variadic else i]:
-                if c == "o":
-                    saved.append((out_version, 0))
-                else:
-                    j = int(c)
-                    if j < len(inputs) and isinstance(inputs[j], Tensor):
-                        v = inputs[j]._version
-                        saved.append((v, v[0]))
-    return saved
-
-
 def apply(op, *inputs, **params):
     """Run `op` forward on NumPy data and record it if the result needs a gradient."""
-    datas, need = [], False
+    datas, parents, versions, need = [], [], [], False
     for a in inputs:  # one pass: the hot path of every op
         if isinstance(a, Tensor):
             datas.append(a.data)
+            parents.append(a.grad_fn)
+            versions.append(a._version[0])
             need = need or a.requires_grad
         else:
             datas.append(a)
+            parents.append(None)
+            versions.append(None)
     try:
         out = op.forward(*datas, **params)
     except (ValueError, IndexError) as e:
@@ -113,7 +102,7 @@ def apply(op, *inputs, **params):
     t._retains_grad = False
     if need and _mode.enabled:
         t.requires_grad = True
-        t.grad_fn = Node(op, inputs, params, t.data, _saved_versions(op, inputs, t._version))
+        t.grad_fn = Node(op, inputs, parents, versions, params, t.data, (t._version, 0))
     else:
         t.requires_grad = False
     return t
@@ -263,6 +252,7 @@ class Tensor:
             self._version[0] += 1
             self.grad_fn = result.grad_fn
             self.grad_fn.out = self.data
+            self.grad_fn.out_version = (self._version, self._version[0])
             return self
         other_data = [o.data if isinstance(o, Tensor) else o for o in others]
         result = OPS[name].forward(self.data, *other_data, **params)
