@@ -51,7 +51,7 @@ N_SAMPLES = 8192
 LR = 0.01
 
 
-def make_spec(hidden, batch, rounds):
+def make_spec(hidden, batch, rounds, n_micro=8):
     model = []
     for h in hidden:
         model += [{"type": "linear", "out": h}, {"type": "relu"}]
@@ -71,7 +71,7 @@ def make_spec(hidden, batch, rounds):
             "seed": 0,
         },
         "global_batch": batch,
-        "micro_batch": batch // 8,
+        "micro_batch": batch // n_micro,
         "rounds": rounds,
         "seed": 0,
         "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
@@ -239,6 +239,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--raw-repeats", type=int, default=50)
     ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP comparison")
+    ap.add_argument(
+        "--micro-batches",
+        type=int,
+        default=8,
+        help="micro-batches per global batch (the determinism unit; fewer = bigger GEMMs)",
+    )
     a = ap.parse_args()
     have_torch = not a.no_ddp
     if have_torch:
@@ -256,10 +262,10 @@ def main():
                 cluster.add_worker()
             cluster.wait_workers(n)
             for label, hidden, batch, target in CONFIGS:
-                spec = make_spec(hidden, batch, a.rounds + a.warmup)
+                spec = make_spec(hidden, batch, a.rounds + a.warmup, a.micro_batches)
                 sg = run_shardgrad(cluster, spec, a.warmup)
                 shapes = [p.data.shape for p in nn.build(spec["model"], [784], 0).parameters()]
-                raw = raw_transfer(shapes, n, 8, a.raw_repeats)
+                raw = raw_transfer(shapes, n, a.micro_batches, a.raw_repeats)
                 ddp = run_ddp(hidden, batch, n, a.rounds, a.warmup) if have_torch else None
                 results.append((label, n, batch, target, shapes, sg, raw, ddp))
                 print(
@@ -276,6 +282,7 @@ def main():
         f"\nMachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}"
         + (f", torch {__import__('torch').__version__}" if have_torch else "")
+        + f"; micro_batch = B/{a.micro_batches}"
         + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians.\n"
     )
     print("### (a) Per-round overhead vs raw ZeroMQ transfer of the same bytes (target <= 1.5x)\n")
@@ -286,7 +293,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for label, n, _b, _t, shapes, sg, raw, _d in results:
         p_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
-        blocks = assign_blocks(8, [str(i) for i in range(n)], 2)
+        blocks = assign_blocks(a.micro_batches, [str(i) for i in range(n)], 2)
         moved = n * p_bytes + sum(len(b) for b in blocks.values()) * (p_bytes + 8)
         print(
             f"| {label} | {n} | {moved / 1e6:.1f} | {sg['round_s'] * 1e3:.1f} ms "
