@@ -112,7 +112,12 @@ class RecordingProxy(threading.Thread):
             except OSError:
                 return
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(self.target)
+            try:
+                upstream.connect(self.target)
+            except OSError:  # the coordinator is gone (teardown): refuse this one too
+                conn.close()
+                upstream.close()
+                continue
             for a, b in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
