@@ -32,12 +32,15 @@ demo: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Docker end to end (tests/e2e/test_compose.py, docs/docker.md). First the engine script
-# brings up dockerd and a local base image (this workplace has no registry; the script lives
-# in ../shared/tools beside the clone, override with DOCKER_ENGINE_SCRIPT=...). If it cannot,
+# Docker end to end (tests/e2e/test_compose.py, README "Run a cluster with docker-compose").
+# First the engine script brings up dockerd and a local base image (this workplace has no
+# registry; the script lives in ../shared/tools beside the clone, else /work/shared/tools;
+# override with DOCKER_ENGINE_SCRIPT=...). If it cannot,
 # that is said loudly and the tests run anyway: they skip when no engine answers, and fail
 # for real once one does.
-DOCKER_ENGINE_SCRIPT ?= $(abspath $(CURDIR)/../shared/tools/docker-engine)
+DOCKER_ENGINE_SCRIPT ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/tools/docker-engine) \
+                          /work/shared/tools/docker-engine) \
+                          $(abspath $(CURDIR)/../shared/tools/docker-engine))
 
 test-docker: $(VENV)/.installed
 	@start=$$(date +%s); base=""; \
