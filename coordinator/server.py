@@ -28,6 +28,7 @@ from ..core.sampling import add_arrays
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
 from ..training import JobRuntime, weights_digest
+from . import checkpoint
 from .clients import ClientHandler
 from .membership import Membership
 from .rounds import Round
@@ -275,7 +276,7 @@ class Coordinator:
         job = ActiveJob(row["id"], rt, rt.make_optimizer())
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
-            self._restore(job, *ckpt)
+            checkpoint.restore(job, *ckpt)
             log.info("job %s resumes from its checkpoint at round %d", job.id, job.next_round)
         job.weights = [w.copy() for w in rt.weights()]
         self.job = job
@@ -391,44 +392,8 @@ class Coordinator:
             self.checkpoint()  # also records the round in the queue database
 
     def checkpoint(self):
-        """Weights, optimizer state, the next round and any partial accumulation: all a
-        resumed run needs to continue bit for bit (the data order is a function of seed)."""
-        job = self.job
-        arrays = {f"w{i}": w for i, w in enumerate(job.rt.weights())}
-        opt = job.opt.state_dict()
-        scalars = {}
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                if isinstance(v, np.ndarray):
-                    arrays[f"opt{i}.{k}"] = v
-                else:
-                    scalars[f"{i}.{k}"] = v
-        for i, a in enumerate(job.acc or []):
-            arrays[f"acc{i}"] = a
-        meta = {
-            "round": job.next_round,
-            "opt_scalars": scalars,
-            "metrics": job.metrics,
-            "round_times": job.round_times[-20:],
-        }
-        self.store.save_checkpoint(job.id, arrays, meta)
-
-    def _restore(self, job, arrays, meta):
-        job.rt.set_weights([arrays[f"w{i}"] for i in range(len(job.rt.params))])
-        state: dict = {}
-        for key, a in arrays.items():
-            if key.startswith("opt"):
-                i, k = key[3:].split(".", 1)
-                state.setdefault(int(i), {})[k] = a
-        for key, v in meta["opt_scalars"].items():
-            i, k = key.split(".", 1)
-            state.setdefault(int(i), {})[k] = v
-        opt = job.opt.state_dict()
-        job.opt.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
-        acc = [arrays[f"acc{i}"] for i in range(len(job.rt.params) + 1) if f"acc{i}" in arrays]
-        job.acc = acc or None
-        job.next_round, job.metrics = meta["round"], meta["metrics"]
-        job.round_times = meta.get("round_times", [])
+        arrays, meta = checkpoint.pack(self.job)
+        self.store.save_checkpoint(self.job.id, arrays, meta)
 
     def finish_job(self):
         job = self.job
