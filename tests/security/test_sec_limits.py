@@ -86,17 +86,24 @@ def test_bad_input_gets_clear_errors_while_a_job_runs(tmp_path, keys, make_clust
         for i in range(5000):
             flood.send_multipart(wire.encode(wire.JOBS, {"req": i}))
         # Read until the coordinator has dealt with all 5000 (a loaded machine is slow).
+        # Replies that find this reader's queue full are dropped, never waited for (the
+        # coordinator must not block on a slow client): they count as "unroutable".
         replies, deadline = [], time.monotonic() + 60
         while True:
-            replies += recv_all(flood, 0.5)
+            batch = recv_all(flood, 0.5)
+            replies += batch
+            if batch:
+                continue  # keep reading while replies flow
             ok = [m for m in replies if m.type == wire.OK]
             limited = [m for m in replies if m.type == wire.ERROR]
             counters = c.status()["counters"]
-            if counters.get("rate_limited", 0) >= 5000 - len(ok) - len(limited):
+            dropped = counters.get("rate_limited", 0) + counters.get("unroutable", 0)
+            if dropped >= 5000 - len(ok) - len(limited):
                 break
             assert time.monotonic() < deadline, ("the flood was never fully handled", counters)
-        assert 400 <= len(ok) < 5000
+        assert 400 <= len(ok) + counters.get("unroutable", 0) and len(ok) < 5000
         assert limited and all(m["message"].startswith("rate limit:") for m in limited)
+        assert counters["rate_limited"] >= 1000
         assert counters["bad_message"] >= 2
 
         final = c.wait(job, timeout=180)
