@@ -219,7 +219,8 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
     ]
     ref_state, _ = svc.local_reference(raw)
     # long liveness: the SIGSTOPped worker must not be declared dead while it is stopped
-    cluster = make_cluster(workers=2, liveness=60)
+    # liveness 60 and no backup tasks: phase 2 keeps a round stalled on purpose
+    cluster = make_cluster(workers=2, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
     ctx = zmq.Context.instance()
     client_sock = ctx.socket(zmq.DEALER)
     worker_sock = ctx.socket(zmq.DEALER)
@@ -417,7 +418,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
     wait must keep working; the job still ends bitwise equal to train_local."""
     raw = svc.spec_with(svc.SPEC_SGD, name="protocol-fields", epochs=4)
     ref_state, _ = svc.local_reference(raw)
-    cluster = make_cluster(workers=1, liveness=60)
+    cluster = make_cluster(workers=1, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
