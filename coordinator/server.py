@@ -63,6 +63,7 @@ class ActiveJob:
     acc: list | None = None
     round: Round | None = None
     weights: list = field(default_factory=list)  # snapshot sent to workers this step
+    spec: dict = field(default_factory=dict)  # the spec as sent in every TASK, built once
     metrics: list = field(default_factory=list)
     round_times: list = field(default_factory=list)
     state: str = "running"
@@ -273,7 +274,7 @@ class Coordinator:
         except (SpecError, ValueError, OSError) as e:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return
-        job = ActiveJob(row["id"], rt, rt.make_optimizer())
+        job = ActiveJob(row["id"], rt, rt.make_optimizer(), spec=rt.spec.to_dict())
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
             checkpoint.restore(job, *ckpt)
@@ -314,7 +315,7 @@ class Coordinator:
                 "job": job.id,
                 "round": r.index,
                 "blocks": [list(b) for b in blocks],
-                "spec": job.rt.spec.to_dict(),
+                "spec": job.spec,
             }
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
