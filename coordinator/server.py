@@ -372,6 +372,7 @@ class Coordinator:
             reduce_s=t1 - t0,
             step_s=t2 - t1,
             overhead_s=round_s - compute,
+            transfer_s=round_s - compute - (t2 - t0),  # messaging and waiting, the rest
             workers=len(r.compute_s),
             samples_per_s=rt.global_batch / max(round_s, 1e-9),
         )
