@@ -3,6 +3,8 @@ layer list so that a job spec never ships code."""
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -287,66 +289,131 @@ class BCEWithLogitsLoss(_Loss):
 
 
 # ---- build: declarative layer list -> Sequential -----------------------------------------
-# Each entry: (allowed keys with defaults, required keys, maker(shape, args, rng) -> (module,
-# output shape)). Only these names exist: a spec cannot reach anything else.
+# The one registry of layer types (the job-spec validator reads it too). Per type: its keys
+# and their kinds, the defaults of the optional ones, `shape(in_shape, args) -> (out_shape,
+# parameter count)` (no allocation), and `make(in_shape, args, rng) -> Module`. Only these
+# names exist: a spec cannot reach anything else.
+POS, NONNEG, BOOL, PROB, EPS = "pos", "nonneg", "bool", "prob", "eps"
 
 
-def _linear(shape, a, rng):
+@dataclass(frozen=True)
+class LayerType:
+    keys: dict
+    defaults: dict
+    shape: Callable
+    make: Callable
+
+    @property
+    def required(self):
+        return tuple(k for k in self.keys if k not in self.defaults)
+
+
+def _flat(shape):
     if len(shape) != 1:
         raise ValueError(f"expects a flat input (features,), got shape {shape}; add a flatten")
-    return Linear(shape[0], a["out"], a["bias"], rng), (a["out"],)
 
 
-def _conv(shape, a, rng):
+def _image(shape):
     if len(shape) != 3:
         raise ValueError(f"expects input (channels, height, width), got shape {shape}")
+
+
+def _linear_shape(shape, a):
+    _flat(shape)
+    return (a["out"],), shape[0] * a["out"] + a["out"] * a["bias"]
+
+
+def _conv_shape(shape, a):
+    _image(shape)
     k, s, p = a["kernel"], a["stride"], a["padding"]
     oh, ow = ((n + 2 * p - k) // s + 1 for n in shape[1:])
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {k} does not fit input {shape} with padding {p}")
-    return Conv2d(shape[0], a["out"], k, s, p, a["bias"], rng), (a["out"], oh, ow)
+    return (a["out"], oh, ow), a["out"] * shape[0] * k * k + a["out"] * a["bias"]
 
 
-def _pool(cls):
-    def make(shape, a, rng):
-        if len(shape) != 3:
-            raise ValueError(f"expects input (channels, height, width), got shape {shape}")
-        k, s = a["kernel"], a["stride"] or a["kernel"]
-        out = (shape[0],) + tuple((n - k) // s + 1 for n in shape[1:])
-        if min(out) < 1:
-            raise ValueError(f"kernel {k} does not fit input {shape}")
-        return cls(k, s), out
-
-    return make
+def _pool_shape(shape, a):
+    _image(shape)
+    k, s = a["kernel"], a["stride"] or a["kernel"]
+    out = (shape[0],) + tuple((n - k) // s + 1 for n in shape[1:])
+    if min(out) < 1:
+        raise ValueError(f"kernel {k} does not fit input {shape}")
+    return out, 0
 
 
-def _same(cls, *keys):
-    return lambda shape, a, rng: (cls(*(a[k] for k in keys)), shape)
+def _same_shape(shape, a):
+    return shape, 0
 
 
+def _plain(cls, *keys):
+    return LayerType({}, {}, _same_shape, lambda shape, a, rng: cls(*(a[k] for k in keys)))
+
+
+_POOL_KEYS = {"kernel": POS, "stride": POS}
 LAYERS = {
-    "linear": ({"out": None, "bias": True}, ("out",), _linear),
-    "conv2d": (
-        {"out": None, "kernel": None, "stride": 1, "padding": 0, "bias": True},
-        ("out", "kernel"),
-        _conv,
+    "linear": LayerType(
+        {"out": POS, "bias": BOOL},
+        {"bias": True},
+        _linear_shape,
+        lambda shape, a, rng: Linear(shape[0], a["out"], a["bias"], rng),
     ),
-    "maxpool2d": ({"kernel": None, "stride": None}, ("kernel",), _pool(MaxPool2d)),
-    "avgpool2d": ({"kernel": None, "stride": None}, ("kernel",), _pool(AvgPool2d)),
-    "flatten": ({}, (), lambda shape, a, rng: (Flatten(), (math.prod(shape),))),
-    "relu": ({}, (), _same(ReLU)),
-    "tanh": ({}, (), _same(Tanh)),
-    "sigmoid": ({}, (), _same(Sigmoid)),
-    "gelu": ({}, (), _same(GELU)),
-    "dropout": ({"p": 0.5}, (), _same(Dropout, "p")),
-    "layernorm": ({"eps": 1e-5}, (), lambda shape, a, rng: (LayerNorm(shape[-1], a["eps"]), shape)),
-    "embedding": (
-        {"num": None, "dim": None},
-        ("num", "dim"),
-        lambda shape, a, rng: (Embedding(a["num"], a["dim"], rng), shape + (a["dim"],)),
+    "conv2d": LayerType(
+        {"out": POS, "kernel": POS, "stride": POS, "padding": NONNEG, "bias": BOOL},
+        {"stride": 1, "padding": 0, "bias": True},
+        _conv_shape,
+        lambda shape, a, rng: Conv2d(
+            shape[0], a["out"], a["kernel"], a["stride"], a["padding"], a["bias"], rng
+        ),
+    ),
+    "maxpool2d": LayerType(
+        _POOL_KEYS,
+        {"stride": None},
+        _pool_shape,
+        lambda shape, a, rng: MaxPool2d(a["kernel"], a["stride"] or a["kernel"]),
+    ),
+    "avgpool2d": LayerType(
+        _POOL_KEYS,
+        {"stride": None},
+        _pool_shape,
+        lambda shape, a, rng: AvgPool2d(a["kernel"], a["stride"] or a["kernel"]),
+    ),
+    "flatten": LayerType(
+        {}, {}, lambda shape, a: ((math.prod(shape),), 0), lambda shape, a, rng: Flatten()
+    ),
+    "relu": _plain(ReLU),
+    "tanh": _plain(Tanh),
+    "sigmoid": _plain(Sigmoid),
+    "gelu": _plain(GELU),
+    "dropout": LayerType(
+        {"p": PROB}, {"p": 0.5}, _same_shape, lambda shape, a, rng: Dropout(a["p"])
+    ),
+    "layernorm": LayerType(
+        {"eps": EPS},
+        {"eps": 1e-5},
+        lambda shape, a: (shape, 2 * shape[-1]),
+        lambda shape, a, rng: LayerNorm(shape[-1], a["eps"]),
+    ),
+    "embedding": LayerType(
+        {"num": POS, "dim": POS},
+        {},
+        lambda shape, a: (shape + (a["dim"],), a["num"] * a["dim"]),
+        lambda shape, a, rng: Embedding(a["num"], a["dim"], rng),
     ),
 }
-_INT_KEYS = {"out", "kernel", "stride", "padding", "num", "dim"}
+
+
+def _kind_problem(kind, v):
+    """What is wrong with value `v` for a key of this kind (None if nothing)."""
+    number = isinstance(v, int | float) and not isinstance(v, bool)
+    if kind in (POS, NONNEG) and not (type(v) is int and v >= (1 if kind == POS else 0)):
+        return "a positive integer" if kind == POS else "an integer >= 0"
+    if kind == BOOL and not isinstance(v, bool):
+        return "true or false"
+    if kind == PROB and not (number and 0 <= v < 1):
+        return "a number in [0, 1)"
+    if kind == EPS and not (number and v > 0):
+        return "a number > 0"
+    return None
 
 
 def _layer_args(i, layer):
@@ -355,46 +422,47 @@ def _layer_args(i, layer):
     kind = layer["type"]
     if kind not in LAYERS:
         raise ValueError(f"layer {i}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
-    defaults, required, _ = LAYERS[kind]
-    extra = sorted(set(layer) - set(defaults) - {"type"})
+    lt = LAYERS[kind]
+    extra = sorted(set(layer) - set(lt.keys) - {"type"})
     if extra:
-        raise ValueError(f"layer {i} ({kind}): unknown key(s) {extra}; allowed: {list(defaults)}")
-    missing = [k for k in required if k not in layer]
+        raise ValueError(f"layer {i} ({kind}): unknown key(s) {extra}; allowed: {list(lt.keys)}")
+    missing = [k for k in lt.required if k not in layer]
     if missing:
         raise ValueError(f"layer {i} ({kind}): missing key(s) {missing}")
-    args = {**defaults, **{k: v for k, v in layer.items() if k != "type"}}
-    for k, v in args.items():
-        if (
-            k in _INT_KEYS
-            and v is not None
-            and (type(v) is not int or v < (0 if k == "padding" else 1))
-        ):
-            raise ValueError(f"layer {i} ({kind}): '{k}' must be a positive integer, got {v!r}")
-    if kind == "dropout" and not (isinstance(args["p"], int | float) and 0 <= args["p"] < 1):
-        raise ValueError(f"layer {i} (dropout): 'p' must be a number in [0, 1), got {args['p']!r}")
-    return kind, args
+    for k, v in layer.items():
+        problem = k != "type" and _kind_problem(lt.keys[k], v)
+        if problem:
+            raise ValueError(f"layer {i} ({kind}): '{k}' must be {problem}, got {v!r}")
+    return kind, {**lt.defaults, **{k: v for k, v in layer.items() if k != "type"}}
 
 
-def build(spec, input_shape, seed=0, max_parameters=None):
-    """A Sequential from a list of layer dicts, input shape (per sample) and an init seed."""
+def plan(spec, input_shape):
+    """Check a layer list and walk its shapes without allocating anything: the steps
+    [(type, args, input shape)], the output shape and the parameter count."""
     if not isinstance(spec, list | tuple) or not spec:
         raise ValueError("model: expected a non-empty list of layers")
     shape = tuple(input_shape)
     if not shape or any(type(n) is not int or n < 1 for n in shape):
         raise ValueError(f"input_shape must be a list of positive integers, got {input_shape!r}")
-    rng, layers, count = np.random.default_rng(seed), [], 0
+    steps, count = [], 0
     for i, layer in enumerate(spec):
         kind, args = _layer_args(i, layer)
         try:
-            module, shape = LAYERS[kind][2](shape, args, rng)
+            out, n = LAYERS[kind].shape(shape, args)
         except ValueError as e:
             raise ValueError(f"layer {i} ({kind}): {e}") from None
-        count += sum(p.data.size for p in module.parameters())
-        if max_parameters is not None and count > max_parameters:
-            raise ValueError(
-                f"layer {i} ({kind}): the model has more than {max_parameters} parameters"
-            )
-        layers.append(module)
-    model = Sequential(*layers)
-    model.output_shape = shape
+        steps.append((kind, args, shape))
+        shape, count = out, count + n
+    return steps, shape, count
+
+
+def build(spec, input_shape, seed=0, max_parameters=None):
+    """A Sequential from a list of layer dicts, input shape (per sample) and an init seed.
+    An over-large model is refused before anything is allocated."""
+    steps, out_shape, count = plan(spec, input_shape)
+    if max_parameters is not None and count > max_parameters:
+        raise ValueError(f"the model has {count} parameters, more than {max_parameters}")
+    rng = np.random.default_rng(seed)
+    model = Sequential(*(LAYERS[kind].make(shape, args, rng) for kind, args, shape in steps))
+    model.output_shape = out_shape
     return model

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .core.nn import BOOL, EPS, LAYERS, NONNEG, POS, PROB, plan
 from .datasets import SYNTHETIC_DEFAULTS
 
 MiB = 1 << 20
@@ -25,24 +26,6 @@ MAX_INT = 2**63 - 1  # everything must fit a msgpack int64 and numpy seeds
 LOSSES = ("cross_entropy", "mse", "nll", "bce_with_logits")
 CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 METRICS = ("accuracy", "mse")
-
-# Layer registry: per type, its required keys and its optional keys. shardgrad.core.nn.build
-# does the structural (shape) check; this table gives early, complete messages for keys.
-_POS, _NONNEG, _BOOL, _PROB, _EPS = "pos", "nonneg", "bool", "prob", "eps"
-LAYERS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "linear": ({"out": _POS}, {"bias": _BOOL}),
-    "conv2d": ({"out": _POS, "kernel": _POS}, {"stride": _POS, "padding": _NONNEG, "bias": _BOOL}),
-    "maxpool2d": ({"kernel": _POS}, {"stride": _POS}),
-    "avgpool2d": ({"kernel": _POS}, {"stride": _POS}),
-    "flatten": ({}, {}),
-    "relu": ({}, {}),
-    "tanh": ({}, {}),
-    "sigmoid": ({}, {}),
-    "gelu": ({}, {}),
-    "dropout": ({}, {"p": _PROB}),
-    "layernorm": ({}, {"eps": _EPS}),
-    "embedding": ({"num": _POS, "dim": _POS}, {}),
-}
 
 OPTIMIZERS = {
     "sgd": {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
@@ -61,7 +44,7 @@ TOP_KEYS = (
 class SpecLimits:
     max_spec_bytes: int = 1 * MiB
     max_layers: int = 256
-    max_params: int = 50_000_000  # estimated before nn.build allocates anything
+    max_params: int = 50_000_000  # counted by nn.plan before anything is allocated
     max_synthetic_elements: int = 50_000_000  # n_samples * n_features
     max_name_len: int = 200
 
@@ -235,56 +218,26 @@ def _check_layer(c: _Checker, i: int, layer: Any) -> None:
     ltype = layer.get("type")
     if not isinstance(ltype, str) or ltype not in LAYERS:
         return c.bad(f"{where}.type", "one of " + ", ".join(LAYERS), ltype)
-    required, optional = LAYERS[ltype]
-    c.unknown(layer, {"type", *required, *optional}, f"{where}.")
-    for key in required:
+    lt = LAYERS[ltype]  # the registry nn.build uses: one table of layers and their keys
+    c.unknown(layer, {"type", *lt.keys}, f"{where}.")
+    for key in lt.required:
         if key not in layer:
             c.problems.append(f"{where} ({ltype}): missing required key '{key}'")
-    for key, kind in {**required, **optional}.items():
+    for key, kind in lt.keys.items():
         if key not in layer:
             continue
         value, k = layer[key], f"{where}.{key}"
-        if kind == _BOOL and not isinstance(value, bool):
+        if kind == BOOL and not isinstance(value, bool):
             c.bad(k, "true or false", value)
-        elif kind in (_POS, _NONNEG):
-            c.int_(k, value, lo=1 if kind == _POS else 0, hi=1 << 31)
-        elif kind == _PROB:
+        elif kind in (POS, NONNEG):
+            c.int_(k, value, lo=1 if kind == POS else 0, hi=1 << 31)
+        elif kind == PROB:
             c.float_(k, value, 0.0, 1.0, what="a probability in [0, 1)")
-        elif kind == _EPS:
+        elif kind == EPS:
             c.float_(k, value, 0.0, None, lo_open=True, what="a number > 0")
 
 
-def _estimate_params(model: list[dict], input_shape: list[int]) -> int | None:
-    """Parameter count by walking shapes, or None where the walk cannot tell (nn.build
-    reports shape errors). Lets us refuse a huge model before anything is allocated."""
-    shape, total = list(input_shape), 0
-    for layer in model:
-        t = layer["type"]
-        if t == "linear":
-            total += shape[-1] * layer["out"] + layer["out"]
-            shape[-1] = layer["out"]
-        elif t == "conv2d":
-            if len(shape) != 3:
-                return None
-            k, s, p = layer["kernel"], layer.get("stride", 1), layer.get("padding", 0)
-            total += layer["out"] * shape[0] * k * k + layer["out"]
-            shape = [layer["out"]] + [(d + 2 * p - k) // s + 1 for d in shape[1:]]
-        elif t in ("maxpool2d", "avgpool2d"):
-            k, s = layer["kernel"], layer.get("stride", layer["kernel"])
-            shape = shape[:-2] + [(d - k) // s + 1 for d in shape[-2:]]
-        elif t == "flatten":
-            shape = [math.prod(shape)]
-        elif t == "layernorm":
-            total += 2 * shape[-1]
-        elif t == "embedding":
-            total += layer["num"] * layer["dim"]
-            shape = shape + [layer["dim"]]
-        if not shape or min(shape) <= 0:
-            return None
-    return total
-
-
-def _check_model(c: _Checker, spec: dict, input_shape, seed: int, limits: SpecLimits) -> None:
+def _check_model(c: _Checker, spec: dict, input_shape, limits: SpecLimits) -> None:
     model = spec["model"]
     if not isinstance(model, list) or not model:
         return c.bad("model", "a non-empty list of layer tables", model)
@@ -295,22 +248,14 @@ def _check_model(c: _Checker, spec: dict, input_shape, seed: int, limits: SpecLi
         _check_layer(c, i, layer)
     if len(c.problems) > before or input_shape is None:
         return
-    try:
-        n_params = _estimate_params(model, list(input_shape))
-    except (ArithmeticError, IndexError, TypeError, ValueError):
-        n_params = None  # an odd shape: nn.build below gives the real message
-    if n_params is not None and n_params > limits.max_params:
-        return c.bad("model", f"at most {limits.max_params} parameters", n_params)
-    try:
-        from shardgrad.core.nn import build  # written in parallel; absent until then
-    except (ImportError, AttributeError):
-        return
-    try:
-        build([dict(layer) for layer in model], list(input_shape), seed, limits.max_params)
+    try:  # the shapes walked without allocating: a huge model costs nothing to refuse
+        n_params = plan([dict(layer) for layer in model], list(input_shape))[2]
     except ValueError as exc:  # "layer 3 (linear): ..."
-        c.problems.append(f"model: {exc}")
+        return c.problems.append(f"model: {exc}")
     except Exception as exc:  # a validator must never take the coordinator down
-        c.problems.append(f"model: cannot be built ({type(exc).__name__}: {exc})")
+        return c.problems.append(f"model: cannot be built ({type(exc).__name__}: {exc})")
+    if n_params > limits.max_params:
+        return c.bad("model", f"at most {limits.max_params} parameters", n_params)
 
 
 def _check_optimizer(c: _Checker, opt: dict) -> dict:
@@ -441,7 +386,7 @@ def parse_spec(source: Any, limits: SpecLimits = DEFAULT_SPEC_LIMITS) -> JobSpec
         c.problems.append(f"loss: '{loss}' does not fit {task} data from '{data['source']}'")
 
     if "model" in raw:
-        _check_model(c, raw, shape if "input_shape" in raw else None, seed or 0, limits)
+        _check_model(c, raw, shape if "input_shape" in raw else None, limits)
     if c.problems:
         raise SpecError(c.problems)
     return JobSpec(

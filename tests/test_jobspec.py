@@ -286,9 +286,6 @@ def test_json_top_level_must_be_an_object(tmp_path):
 
 
 def test_structural_errors_come_from_nn_build():
-    nn = pytest.importorskip("shardgrad.core.nn")
-    if not hasattr(nn, "build"):
-        pytest.skip("shardgrad.core.nn.build is not written yet")
     model = [{"type": "conv2d", "out": 2, "kernel": 3}, {"type": "linear", "out": 3}]
     spec = with_(model=model, input_shape=[1, 8, 8], data={"source": "file:d.npz"})
     (problem,) = problems_of(spec)
