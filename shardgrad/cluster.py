@@ -114,20 +114,17 @@ class LocalCluster:
         return Client(self.client_address, timeout=timeout, security=security)
 
     def wait_until(self, predicate, what, timeout=60.0):
-        deadline = time.monotonic() + timeout
+        """Poll predicate(client) until truthy; a coordinator that exits ends the wait."""
         with self.client(timeout=2.0) as c:
-            while time.monotonic() < deadline:
-                try:
-                    if predicate(c):
-                        return
-                except (TimeoutError, OSError):
-                    pass
+
+            def ready():
                 if self.coordinator is not None and self.coordinator.poll() is not None:
                     raise RuntimeError(
                         f"the coordinator exited (see {self.log_dir}/coordinator.log)"
                     )
-                time.sleep(0.05)
-        raise TimeoutError(f"timed out after {timeout} s waiting for {what} (logs: {self.log_dir})")
+                return predicate(c)
+
+            return wait_for(ready, f"{what} (logs: {self.log_dir})", timeout, 0.05, RETRY)
 
     def live_workers(self, c):
         return [w for w in c.status()["workers"] if w["state"] == "alive"]
@@ -167,3 +164,22 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+RETRY = (TimeoutError, OSError)  # a busy or restarting coordinator: ask again
+
+
+def wait_for(predicate, what, timeout=60.0, interval=0.02, retry=()):
+    """Poll `predicate()` until it returns something truthy (which is returned); exceptions
+    listed in `retry` count as "not yet". TimeoutError after `timeout` seconds."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except retry as e:
+            last = e
+        time.sleep(interval)
+    seen = f" (last error: {last})" if last else ""
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}{seen}")

@@ -3,8 +3,8 @@
 import functools
 import os
 import signal
-import time
 
+from shardgrad.cluster import wait_for  # noqa: F401  (re-exported for the tests)
 from shardgrad.jobspec import parse_spec
 from shardgrad.training import train_local, weights_digest
 
@@ -49,16 +49,6 @@ def reference_digest(job_spec):
     import json
 
     return _reference(json.dumps(job_spec.to_dict(), sort_keys=True))
-
-
-def wait_for(predicate, what, timeout=60.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def job_status(client, job):

@@ -9,6 +9,7 @@ import time
 import zmq
 
 from shardgrad import wire
+from shardgrad.cluster import wait_for as _wait_for
 from shardgrad.jobspec import parse_spec
 from shardgrad.training import train_local, weights_digest
 
@@ -82,14 +83,8 @@ def recv_all(sock, timeout=1.0):
     return out
 
 
-def wait_for(predicate, what, timeout=30.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}")
+def wait_for(predicate, what, timeout=30.0):
+    return _wait_for(predicate, what, timeout, interval=0.1)
 
 
 class RecordingProxy(threading.Thread):

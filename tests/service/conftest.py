@@ -25,7 +25,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in the worker processes
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from shardgrad.cluster import LocalCluster  # noqa: E402
+from shardgrad.cluster import RETRY, LocalCluster  # noqa: E402
+from shardgrad.cluster import wait_for as _wait_for  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import train_local, weights_digest  # noqa: E402
 
@@ -107,17 +108,7 @@ def assert_bitwise_equal(got: dict, want: dict, what: str) -> None:
 # --- polling ---------------------------------------------------------------------------------
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
     """Poll `predicate()` until it returns something truthy (returned) or time runs out."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (TimeoutError, OSError) as e:  # a busy coordinator: try again
-            last_exc = e
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})")
+    return _wait_for(predicate, what, timeout, interval, retry=RETRY)
 
 
 # --- clusters --------------------------------------------------------------------------------
