@@ -42,21 +42,13 @@ class ClientHandler:
         spec = wire.require(msg, "spec")[0]
         if not isinstance(spec, dict | str):
             raise wire.ProtocolError("SUBMIT: 'spec' must be a table or TOML/JSON text")
-        text = spec.strip() if isinstance(spec, str) else "{"
-        # parse_spec reads a one-line string without '=' as a file path; a client must never
-        # make the coordinator open a file (its contents could leak, /dev/zero never ends).
-        if not (text[:1] in "{[" or "\n" in text or "=" in text):
-            raise wire.ProtocolError(
-                "SUBMIT: 'spec' text must be TOML or JSON (send the file's contents; the "
-                "coordinator never opens a file named by a client)"
-            )
         if self.coord.store.count(ACTIVE) >= self.coord.cfg.max_queued_jobs:
             raise wire.ProtocolError(
                 f"the queue is full ({self.coord.cfg.max_queued_jobs} unfinished jobs); "
                 "wait for some to finish or cancel some"
             )
         try:
-            job_spec = parse_spec(spec)
+            job_spec = parse_spec(spec, files=False)
             rt = JobRuntime(job_spec, self.coord.data_root)  # data and model checked now
         except SpecError as e:
             raise wire.ProtocolError(f"invalid job spec:\n{e}") from None

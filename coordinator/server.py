@@ -267,7 +267,7 @@ class Coordinator:
         if row["state"] == "queued" and len(self.members.live()) < row["spec"]["min_workers"]:
             return  # FIFO: the head of the queue waits for its workers
         try:
-            spec = parse_spec(row["spec"])
+            spec = parse_spec(row["spec"], files=False)
             rt = self.client_handler.prepared.pop(row["id"], None) or JobRuntime(
                 spec, self.data_root
             )

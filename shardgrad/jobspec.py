@@ -113,8 +113,8 @@ class JobSpec:
 # --- reading -------------------------------------------------------------------------------
 
 
-def _read_source(source: Any, limits: SpecLimits) -> dict:
-    """The spec as a dict, from a dict, a path, or TOML / JSON text."""
+def _read_source(source: Any, limits: SpecLimits, files: bool = True) -> dict:
+    """The spec as a dict, from a dict, a path (if `files`), or TOML / JSON text."""
     if isinstance(source, dict):
         return source
     if isinstance(source, bytes):
@@ -132,6 +132,15 @@ def _read_source(source: Any, limits: SpecLimits) -> dict:
             path = source
     else:
         raise SpecError([f"a spec must be a dict, a path or TOML/JSON text, not {type(source)}"])
+    if path is not None and not files:
+        # A spec that arrived over the network: naming a file must never make us open it
+        # (its contents could leak into the error; /dev/zero never ends).
+        raise SpecError(
+            [
+                "spec text must be TOML or JSON: send the file's contents (a coordinator or "
+                "worker never opens a file named in a message)"
+            ]
+        )
     if path is not None:
         try:
             too_big = os.path.getsize(path) > limits.max_spec_bytes
@@ -322,12 +331,15 @@ def _check_data(c: _Checker, data: dict, limits: SpecLimits) -> dict:
     return out
 
 
-def parse_spec(source: Any, limits: SpecLimits = DEFAULT_SPEC_LIMITS) -> JobSpec:
+def parse_spec(
+    source: Any, limits: SpecLimits = DEFAULT_SPEC_LIMITS, *, files: bool = True
+) -> JobSpec:
     """A validated JobSpec from a dict, a TOML/JSON file path, or TOML/JSON text.
+    `files=False` (specs from the network) refuses a path instead of opening it.
 
     Raises SpecError listing every problem found (never any other exception).
     """
-    raw = _read_source(source, limits)
+    raw = _read_source(source, limits, files)
     c = _Checker()
     c.unknown(raw, TOP_KEYS)
     for key in ("name", "model", "input_shape", "optimizer", "data", "global_batch", "micro_batch"):

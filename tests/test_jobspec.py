@@ -293,3 +293,12 @@ def test_structural_errors_come_from_nn_build():
     big_kernel = [{"type": "conv2d", "out": 2, "kernel": 9}, {"type": "flatten"}]
     spec = with_(model=big_kernel, input_shape=[1, 8, 8], data={"source": "file:d.npz"})
     assert problems_of(spec)[0].startswith("model: layer 0 (conv2d): kernel 9 does not fit")
+
+
+def test_network_specs_never_name_a_file(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(GOOD_TOML)
+    assert parse_spec(str(path)).name  # from a local caller: a path is read
+    with pytest.raises(SpecError, match="never opens a file"):
+        parse_spec(str(path), files=False)  # from a message: refused, the file is not opened
+    assert parse_spec(GOOD_TOML, files=False).name  # text is fine

@@ -181,7 +181,7 @@ class Worker:
         if rt is None:
             log.info("loading job %s", job)
             # The coordinator verified the data at submit; a worker reads only its samples.
-            rt = JobRuntime(parse_spec(spec), self.data_root, verify_data=False)
+            rt = JobRuntime(parse_spec(spec, files=False), self.data_root, verify_data=False)
             self.runtimes = {job: rt}  # one job at a time: drop the previous one's data
         return rt
 
