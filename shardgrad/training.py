@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .core import from_numpy, nn, optim
 from .core import functional as F
-from .core import nn, optim
 from .core.sampling import (
     add_arrays,
     epoch_permutation,
@@ -83,8 +83,9 @@ class JobRuntime:
         self.model.train()
         for p in self.params:
             p.grad = None
-        out = self.model(Tensor(self.X[idx]))
-        loss = self.loss_fn(out, Tensor(self.y[idx])) * float(len(idx))
+        # X[idx] is already a fresh array (fancy indexing): wrap it, do not copy it again
+        out = self.model(from_numpy(np.asarray(self.X[idx])))
+        loss = self.loss_fn(out, from_numpy(np.asarray(self.y[idx]))) * float(len(idx))
         loss.backward()
         return [
             p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params
@@ -135,7 +136,7 @@ class JobRuntime:
         metric = (self.spec.eval or {}).get("metric", "accuracy")
         self.model.eval()
         with no_grad():
-            out = self.model(Tensor(self.X[idx])).data
+            out = self.model(from_numpy(np.asarray(self.X[idx]))).data
         self.model.train()
         y = self.y[idx]
         if metric == "accuracy":
