@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 
 from .ops import OPS
-from .tensor import Tensor, _as_array, apply, matmul, reduce_dims
+from .tensor import Tensor, apply, matmul, reduce_dims
 
 _values_indices = namedtuple("return_types", ["values", "indices"])
 
@@ -380,8 +380,6 @@ def binary_cross_entropy_with_logits(input, target, reduction="mean"):
 def tensor(data, requires_grad=False, dtype=None):
     return Tensor(data, requires_grad=requires_grad, dtype=dtype)
 
-
-_ = _as_array
 
 # ---- Tensor methods: the same functions, bound --------------------------------------------
 for _name in (

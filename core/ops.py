@@ -473,7 +473,4 @@ def _raw(x):
     return x
 
 
-NP = _Namespace(
-    {name: op.forward for name, op in OPS.items()}
-    | {"raw": _raw, "sum_to": sum_to, "expand_reduced": expand_reduced}
-)
+NP = _Namespace({name: op.forward for name, op in OPS.items()} | {"raw": _raw})

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from .ops import NP, OPS, _axes, _Namespace
+from .ops import OPS, _axes, _Namespace
 
 float32, float64, int64, int32, bool_ = np.float32, np.float64, np.int64, np.int32, np.bool_
 _DEFAULT_FLOAT = np.dtype(np.float32)
@@ -421,7 +421,6 @@ T = _Namespace(
     {name: _op_fn(op) for name, op in OPS.items()}
     | {"raw": lambda x: x.data if isinstance(x, Tensor) else x}
 )
-_ = NP  # both namespaces are built from the same table
 
 
 def reduce_dims(dim, ndim):

@@ -590,16 +590,19 @@ def test_layer_norm(dtype, shape, seed, data):
     rng = np.random.default_rng(seed)
     x = make(rng, shape) * 2.0 + 0.5
     w, b = make(rng, norm_shape), make(rng, norm_shape)
+    # torch's float32 kernel loses ~1e-4 on rows whose spread is small against their mean
+    # (e.g. [3.36, 3.29]): the exact answer, torch in float64, is the oracle there
+    kw = {"seed": seed, "oracle_dtype": np.float64}
     if affine == "none":
-        check(lambda m, x: m.F.layer_norm(x, norm_shape), [x], dtype, seed=seed)
+        check(lambda m, x: m.F.layer_norm(x, norm_shape), [x], dtype, **kw)
     elif affine == "weight":
-        check(lambda m, x, w: m.F.layer_norm(x, norm_shape, w), [x, w], dtype, seed=seed)
+        check(lambda m, x, w: m.F.layer_norm(x, norm_shape, w), [x, w], dtype, **kw)
     else:
         check(
             lambda m, x, w, b: m.F.layer_norm(x, norm_shape, weight=w, bias=b, eps=1e-3),
             [x, w, b],
             dtype,
-            seed=seed,
+            **kw,
         )
 
 
