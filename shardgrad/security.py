@@ -365,7 +365,9 @@ class Gate:
                     self._error(msg, "not authorized: this key is not (or no longer) allowed")
                 else:
                     wid = msg.get("worker")
-                    if isinstance(wid, str) and wid in coord.members.workers:
+                    # only the worker's own connections may get it dropped, never a claim
+                    own = (wid.encode(), f"{wid}#hb".encode()) if isinstance(wid, str) else ()
+                    if msg.envelope and msg.envelope[0] in own and wid in coord.members.workers:
                         coord.members.leave(wid)  # its blocks are re-issued at once
                 return False
         if is_client and self.rate > 0 and not self._take(msg):
