@@ -52,6 +52,8 @@ class Config:
     client_hwm: int = 100
     client_rate: float = 200.0
     client_burst: int = 400
+    worker_rate: float = 2000.0  # per worker connection: far above heartbeats + GRADS
+    worker_burst: int = 4000
 
 
 @dataclass
@@ -85,7 +87,10 @@ class Coordinator:
         )
         self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
         # Per-message admission: revoked keys (ZAP only checks at connect) and client rates.
-        self.gate = Gate(self, auth, self.cfg.client_rate, self.cfg.client_burst)
+        cfg = self.cfg
+        self.gate = Gate(
+            self, auth, cfg.client_rate, cfg.client_burst, cfg.worker_rate, cfg.worker_burst
+        )
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_handler = ClientHandler(self)

@@ -333,20 +333,56 @@ class TokenBucket:
         self.tokens, self.stamp, self.warned = burst, now, -float("inf")
 
 
-class Gate:
-    """What the coordinator asks before handling a decoded message: is the sender's key
-    still allowed (revocation), and is a client within its message rate?
+class RateLimit:
+    """Token buckets per peer for one port: `rate` messages/s, bursts of `burst`."""
 
-    Refusals never raise: a client gets an ERROR (rate-limit errors at most once a second
-    per peer, the rest are dropped), a worker's message is dropped; both are counted.
-    """
+    MAX_PEERS = 10_000  # buckets kept (least recently used evicted)
 
-    MAX_PEERS = 10_000  # rate buckets kept (least recently used evicted)
-
-    def __init__(self, coord, auth: ServerAuth | None, rate: float = 200.0, burst: int = 400):
-        self.coord, self.auth = coord, auth
+    def __init__(self, rate: float, burst: float):
         self.rate, self.burst = float(rate), float(burst)
         self.buckets: OrderedDict[bytes | str, TokenBucket] = OrderedDict()
+
+    def refused(self, peer, now: float) -> TokenBucket | None:
+        """None if `peer` may send one more message now, else its (empty) bucket."""
+        if self.rate <= 0:
+            return None
+        b = self.buckets.get(peer)
+        if b is None:
+            b = self.buckets[peer] = TokenBucket(self.burst, now)
+            while len(self.buckets) > self.MAX_PEERS:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(peer)
+            b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+            b.stamp = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return None
+        return b
+
+
+class Gate:
+    """What the coordinator asks before handling a decoded message: is the sender's key
+    still allowed (revocation), and is the peer within its port's message rate?
+
+    Refusals never raise: a client gets an ERROR (rate-limit errors at most once a second
+    per peer, the rest are dropped), a worker's message is dropped; both are counted. The
+    worker port's rate is far above what a working worker sends (heartbeats and one GRADS
+    per block); it only stops a flood.
+    """
+
+    def __init__(
+        self,
+        coord,
+        auth: ServerAuth | None,
+        rate: float = 200.0,
+        burst: int = 400,
+        worker_rate: float = 2000.0,
+        worker_burst: int = 4000,
+    ):
+        self.coord, self.auth = coord, auth
+        self.clients = RateLimit(rate, burst)
+        self.workers = RateLimit(worker_rate, worker_burst)
 
     # The coordinator calls this for each decoded message; False = refused (already handled).
     def admit(self, sock, msg) -> bool:
@@ -370,31 +406,27 @@ class Gate:
                     if msg.envelope and msg.envelope[0] in own and wid in coord.members.workers:
                         coord.members.leave(wid)  # its blocks are re-issued at once
                 return False
-        if is_client and self.rate > 0 and not self._take(msg):
-            return False
-        return True
+        return self._take(msg, is_client)
 
-    def _take(self, msg) -> bool:
-        peer = msg.user or (msg.envelope[0] if msg.envelope else b"")
+    def _take(self, msg, is_client: bool) -> bool:
+        conn = msg.envelope[0] if msg.envelope else b""
+        if is_client:  # per key when auth is on, else per connection
+            limit, peer = self.clients, msg.user or conn
+        else:  # per connection: a worker's main and heartbeat sockets are separate peers
+            limit, peer = self.workers, conn
         now = time.monotonic()
-        b = self.buckets.get(peer)
+        b = limit.refused(peer, now)
         if b is None:
-            b = self.buckets[peer] = TokenBucket(self.burst, now)
-            while len(self.buckets) > self.MAX_PEERS:
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(peer)
-            b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
-            b.stamp = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
             return True
+        if not is_client:
+            self.coord.counters["worker_rate_limited"] += 1
+            return False
         self.coord.counters["rate_limited"] += 1
         if now - b.warned >= 1.0:
             b.warned = now
             self._error(
                 msg,
-                f"rate limit: more than {self.rate:g} messages/s (burst {self.burst:g}) from "
+                f"rate limit: more than {limit.rate:g} messages/s (burst {limit.burst:g}) from "
                 "this peer; excess messages are dropped",
             )
         return False

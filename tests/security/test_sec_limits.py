@@ -106,5 +106,18 @@ def test_bad_input_gets_clear_errors_while_a_job_runs(tmp_path, keys, make_clust
         assert counters["rate_limited"] >= 1000
         assert counters["bad_message"] >= 2
 
+        # A flood on the worker port (well-formed, harmless BYEs from one connection that
+        # speaks for itself): a burst is handled, the rest dropped and counted.
+        wsec = peer_security(keys, "worker") if auth else None
+        wflood = dealer(cl.worker_address, wsec, identity=b"flooder")
+        wflood.setsockopt(zmq.SNDHWM, 0)
+        for _ in range(10_000):
+            wflood.send_multipart(wire.encode(wire.BYE, {"worker": "flooder", "returned": []}))
+        deadline = time.monotonic() + 60
+        while c.status()["counters"].get("worker_rate_limited", 0) == 0:
+            assert time.monotonic() < deadline, "the worker-port flood was never rate-limited"
+            time.sleep(0.1)
+        wflood.close(0)
+
         final = c.wait(job, timeout=180)
         assert final["digest"] == expected_digest(rounds=400)
