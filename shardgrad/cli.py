@@ -40,7 +40,14 @@ def cmd_coordinator(a):
 def cmd_worker(a):
     from .worker.worker import main
 
-    main(a.coordinator_workers, a.data_root, a.id, a.heartbeat_interval, _peer_auth(a, "worker"))
+    main(
+        a.coordinator_workers,
+        a.data_root,
+        a.id,
+        a.heartbeat_interval,
+        _peer_auth(a, "worker"),
+        liveness=a.liveness,
+    )
 
 
 def _sigterm_as_interrupt():
@@ -236,6 +243,12 @@ def parser():
         "--coordinator",
         default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
         help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
+    )
+    s.add_argument(
+        "--liveness",
+        type=int,
+        default=int(ENV("SHARDGRAD_LIVENESS", 5)),
+        help="unanswered heartbeats before the coordinator counts as silent (then re-register)",
     )
     s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
     s.add_argument("--id", default=ENV("SHARDGRAD_WORKER_ID"), help="worker identity")
