@@ -137,10 +137,12 @@ def _read_source(source: Any, limits: SpecLimits, files: bool = True) -> dict:
         )
     if path is not None:
         try:
-            too_big = os.path.getsize(path) > limits.max_spec_bytes
-            if not too_big:
-                with open(path, "rb") as f:
-                    source = f.read().decode("utf-8")
+            # Never trust a size: /dev/zero, a FIFO or /dev/stdin say 0 and never end.
+            # Read one byte past the limit, so "too big" is known without reading more.
+            with open(path, "rb") as f:
+                data = f.read(limits.max_spec_bytes + 1)
+            too_big = len(data) > limits.max_spec_bytes
+            source = "" if too_big else data.decode("utf-8")
         except (OSError, ValueError) as exc:  # missing file, bad path, not UTF-8
             raise SpecError([f"cannot read spec file {_short(path)}: {exc}"]) from None
         if too_big:

@@ -101,6 +101,7 @@ class Worker:
         self.corrupt = float(env("SHARDGRAD_FAULT_CORRUPT", "0") or 0)  # P(noisy block sum)
         self.corrupt_after = int(env("SHARDGRAD_FAULT_CORRUPT_AFTER", "0") or 0)  # from round
         self.corrupt_rng = np.random.default_rng()
+        self.raise_from = env("SHARDGRAD_FAULT_RAISE")  # job code raises from this round on
 
     def run(self):
         self.ctx = zmq.Context()
@@ -187,6 +188,8 @@ class Worker:
                 rt = self.runtime(job, spec)
                 rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
                 t0 = time.perf_counter()
+                if self.raise_from is not None and rnd >= int(self.raise_from):
+                    raise RuntimeError(f"injected fault (SHARDGRAD_FAULT_RAISE={self.raise_from})")
                 grads = rt.block_grad(rnd, lo, hi)
             except Exception as e:  # job code: report it, stay alive for other work
                 self.fault(job, rnd, (lo, hi), e)
