@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from .. import wire
+from ..core.sampling import all_finite
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
@@ -36,7 +37,7 @@ from .membership import Membership
 from .rounds import Round
 from .store import Store
 from .verify import Verifier
-from .workers import check_grads, nonfinite, worker_info
+from .workers import check_grads, worker_info
 
 log = logging.getLogger("shardgrad.coordinator")
 
@@ -265,7 +266,7 @@ class Coordinator:
 
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round
-        if nonfinite(arrays):
+        if not all_finite(arrays):
             what = "the gradient has NaN/Inf"
             return self.block_failed(wid, block, what, msg.get("nonfinite"))
         verdict = r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))

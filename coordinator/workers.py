@@ -22,10 +22,6 @@ def check_grads(msg, params) -> list[np.ndarray]:
     return arrays
 
 
-def nonfinite(arrays) -> bool:
-    return not all(np.isfinite(a).all() for a in arrays)
-
-
 def worker_info(msg) -> dict:
     """What a READY may say about its worker, for `status`: host and pid, nothing else."""
     info = msg.get("info")

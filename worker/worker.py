@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from .. import wire
+from ..core.sampling import all_finite
 from ..jobspec import parse_spec
 from ..training import JobRuntime
 
@@ -198,7 +199,7 @@ class Worker:
                 time.sleep(self.delay * (hi - lo))
             fields = {"job": job, "round": rnd, "block": [lo, hi]}
             fields["compute_s"] = time.perf_counter() - t0
-            if not all(np.isfinite(g).all() for g in grads):
+            if not all_finite(grads):
                 fields["nonfinite"] = self.first_nonfinite(rt, rnd, lo, hi)
             if self.corrupt and rnd >= self.corrupt_after:
                 self.maybe_corrupt(grads)
@@ -223,7 +224,7 @@ class Worker:
     @staticmethod
     def first_nonfinite(rt, rnd, lo, hi):
         for i in range(lo, hi):
-            if not all(np.isfinite(g).all() for g in rt.micro_batch_grad(rnd, i)):
+            if not all_finite(rt.micro_batch_grad(rnd, i)):
                 return i
         return None
 
