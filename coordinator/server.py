@@ -69,7 +69,6 @@ class ActiveJob:
     spec: dict  # the spec as sent in every TASK, built once
     verifier: Verifier
     round: Round | None = None
-    weights: list = field(default_factory=list)  # snapshot sent to workers this step
     round_times: list = field(default_factory=list)
     state: str = "running"
     gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
@@ -340,7 +339,6 @@ class Coordinator:
         job.engine.restore(arrays, meta)
         job.verifier.rolled_back(target)
         job.gen, job.round = job.gen + 1, None
-        job.weights = [w.copy() for w in job.rt.weights()]
         self.checkpoint()  # the one on disk may hold what the liar said
         self.start_round()
 
@@ -396,7 +394,6 @@ class Coordinator:
             job.engine.restore(arrays, meta)
             job.round_times = meta.get("round_times", [])
             log.info("job %s resumes from its checkpoint at round %d", job.id, meta["round"])
-        job.weights = [w.copy() for w in rt.weights()]
         self.job = job
         self.store.update(job.id, state="running", round=job.engine.next_round)
         self.start_round()
@@ -426,7 +423,11 @@ class Coordinator:
 
     def send_blocks(self, assignment: dict):
         job, r = self.job, self.job.round
-        arrays = [(str(i), w) for i, w in enumerate(job.weights)]
+        # The weights go out zero-copy, straight from the optimizer's arrays. They change
+        # only when a round ends, and a TASK is only sent while its round runs: a frame
+        # still in flight when they change belongs to a finished round, whose results are
+        # late and ignored whatever they are.
+        arrays = [(str(i), w) for i, w in enumerate(job.rt.weights())]
         for wid, blocks in assignment.items():
             if not blocks:
                 continue
@@ -484,8 +485,6 @@ class Coordinator:
         t1 = time.monotonic()
         job.verifier.contributed(r.index, [w for w, blocks in r.unverified.items() if blocks])
         row = engine.step(total)
-        if "loss" in row:  # the optimizer stepped: the next TASKs carry the new weights
-            job.weights = [w.copy() for w in job.rt.weights()]
         t2 = time.monotonic()
         round_s = t2 - r.started
         compute = max(r.compute_s.values(), default=0.0)

@@ -23,6 +23,7 @@ import pytest
 import zmq
 
 from shardgrad import wire
+from shardgrad.cluster import RETRY, wait_for
 from shardgrad.core import nn
 from shardgrad.core.sampling import assign_blocks
 from shardgrad.jobspec import parse_spec
@@ -326,10 +327,11 @@ def _stall(live):
     last_block = assign_blocks(live.n_micro, sorted(table.values()), 2)[victim][-1]
 
     def settled():  # the round may finish once more (the victim may have just sent it)
-        counters = live.counters()
         before = c.status(job)["job"]["round"]
-        live.grads(live.good(), job=job, round=before, block=[10**6, 10**6 + 1])  # a probe
-        live.counted(counters, "unknown_block", "late_grads")  # a round trip
+        for _ in range(2):  # two round trips through the worker port behind any late GRADS
+            counters = live.counters()
+            live.grads(live.good(), job=job, round=before, block=[10**6, 10**6 + 1])
+            live.counted(counters, "unknown_block", "late_grads")
         return before if c.status(job)["job"]["round"] == before else None
 
     return live.svc.wait_for(settled, 30, "the round to stall"), tuple(last_block), stopped
@@ -425,6 +427,49 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
             live.close()
 
 
+def _probe_malformed_worker_fields(c, cluster, sock, wid, job, rnd):
+    """A GRADS claiming the real worker's id from another connection; self-consistent
+    probes whose READY `info` tries to overwrite the table or is not a map, and a GRADS
+    whose block is a list of lists: each sanitised or refused, never an internal error."""
+    base = c.status()["counters"]
+    sock.send_multipart(
+        wire.encode(wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [0, 1]})
+    )
+    ctx = zmq.Context.instance()
+    spoof, listy = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for probe, ident in ((spoof, b"probe-spoof"), (listy, b"probe-list-info")):
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.IDENTITY, ident)
+        probe.connect(cluster.worker_address)
+    try:
+        info = {"id": "spoofed", "state": "alive"}
+        spoof.send_multipart([header(type="READY", v=V, worker="probe-spoof", info=info)])
+        listy.send_multipart([header(type="READY", v=V, worker="probe-list-info", info=[1, 2])])
+        block = [[0], [1]]
+        fields = {"worker": "probe-spoof", "job": job, "round": rnd, "block": block}
+        spoof.send_multipart(wire.encode(wire.GRADS, fields))
+        wait_for(
+            lambda: (
+                c.status()["counters"].get("bad_message", 0) >= base.get("bad_message", 0) + 2
+                and {"probe-spoof", "probe-list-info"} <= {w["id"] for w in c.status()["workers"]}
+            ),
+            "the coordinator to read the probes",
+            10,
+            retry=RETRY,
+        )
+    finally:
+        spoof.close(0)
+        listy.close(0)
+    status = c.status()  # must not fail because of a malformed READY
+    counters = status["counters"]
+    assert counters.get("internal_error", 0) == base.get("internal_error", 0), (
+        "a malformed worker message raised inside the coordinator",
+        counters,
+    )
+    ids = [w["id"] for w in status["workers"]]
+    assert "spoofed" not in ids, f"READY info overwrote the worker table's id: {ids}"
+
+
 def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, svc):
     """Well-formed worker messages whose *fields* have the wrong kind: a GRADS block that is
     a list of lists (for a block pending in the current round), a READY whose `info` is not
@@ -434,8 +479,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
     raw = svc.spec_with(svc.SPEC_SGD, name="protocol-fields", epochs=4)
     ref_state, _ = svc.local_reference(raw)
     cluster = make_cluster(workers=1, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.worker_address)
     worker = cluster.workers[0]
@@ -455,62 +499,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
                 return before if c.status(job)["job"]["round"] == before else None
 
             rnd = svc.wait_for(settled, 10, "the round to stall")
-            base = c.status()["counters"]
-            # a message claiming the real worker's id from another connection: refused
-            sock.send_multipart(
-                wire.encode(wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [0, 1]})
-            )
-            # self-consistent peers (the claimed id is the connection's identity) with
-            # malformed fields: sanitised or refused, never an internal error
-            spoof = ctx.socket(zmq.DEALER)
-            spoof.setsockopt(zmq.LINGER, 0)
-            spoof.setsockopt(zmq.IDENTITY, b"probe-spoof")
-            spoof.connect(cluster.worker_address)
-            listy = ctx.socket(zmq.DEALER)
-            listy.setsockopt(zmq.LINGER, 0)
-            listy.setsockopt(zmq.IDENTITY, b"probe-list-info")
-            listy.connect(cluster.worker_address)
-            try:
-                spoof.send_multipart(
-                    [
-                        header(
-                            type="READY",
-                            v=V,
-                            worker="probe-spoof",
-                            info={"id": "spoofed", "state": "alive"},
-                        )
-                    ]
-                )
-                listy.send_multipart(
-                    [header(type="READY", v=V, worker="probe-list-info", info=[1, 2])]
-                )
-                spoof.send_multipart(
-                    wire.encode(
-                        wire.GRADS,
-                        {"worker": "probe-spoof", "job": job, "round": rnd, "block": [[0], [1]]},
-                    )
-                )
-                svc.wait_for(
-                    lambda: (
-                        c.status()["counters"].get("bad_message", 0)
-                        >= base.get("bad_message", 0) + 2
-                        and {"probe-spoof", "probe-list-info"}
-                        <= {w["id"] for w in c.status()["workers"]}
-                    ),
-                    10,
-                    "the coordinator to read the probes",
-                )
-            finally:
-                spoof.close(0)
-                listy.close(0)
-            status = c.status()  # must not fail because of a malformed READY
-            counters = status["counters"]
-            assert counters.get("internal_error", 0) == base.get("internal_error", 0), (
-                "a malformed worker message raised inside the coordinator",
-                counters,
-            )
-            ids = [w["id"] for w in status["workers"]]
-            assert "spoofed" not in ids, f"READY info overwrote the worker table's id: {ids}"
+            _probe_malformed_worker_fields(c, cluster, sock, wid, job, rnd)
             os.kill(worker.pid, signal.SIGCONT)
             stopped = False
             done = c.wait(job, timeout=60, poll=0.05)
