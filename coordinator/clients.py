@@ -69,6 +69,9 @@ class ClientHandler:
             k: row[k]
             for k in ("id", "name", "state", "round", "total_rounds", "checkpoint_round", "error")
         }
+        spec = row["spec"]
+        out["micro_batch"] = spec["micro_batch"]
+        out["micro_batches"] = spec["global_batch"] // spec["micro_batch"]
         live = self.service.live_job(row["id"])
         if live is not None:
             out["state"], out["round"], metrics = live

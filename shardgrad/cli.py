@@ -195,6 +195,8 @@ def _peer_auth(a, role):
 
 
 def parser():
+    from .jobspec import MICRO_BATCH_RULE
+
     p = argparse.ArgumentParser(prog="shardgrad", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -267,7 +269,7 @@ def parser():
         ("submit", cmd_submit, "submit a job spec (TOML/JSON)"),
         ("train", cmd_train, "run a job spec in this process"),
     ):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, epilog=MICRO_BATCH_RULE)
         s.add_argument("spec")
         client_args(s)
         s.set_defaults(fn=fn)
