@@ -1,0 +1,350 @@
+"""How the coordinator scales with the number of workers: bytes in and out of the coordinator
+per round, and round time, for N = 1, 2, 4, ... worker processes on this machine. Prints
+markdown (issue 13, part 3; the scale model built on it is docs/scaling.md).
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py \
+        [--workers 1,2,4,8,16,32] [--rounds 6] [--warmup 2] [--mode star,hierarchical]
+
+Workload: an MLP 784-1250-10 (993,760 float32 parameters, S = 3.98 MB), big enough that
+moving it costs more than computing on the small batch (global_batch 64, micro_batch 1, so
+64 micro-batches: every N up to 32 gets 2 blocks per worker), builtin:synthetic data, SGD.
+One LocalCluster (real coordinator and worker processes) grows from one N to the next;
+each job has min_workers = N, so all N workers take part in every round.
+
+Bytes per round, two independent ways:
+  * computed: per round the star coordinator sends each worker that holds blocks one TASK
+    (header with the spec + a full weight copy) and receives one GRADS per block (header +
+    gradient-sized arrays + the 8-byte loss). The number of blocks is
+    `sampling.assign_blocks(n_micro, N workers)`, the exact function the coordinator uses;
+    each message's size is `len()` of the frames `shardgrad.wire.encode` makes for it (ZMTP
+    adds 9 bytes of framing per frame, counted too). Valid for the star topology only.
+  * measured: the worker port is a TCP port on 127.0.0.1 here (not ipc://), and the kernel
+    counts every byte of every TCP connection: `ss -tinp` gives bytes_acked (out) and
+    bytes_received (in) of each connection the coordinator process owns. The difference
+    between a snapshot before the job is submitted and one after it is done, divided by the
+    job's rounds, is the coordinator's traffic per round, whatever the topology: heartbeats
+    (~100 B per worker per 0.5 s) and the JOB/STOP messages are included and negligible.
+    "n/a" when `ss` is missing.
+
+Round time: the coordinator's own per-round metrics (`Client.metrics(job)` rows), median over
+the rounds after the warm-up: `round_s` (first TASK sent -> step done), `compute_s` (the
+slowest worker's compute), overhead = round_s - compute_s, and of that the coordinator's
+`reduce_s` (summing the block sums) and `step_s`. All N workers and the coordinator share this
+machine's cores, so at large N compute_s includes waiting for a core; subtracting it is what
+makes the overhead comparable across N.
+
+Modes: `star` is the coordinator as it is. `hierarchical` (issue 13 part 2) is a column
+ready for the tree reduction: MODES below maps it to None (not implemented yet), and every
+cell of it prints "n/a". Once it exists, set its entry to the coordinator's extra
+environment / flags that turn it on; the measured byte counts then apply as they are.
+"""
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+from shardgrad import wire  # noqa: E402
+from shardgrad.cluster import LocalCluster  # noqa: E402
+from shardgrad.core import nn  # noqa: E402
+from shardgrad.core.sampling import assign_blocks  # noqa: E402
+
+# mode -> extra environment for the coordinator (None: not available yet, printed as n/a).
+MODES = {"star": {}, "hierarchical": None}
+
+HIDDEN = 1250
+N_FEATURES = 784
+GLOBAL_BATCH = 64
+MICRO_BATCH = 1
+ZMTP_FRAME = 9  # bytes of ZMTP framing per frame (long-frame header: flags + 8-byte size)
+
+
+def make_spec(rounds, min_workers, hidden=HIDDEN):
+    return {
+        "name": f"scale-784-{hidden}-10-n{min_workers}",
+        "model": [
+            {"type": "linear", "out": hidden},
+            {"type": "relu"},
+            {"type": "linear", "out": 10},
+        ],
+        "input_shape": [N_FEATURES],
+        "loss": "cross_entropy",
+        "optimizer": {"type": "sgd", "lr": 0.01},
+        "data": {
+            "source": "builtin:synthetic",
+            "task": "classification",
+            "n_samples": 1024,
+            "n_features": N_FEATURES,
+            "n_classes": 10,
+            "seed": 0,
+        },
+        "global_batch": GLOBAL_BATCH,
+        "micro_batch": MICRO_BATCH,
+        "rounds": rounds,
+        "seed": 0,
+        "min_workers": min_workers,
+        "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
+        "eval": {"holdout": 0.1},
+    }
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _size(frames) -> int:
+    return sum(len(memoryview(f).cast("B")) + ZMTP_FRAME for f in frames)
+
+
+def computed_bytes(spec, n_workers):
+    """(out, in, messages out, messages in) of the star coordinator in one round."""
+    params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
+    n_micro = spec["global_batch"] // spec["micro_batch"]
+    ids = [f"worker-{i}" for i in range(n_workers)]
+    blocks = assign_blocks(n_micro, ids, 2)
+    job = "0123456789abcdef"  # a job id's length
+    out = n_out = 0
+    for wid in ids:
+        if blocks[wid]:
+            fields = {"job": job, "round": 1, "blocks": [list(b) for b in blocks[wid]]}
+            fields["spec"] = spec
+            frames = wire.encode(wire.TASK, fields, [(str(i), w) for i, w in enumerate(params)])
+            out, n_out = out + _size([wid.encode(), *frames]), n_out + 1
+    inn = n_in = 0
+    for wid in ids:
+        for lo, hi in blocks[wid]:
+            fields = {"job": job, "round": 1, "block": [lo, hi], "compute_s": 0.0, "worker": wid}
+            arrays = [(str(i), g) for i, g in enumerate(params)] + [("loss", np.zeros(1))]
+            inn, n_in = (
+                inn + _size([wid.encode(), *wire.encode(wire.GRADS, fields, arrays)]),
+                n_in + 1,
+            )
+    return out, inn, n_out, n_in
+
+
+_PID = re.compile(r"pid=(\d+)")
+_SENT = re.compile(r"bytes_acked:(\d+)")
+_RECV = re.compile(r"bytes_received:(\d+)")
+
+
+def tcp_bytes(pid):
+    """(bytes out, bytes in) so far over every TCP connection process `pid` owns; None
+    without `ss`."""
+    if shutil.which("ss") is None:
+        return None
+    text = subprocess.run(
+        ["ss", "-tinpH"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    out = inn = 0
+    mine = False
+    for line in text.splitlines():
+        if line and not line[0].isspace():  # a connection line; its info follows, indented
+            mine = str(pid) in _PID.findall(line)
+            continue
+        if mine:
+            s, r = _SENT.search(line), _RECV.search(line)
+            out += int(s.group(1)) if s else 0
+            inn += int(r.group(1)) if r else 0
+            mine = False
+    return out, inn
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mode(mode_env, ns, rounds, warmup, log):
+    """{N: result} for one coordinator mode, one growing cluster."""
+    results = {}
+    cluster = LocalCluster(
+        workers=ns[0], worker_bind=f"tcp://127.0.0.1:{free_port()}", env=mode_env
+    ).start()
+    try:
+        for n in ns:
+            while len(cluster.workers) < n:
+                cluster.add_worker()
+            cluster.wait_workers(n, timeout=300)
+            spec = make_spec(rounds + warmup, n)
+            with cluster.client(timeout=60) as c:
+                before = tcp_bytes(cluster.coordinator.pid)
+                t0 = time.monotonic()
+                job = c.submit(spec)
+                status = c.wait(job, timeout=1800, poll=0.1)
+                wall = time.monotonic() - t0
+                after = tcp_bytes(cluster.coordinator.pid)
+                assert status["state"] == "done", status
+                all_rows = c.metrics(job)
+            rows = all_rows[warmup:]
+            measured = None
+            if before and after:
+                total = len(all_rows)
+                measured = ((after[0] - before[0]) / total, (after[1] - before[1]) / total)
+            res = {
+                "round_s": median([r["round_s"] for r in rows]),
+                "compute_s": median([r["compute_s"] for r in rows]),
+                "overhead_s": median([r["round_s"] - r["compute_s"] for r in rows]),
+                "reduce_s": median([r["reduce_s"] for r in rows]),
+                "step_s": median([r["step_s"] for r in rows]),
+                "workers": sorted({r["workers"] for r in rows}),
+                "measured": measured,
+                "computed": computed_bytes(spec, n),
+                "wall_s": wall,
+            }
+            results[n] = res
+            log(
+                f"N={n}: round {res['round_s'] * 1e3:.0f} ms, compute {res['compute_s'] * 1e3:.0f}"
+                f" ms, workers/round {res['workers']}, job {wall:.1f} s"
+            )
+    finally:
+        cluster.stop(timeout=60)
+        shutil.rmtree(cluster.tmp, ignore_errors=True)
+    return results
+
+
+def fit(ns, star, model_bytes):
+    """Least-squares constants of  overhead - reduce - step = (bytes out + in) / bw +
+    (messages) * c_msg + c0  and  reduce = (blocks - 1) * S / add_rate, over the star runs."""
+    xs, ys, red = [], [], []
+    for n in ns:
+        r = star[n]
+        out, inn, n_out, n_in = r["computed"]
+        xs.append([out + inn, n_out + n_in, 1.0])
+        ys.append(r["overhead_s"] - r["reduce_s"] - r["step_s"])
+        red.append((max(n_in - 1, 1) * model_bytes, r["reduce_s"]))
+    A, y = np.array(xs), np.array(ys)
+    # bytes and messages are nearly collinear (both grow with N at one model size); the
+    # per-message cost is tiny next to 4 MB at ~GB/s, so fit bytes + constant, and read
+    # c_msg off the N=1..2 intercept difference instead of trusting a 3-way fit.
+    coef, *_ = np.linalg.lstsq(A[:, [0, 2]], y, rcond=None)
+    inv_bw, c0 = coef
+    add_rate = sum(b for b, _ in red) / max(sum(t for _, t in red), 1e-12)
+    pred = A[:, [0, 2]] @ coef
+    return {
+        "bw": 1 / inv_bw if inv_bw > 0 else float("inf"),
+        "c0": c0,
+        "add_rate": add_rate,
+        "pred": dict(zip(ns, pred, strict=True)),
+        "obs": dict(zip(ns, y, strict=True)),
+    }
+
+
+def mb(x):
+    return f"{x / 1e6:.2f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", default="1,2,4,8,16,32", help="comma-separated N values")
+    ap.add_argument("--rounds", type=int, default=6, help="measured rounds per N")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--mode", default="star,hierarchical", help="comma-separated: star, hierarchical"
+    )
+    a = ap.parse_args()
+    ns = sorted({int(x) for x in a.workers.split(",")})
+    modes = [m.strip() for m in a.mode.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {unknown}; known: {sorted(MODES)}")
+
+    spec = make_spec(1, 1)
+    params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
+    n_params = sum(p.size for p in params)
+    model_bytes = n_params * 4
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    results = {}
+    for mode in modes:
+        if MODES[mode] is None:
+            log(f"mode {mode}: not implemented in the coordinator yet, printed as n/a")
+            results[mode] = {}
+            continue
+        log(f"mode {mode}: N = {ns}")
+        results[mode] = run_mode(MODES[mode], ns, a.rounds, a.warmup, log)
+
+    print(
+        f"\nMachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}. "
+        f"Model MLP 784-{HIDDEN}-10: {n_params:,} parameters, S = {mb(model_bytes)} MB; "
+        f"global_batch {GLOBAL_BATCH}, micro_batch {MICRO_BATCH}; {a.rounds} measured rounds "
+        f"after {a.warmup} warm-up; medians. Goal: coordinator bytes per round <= 2 S = "
+        f"{mb(2 * model_bytes)} MB each way.\n"
+    )
+
+    def cell(mode, n, f):
+        r = results.get(mode, {}).get(n)
+        return f(r) if r else "n/a"
+
+    def comp(mode, i):  # the computed count is the star's message pattern only
+        return lambda r: mb(r["computed"][i]) if mode == "star" else "n/a"
+
+    def meas(i):
+        return lambda r: mb(r["measured"][i]) if r["measured"] else "n/a"
+
+    def per_s(r):
+        return f"{(r['measured'] or r['computed'])[1] / model_bytes:.1f}"
+
+    def ms(*keys):
+        return lambda r: f"{sum(r[k] for k in keys) * 1e3:.0f}"
+
+    print("### Coordinator bytes per round (MB): computed from the wire format / measured (TCP)\n")
+    head = "| N | blocks |"
+    for m in modes:
+        head += f" {m} out | {m} in | {m} in / S |"
+    print(head)
+    print("|---" * (2 + 3 * len(modes)) + "|")
+    for n in ns:
+        line = f"| {n} | {computed_bytes(spec, n)[3]} |"
+        for m in modes:
+            line += f" {cell(m, n, comp(m, 0))} / {cell(m, n, meas(0))} |"
+            line += f" {cell(m, n, comp(m, 1))} / {cell(m, n, meas(1))} |"
+            line += f" {cell(m, n, per_s)} |"
+        print(line)
+
+    print("\n### Round time (ms, medians)\n")
+    head = "| N |"
+    for m in modes:
+        head += f" {m} round | {m} compute | {m} overhead | {m} reduce + step |"
+    print(head)
+    print("|---" * (1 + 4 * len(modes)) + "|")
+    for n in ns:
+        line = f"| {n} |"
+        for m in modes:
+            line += f" {cell(m, n, ms('round_s'))} | {cell(m, n, ms('compute_s'))} |"
+            line += f" {cell(m, n, ms('overhead_s'))} | {cell(m, n, ms('reduce_s', 'step_s'))} |"
+        print(line)
+
+    star = results.get("star", {})
+    if len(star) >= 2:
+        f = fit(ns, star, model_bytes)
+        print(
+            "\n### Star fit: overhead - reduce - step = bytes / bw + c0\n\n"
+            f"bw = {f['bw'] / 1e9:.2f} GB/s (coordinator's effective, both directions "
+            f"together), c0 = {f['c0'] * 1e3:.1f} ms; reduce: {f['add_rate'] / 1e9:.2f} GB/s "
+            "of block sums added.\n"
+        )
+        print("| N | observed ms | model ms |")
+        print("|---|---|---|")
+        for n in ns:
+            print(f"| {n} | {f['obs'][n] * 1e3:.0f} | {f['pred'][n] * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
