@@ -168,8 +168,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_mode(mode_env, ns, rounds, warmup, log):
-    """{N: result} for one coordinator mode, one growing cluster."""
+def run_mode(mode_env, ns, rounds, warmup, log, hidden=HIDDEN):
+    """{N: result} for one coordinator mode and model, one growing cluster."""
     results = {}
     cluster = LocalCluster(
         workers=ns[0], worker_bind=f"tcp://127.0.0.1:{free_port()}", env=mode_env
@@ -179,7 +179,7 @@ def run_mode(mode_env, ns, rounds, warmup, log):
             while len(cluster.workers) < n:
                 cluster.add_worker()
             cluster.wait_workers(n, timeout=300)
-            spec = make_spec(rounds + warmup, n)
+            spec = make_spec(rounds + warmup, n, hidden)
             with cluster.client(timeout=60) as c:
                 before = tcp_bytes(cluster.coordinator.pid)
                 t0 = time.monotonic()
@@ -207,8 +207,8 @@ def run_mode(mode_env, ns, rounds, warmup, log):
             }
             results[n] = res
             log(
-                f"N={n}: round {res['round_s'] * 1e3:.0f} ms, compute {res['compute_s'] * 1e3:.0f}"
-                f" ms, workers/round {res['workers']}, job {wall:.1f} s"
+                f"hidden {hidden}, N={n}: round {res['round_s'] * 1e3:.0f} ms, compute "
+                f"{res['compute_s'] * 1e3:.0f} ms, workers/round {res['workers']}, job {wall:.1f} s"
             )
     finally:
         cluster.stop(timeout=60)
@@ -216,30 +216,31 @@ def run_mode(mode_env, ns, rounds, warmup, log):
     return results
 
 
-def fit(ns, star, model_bytes):
-    """Least-squares constants of  overhead - reduce - step = (bytes out + in) / bw +
-    (messages) * c_msg + c0  and  reduce = (blocks - 1) * S / add_rate, over the star runs."""
-    xs, ys, red = [], [], []
-    for n in ns:
-        r = star[n]
+def fit(runs):
+    """Least squares over every star run (both model sizes) of
+
+        overhead - reduce - step = c0 + messages * c_msg + bytes / bw
+
+    (messages and bytes in + out of the coordinator, computed), and of reduce = bytes of
+    block sums added / add_rate. One model size alone cannot separate c_msg from bw: both
+    terms grow with N in the same proportion; the small probe model makes messages cost
+    almost nothing in bytes."""
+    xs, ys, added, red = [], [], 0.0, 0.0
+    for r in runs:
         out, inn, n_out, n_in = r["computed"]
-        xs.append([out + inn, n_out + n_in, 1.0])
+        xs.append([1.0, n_out + n_in, out + inn])
         ys.append(r["overhead_s"] - r["reduce_s"] - r["step_s"])
-        red.append((max(n_in - 1, 1) * model_bytes, r["reduce_s"]))
+        added += max(n_in - 1, 1) * r["model_bytes"]
+        red += r["reduce_s"]
     A, y = np.array(xs), np.array(ys)
-    # bytes and messages are nearly collinear (both grow with N at one model size); the
-    # per-message cost is tiny next to 4 MB at ~GB/s, so fit bytes + constant, and read
-    # c_msg off the N=1..2 intercept difference instead of trusting a 3-way fit.
-    coef, *_ = np.linalg.lstsq(A[:, [0, 2]], y, rcond=None)
-    inv_bw, c0 = coef
-    add_rate = sum(b for b, _ in red) / max(sum(t for _, t in red), 1e-12)
-    pred = A[:, [0, 2]] @ coef
+    (c0, c_msg, inv_bw), *_ = np.linalg.lstsq(A, y, rcond=None)
     return {
-        "bw": 1 / inv_bw if inv_bw > 0 else float("inf"),
         "c0": c0,
-        "add_rate": add_rate,
-        "pred": dict(zip(ns, pred, strict=True)),
-        "obs": dict(zip(ns, y, strict=True)),
+        "c_msg": c_msg,
+        "bw": 1 / inv_bw if inv_bw > 0 else float("inf"),
+        "add_rate": added / max(red, 1e-12),
+        "pred": A @ np.array([c0, c_msg, inv_bw]),
+        "obs": y,
     }
 
 
@@ -252,6 +253,13 @@ def main():
     ap.add_argument("--workers", default="1,2,4,8,16,32", help="comma-separated N values")
     ap.add_argument("--rounds", type=int, default=6, help="measured rounds per N")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden width of 784-H-10")
+    ap.add_argument(
+        "--probe-hidden",
+        type=int,
+        default=16,
+        help="a tiny model run too (star), to separate per-message cost from bandwidth; 0: skip",
+    )
     ap.add_argument(
         "--mode", default="star,hierarchical", help="comma-separated: star, hierarchical"
     )
@@ -262,7 +270,7 @@ def main():
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; known: {sorted(MODES)}")
 
-    spec = make_spec(1, 1)
+    spec = make_spec(1, 1, a.hidden)
     params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
     n_params = sum(p.size for p in params)
     model_bytes = n_params * 4
@@ -277,12 +285,20 @@ def main():
             results[mode] = {}
             continue
         log(f"mode {mode}: N = {ns}")
-        results[mode] = run_mode(MODES[mode], ns, a.rounds, a.warmup, log)
+        results[mode] = run_mode(MODES[mode], ns, a.rounds, a.warmup, log, a.hidden)
+    probe, probe_bytes = {}, 0
+    if a.probe_hidden and "star" in modes:
+        log(f"probe: star, MLP 784-{a.probe_hidden}-10, N = {ns}")
+        probe = run_mode(MODES["star"], ns, a.rounds, a.warmup, log, a.probe_hidden)
+        pspec = make_spec(1, 1, a.probe_hidden)
+        probe_bytes = 4 * sum(
+            p.data.size for p in nn.build(pspec["model"], pspec["input_shape"], 0).parameters()
+        )
 
     print(
         f"\nMachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}. "
-        f"Model MLP 784-{HIDDEN}-10: {n_params:,} parameters, S = {mb(model_bytes)} MB; "
+        f"Model MLP 784-{a.hidden}-10: {n_params:,} parameters, S = {mb(model_bytes)} MB; "
         f"global_batch {GLOBAL_BATCH}, micro_batch {MICRO_BATCH}; {a.rounds} measured rounds "
         f"after {a.warmup} warm-up; medians. Goal: coordinator bytes per round <= 2 S = "
         f"{mb(2 * model_bytes)} MB each way.\n"
@@ -331,19 +347,38 @@ def main():
             line += f" {cell(m, n, ms('overhead_s'))} | {cell(m, n, ms('reduce_s', 'step_s'))} |"
         print(line)
 
+    if probe:
+        print(
+            f"\n### Probe: star, MLP 784-{a.probe_hidden}-10 (S = {probe_bytes / 1e3:.1f} kB), "
+            "where per-message costs dominate (ms, medians)\n"
+        )
+        print("| N | messages in + out | round | compute | overhead | reduce + step |")
+        print("|---|---|---|---|---|---|")
+        for n in ns:
+            r = probe[n]
+            print(
+                f"| {n} | {r['computed'][2] + r['computed'][3]} | {ms('round_s')(r)} "
+                f"| {ms('compute_s')(r)} | {ms('overhead_s')(r)} | {ms('reduce_s', 'step_s')(r)} |"
+            )
+
     star = results.get("star", {})
     if len(star) >= 2:
-        f = fit(ns, star, model_bytes)
+        for r in star.values():
+            r["model_bytes"] = model_bytes
+        for r in probe.values():
+            r["model_bytes"] = probe_bytes
+        runs = [("big", n, star[n]) for n in ns] + [("probe", n, probe[n]) for n in probe]
+        f = fit([r for *_, r in runs])
         print(
-            "\n### Star fit: overhead - reduce - step = bytes / bw + c0\n\n"
-            f"bw = {f['bw'] / 1e9:.2f} GB/s (coordinator's effective, both directions "
-            f"together), c0 = {f['c0'] * 1e3:.1f} ms; reduce: {f['add_rate'] / 1e9:.2f} GB/s "
-            "of block sums added.\n"
+            "\n### Star fit: overhead - reduce - step = c0 + messages * c_msg + bytes / bw\n\n"
+            f"c0 = {f['c0'] * 1e3:.2f} ms, c_msg = {f['c_msg'] * 1e6:.0f} us, "
+            f"bw = {f['bw'] / 1e9:.2f} GB/s (the coordinator's, in and out together); "
+            f"reduce adds block sums at {f['add_rate'] / 1e9:.2f} GB/s.\n"
         )
-        print("| N | observed ms | model ms |")
-        print("|---|---|---|")
-        for n in ns:
-            print(f"| {n} | {f['obs'][n] * 1e3:.0f} | {f['pred'][n] * 1e3:.0f} |")
+        print("| model | N | observed ms | model ms |")
+        print("|---|---|---|---|")
+        for (which, n, _), obs, pred in zip(runs, f["obs"], f["pred"], strict=True):
+            print(f"| {which} | {n} | {obs * 1e3:.1f} | {pred * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

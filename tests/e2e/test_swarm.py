@@ -7,7 +7,7 @@ engine answers. Tests run in file order on one stack (a module fixture):
 
 1. the stack is what a multi-host deployment needs: an overlay network, the coordinator's
    state on a named volume, a replicated worker service, the client port published through
-   the swarm's ingress;
+   host's port;
 2. a job runs while `docker service scale` takes the workers 1 -> 4 -> 2; `status` and the
    per-round metrics show each size taking part in rounds of the running job, and the final
    weights equal `shardgrad train --local`'s bit for bit;
@@ -292,10 +292,15 @@ def test_stack_has_overlay_network_state_volume_and_replicated_workers(stack):
     mounts = services["coordinator"]["TaskTemplate"]["ContainerSpec"]["Mounts"]
     state = [m for m in mounts if m["Target"] == "/state"]
     assert state and state[0]["Type"] == "volume" and state[0]["Source"] == f"{stack.name}_state"
-    ports = services["coordinator"]["EndpointSpec"]["Ports"]
-    assert {"TargetPort": 5556, "PublishedPort": stack.port} == {
-        k: ports[0][k] for k in ("TargetPort", "PublishedPort")
-    }, ports
+    # dnsrr + a host-mode port: no service VIP and no ingress mesh (both need IPVS)
+    endpoint = services["coordinator"]["EndpointSpec"]
+    assert endpoint["Mode"] == "dnsrr", endpoint
+    (port,) = endpoint["Ports"]
+    assert (port["TargetPort"], port["PublishedPort"], port["PublishMode"]) == (
+        5556,
+        stack.port,
+        "host",
+    ), endpoint
     (cid,) = stack.running_containers("coordinator")
     inspect = json.loads(_run(["docker", "inspect", cid]).stdout)[0]
     assert any(m["Name"] == f"{stack.name}_state" for m in inspect["Mounts"]), inspect["Mounts"]
