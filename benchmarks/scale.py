@@ -60,7 +60,9 @@ import zmq  # noqa: E402
 from shardgrad import wire  # noqa: E402
 from shardgrad.cluster import LocalCluster  # noqa: E402
 from shardgrad.core import nn  # noqa: E402
-from shardgrad.core.sampling import assign_blocks  # noqa: E402
+from shardgrad.core.sampling import aligned_blocks, assign_blocks, block_size_for  # noqa: E402
+from shardgrad.jobspec import parse_spec  # noqa: E402
+from shardgrad.training import JobRuntime  # noqa: E402
 
 # mode -> extra environment for the coordinator (None: not available yet, printed as n/a).
 MODES = {"star": {}, "hierarchical": None}
@@ -244,6 +246,60 @@ def fit(runs):
     }
 
 
+# ---- the scale model (docs/scaling.md) -------------------------------------------------------
+TARGETS = [  # the performance benchmark's MLPs (benchmarks/round.py)
+    ("MLP 784-512-512-10, B=1024", (512, 512), 1024),
+    ("MLP 784-256-256-10, B=256", (256, 256), 256),
+]
+LINK_10GBE = 1.17e9  # bytes/s of TCP payload on 10 GbE (10 Gb/s less Ethernet/IP/TCP headers)
+HOSTS = (1, 8, 32, 256)
+MICRO_256 = 256  # micro-batches per round, so that 256 hosts each get one
+
+
+def n_blocks(n_micro, n):
+    return len(aligned_blocks(n_micro, block_size_for(n_micro, n, 2)))
+
+
+def model_star(n, s_bytes, t_comp, k, link, t_step, n_micro):
+    """Predicted star round: compute, then the coordinator's serial work per message and
+    per byte (the link's direction that carries most, or the coordinator's own byte rate,
+    whichever is slower), the reduction of the block sums, the step."""
+    nb = n_blocks(n_micro, n)
+    senders = min(n, nb)  # workers without a block get no TASK
+    msgs = senders + nb
+    move = max(nb * s_bytes / link, (senders + nb) * s_bytes / k["bw"])
+    return t_comp + k["c0"] + msgs * k["c_msg"] + move + (nb - 1) * s_bytes / k["add_rate"] + t_step
+
+
+def model_tree(n, s_bytes, t_comp, k, link, t_step):
+    """Predicted hierarchical round: a binary reduction tree over the workers, ceil(log2 N)
+    levels up (each a message of S, received and added) and the new weights the same
+    levels down, store-and-forward; the coordinator sends and receives one S."""
+    levels = int(np.ceil(np.log2(n))) if n > 1 else 0
+    hop = s_bytes / link + k["c_msg"]
+    own = 2 * (s_bytes / k["bw"] + k["c_msg"])  # the root's exchange with the coordinator
+    return t_comp + k["c0"] + own + 2 * levels * hop + levels * s_bytes / k["add_rate"] + t_step
+
+
+def micro_batch_compute(hidden, batch, micro, repeats=7):
+    """Median seconds of one micro-batch's forward + backward for an MLP of the targets."""
+    model = []
+    for h in hidden:
+        model += [{"type": "linear", "out": h}, {"type": "relu"}]
+    model.append({"type": "linear", "out": 10})
+    spec = make_spec(1, 1)
+    spec.update(model=model, global_batch=batch, micro_batch=micro)
+    spec["data"] = {**spec["data"], "n_samples": 4 * batch}
+    rt = JobRuntime(parse_spec(spec))
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        rt.micro_batch_grad(0, i % rt.n_micro)
+        times.append(time.perf_counter() - t0)
+    n_params = sum(p.data.size for p in rt.params)
+    return median(times[2:]), n_params
+
+
 def mb(x):
     return f"{x / 1e6:.2f}"
 
@@ -379,6 +435,47 @@ def main():
         print("|---|---|---|---|")
         for (which, n, _), obs, pred in zip(runs, f["obs"], f["pred"], strict=True):
             print(f"| {which} | {n} | {obs * 1e3:.1f} | {pred * 1e3:.1f} |")
+
+        # The whole star round, predicted with this machine as the "link" (its measured
+        # bandwidth), against the measured round: the model's check at N <= 32.
+        print("\n### The star model against the measured round (this machine, ms)\n")
+        print("| N | measured round | model round | model coordinator part |")
+        print("|---|---|---|---|")
+        n_micro = GLOBAL_BATCH // MICRO_BATCH
+        step_s = median([star[n]["step_s"] for n in ns])
+        for n in ns:
+            r = star[n]
+            pred = model_star(n, model_bytes, r["compute_s"], f, f["bw"], step_s, n_micro)
+            print(
+                f"| {n} | {r['round_s'] * 1e3:.0f} | {pred * 1e3:.0f} "
+                f"| {(pred - r['compute_s']) * 1e3:.0f} |"
+            )
+
+        print(
+            f"\n### Extrapolation: {MICRO_256} micro-batches per round, 10 GbE "
+            f"({LINK_10GBE / 1e9:.2f} GB/s payload each way), this machine's constants "
+            "(ms per round; coordinator MB in per round)\n"
+        )
+        print(
+            "| model | params | hosts | compute | star round | star MB in | "
+            "hierarchical round | hierarchical MB in |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        step_rate = model_bytes / max(step_s, 1e-9)  # SGD step, bytes of weights per second
+        for label, hidden, batch in TARGETS:
+            micro = max(1, batch // MICRO_256)
+            t_mb, n_params = micro_batch_compute(hidden, batch, micro)
+            s_bytes = 4 * n_params
+            for n in HOSTS:
+                t_comp = t_mb * -(-MICRO_256 // n)  # the busiest host's micro-batches
+                t_step = s_bytes / step_rate
+                st = model_star(n, s_bytes, t_comp, f, LINK_10GBE, t_step, MICRO_256)
+                tr = model_tree(n, s_bytes, t_comp, f, LINK_10GBE, t_step)
+                nb = n_blocks(MICRO_256, n)
+                print(
+                    f"| {label} | {n_params:,} | {n} | {t_comp * 1e3:.1f} | {st * 1e3:.0f} "
+                    f"| {nb * s_bytes / 1e6:,.0f} | {tr * 1e3:.0f} | {s_bytes / 1e6:.1f} |"
+                )
 
 
 if __name__ == "__main__":
