@@ -3,11 +3,13 @@ per round, and round time, for N = 1, 2, 4, ... worker processes on this machine
 markdown (issue 13, part 3; the scale model built on it is docs/scaling.md).
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py \
-        [--workers 1,2,4,8,16,32] [--rounds 6] [--warmup 2] [--mode star,hierarchical]
+        [--workers 1,2,4,8,16,32] [--rounds 10] [--warmup 2] [--mode star,hierarchical]
 
-Workload: an MLP 784-1250-10 (993,760 float32 parameters, S = 3.98 MB), big enough that
-moving it costs more than computing on the small batch (global_batch 64, micro_batch 1, so
-64 micro-batches: every N up to 32 gets 2 blocks per worker), builtin:synthetic data, SGD.
+Workload: an MLP 784-1250-10 (993,760 float32 parameters, S = 3.98 MB: every copy costs
+milliseconds to move) on a small batch (global_batch 64, micro_batch 1: 64 micro-batches,
+so every N up to 32 gets 2 blocks per worker and each worker's compute shrinks as 1/N),
+builtin:synthetic data, SGD. A probe run with a tiny MLP 784-16-10 (51 kB) measures what a
+message costs regardless of its size (--probe-hidden 0 skips it).
 One LocalCluster (real coordinator and worker processes) grows from one N to the next;
 each job has min_workers = N, so all N workers take part in every round.
 
@@ -33,6 +35,13 @@ slowest worker's compute), overhead = round_s - compute_s, and of that the coord
 machine's cores, so at large N compute_s includes waiting for a core; subtracting it is what
 makes the overhead comparable across N.
 
+The fit and the model: least squares (non-negative) of the coordinator's overhead over all
+runs gives c0 (per round), c_msg (per message) and bw (bytes per second through the
+coordinator), and the reduction's rate; the star model is then checked against every
+measured round, and extrapolated to 1-256 hosts on 10 GbE for the performance benchmark's
+two MLPs (their per-micro-batch compute is measured here, with 256 micro-batches per round
+so that 256 hosts each get one). docs/scaling.md explains the model.
+
 Modes: `star` is the coordinator as it is. `hierarchical` (issue 13 part 2) is a column
 ready for the tree reduction: MODES below maps it to None (not implemented yet), and every
 cell of it prints "n/a". Once it exists, set its entry to the coordinator's extra
@@ -45,6 +54,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -218,6 +228,23 @@ def run_mode(mode_env, ns, rounds, warmup, log, hidden=HIDDEN):
     return results
 
 
+def nnls(A, y):
+    """Least squares with every coefficient >= 0 (a cost cannot be negative): the best of
+    the plain fits over each subset of the columns whose coefficients all come out >= 0."""
+    best, best_err = np.zeros(A.shape[1]), float(np.sum(y**2))
+    for mask in range(1, 1 << A.shape[1]):
+        cols = [i for i in range(A.shape[1]) if mask >> i & 1]
+        coef, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(A.shape[1])
+        full[cols] = coef
+        err = float(np.sum((A @ full - y) ** 2))
+        if err < best_err:
+            best, best_err = full, err
+    return best
+
+
 def fit(runs):
     """Least squares over every star run (both model sizes) of
 
@@ -235,7 +262,10 @@ def fit(runs):
         added += max(n_in - 1, 1) * r["model_bytes"]
         red += r["reduce_s"]
     A, y = np.array(xs), np.array(ys)
-    (c0, c_msg, inv_bw), *_ = np.linalg.lstsq(A, y, rcond=None)
+    # Relative errors: the noise (other processes on the cores) grows with the value, and
+    # the probe's few ms must count as much as the big model's hundreds.
+    w = 1 / np.maximum(np.abs(y), 1e-3)
+    c0, c_msg, inv_bw = nnls(A * w[:, None], y * w)
     return {
         "c0": c0,
         "c_msg": c_msg,
@@ -307,7 +337,7 @@ def mb(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", default="1,2,4,8,16,32", help="comma-separated N values")
-    ap.add_argument("--rounds", type=int, default=6, help="measured rounds per N")
+    ap.add_argument("--rounds", type=int, default=10, help="measured rounds per N")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden width of 784-H-10")
     ap.add_argument(
@@ -319,6 +349,8 @@ def main():
     ap.add_argument(
         "--mode", default="star,hierarchical", help="comma-separated: star, hierarchical"
     )
+    ap.add_argument("--save", metavar="JSON", help="also write the raw measurements here")
+    ap.add_argument("--load", metavar="JSON", help="analyse a --save file instead of running")
     a = ap.parse_args()
     ns = sorted({int(x) for x in a.workers.split(",")})
     modes = [m.strip() for m in a.mode.split(",")]
@@ -334,18 +366,28 @@ def main():
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    results = {}
-    for mode in modes:
-        if MODES[mode] is None:
-            log(f"mode {mode}: not implemented in the coordinator yet, printed as n/a")
-            results[mode] = {}
-            continue
-        log(f"mode {mode}: N = {ns}")
-        results[mode] = run_mode(MODES[mode], ns, a.rounds, a.warmup, log, a.hidden)
-    probe, probe_bytes = {}, 0
-    if a.probe_hidden and "star" in modes:
-        log(f"probe: star, MLP 784-{a.probe_hidden}-10, N = {ns}")
-        probe = run_mode(MODES["star"], ns, a.rounds, a.warmup, log, a.probe_hidden)
+    results, probe = {}, {}
+    if a.load:  # re-analyse a saved run (--save) without running anything
+        with open(a.load) as fh:
+            saved = json.load(fh)
+        results = {m: {int(n): r for n, r in v.items()} for m, v in saved["results"].items()}
+        probe = {int(n): r for n, r in saved["probe"].items()}
+    else:
+        for mode in modes:
+            if MODES[mode] is None:
+                log(f"mode {mode}: not implemented in the coordinator yet, printed as n/a")
+                results[mode] = {}
+                continue
+            log(f"mode {mode}: N = {ns}")
+            results[mode] = run_mode(MODES[mode], ns, a.rounds, a.warmup, log, a.hidden)
+        if a.probe_hidden and "star" in modes:
+            log(f"probe: star, MLP 784-{a.probe_hidden}-10, N = {ns}")
+            probe = run_mode(MODES["star"], ns, a.rounds, a.warmup, log, a.probe_hidden)
+        if a.save:
+            with open(a.save, "w") as fh:
+                json.dump({"results": results, "probe": probe}, fh, indent=1)
+    probe_bytes = 0
+    if probe:
         pspec = make_spec(1, 1, a.probe_hidden)
         probe_bytes = 4 * sum(
             p.data.size for p in nn.build(pspec["model"], pspec["input_shape"], 0).parameters()
