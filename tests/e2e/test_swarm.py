@@ -22,6 +22,7 @@ left only if this test initialised it (an engine that already is a swarm node st
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -66,6 +67,11 @@ UP_WITHIN = 180  # first deploy: overlay network, ingress, healthcheck
 SCALE_WITHIN = 120
 JOB_WITHIN = 400
 GONE_WITHIN = 120
+LOCK_WITHIN = 600
+
+# The engine and its swarm are the machine's: two runs of this file at once (two clones,
+# two engineers) would init and leave one swarm under each other. This lock serialises them.
+LOCK_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "shardgrad-swarm-e2e.lock"
 
 FINAL = {"done", "failed", "cancelled"}
 
@@ -213,8 +219,30 @@ def _job_spec(tmp: Path) -> Path:
     return path
 
 
+def _take_lock():
+    fh = open(LOCK_FILE, "a")  # held (and locked) for the whole module
+
+    def taken():
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    _wait_for(f"the swarm test lock {LOCK_FILE} (another run of this file)", taken, LOCK_WITHIN)
+    return fh
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    lock = _take_lock()
+    try:
+        yield from _stack(tmp_path_factory)
+    finally:
+        lock.close()  # releases the lock
+
+
+def _stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("swarm")
     name = f"sgswarm{uuid.uuid4().hex[:6]}"
     port = _free_port()
