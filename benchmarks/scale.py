@@ -399,7 +399,8 @@ def main():
         f"Model MLP 784-{a.hidden}-10: {n_params:,} parameters, S = {mb(model_bytes)} MB; "
         f"global_batch {GLOBAL_BATCH}, micro_batch {MICRO_BATCH}; {a.rounds} measured rounds "
         f"after {a.warmup} warm-up; medians. Goal: coordinator bytes per round <= 2 S = "
-        f"{mb(2 * model_bytes)} MB each way.\n"
+        f"{mb(2 * model_bytes)} MB each way. Load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes share the cores).\n"
     )
 
     def cell(mode, n, f):
