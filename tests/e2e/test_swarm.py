@@ -359,6 +359,7 @@ def test_scale_workers_1_4_2_mid_job_matches_local(stack):
 
     # 1 -> 4, then 4 -> 2, while the job runs
     for n in (4, 2):
+        before = stack.job(job)["round"]  # rounds after this one may have the new size
         stack.scale("worker", n)
         _wait_for(
             f"{n} live workers in status",
@@ -366,16 +367,6 @@ def test_scale_workers_1_4_2_mid_job_matches_local(stack):
             SCALE_WITHIN,
             stack.logs,
         )
-        after = sizes[-1][1]
-        hits = _wait_for(
-            f"a round with {n} workers",
-            lambda n=n, after=after: rows_with(n, after),
-            SCALE_WITHIN,
-            stack.logs,
-        )
-        state = stack.job(job)["state"]
-        assert state in ("running", "paused"), f"job {job} is {state} right after scaling to {n}"
-        sizes.append((n, hits[0]["round"]))
         # A worker told to go leaves (BYE) before its container has finished exiting.
         _wait_for(
             f"{n} running worker containers",
@@ -383,6 +374,15 @@ def test_scale_workers_1_4_2_mid_job_matches_local(stack):
             SCALE_WITHIN,
             lambda: stack.tasks("worker"),
         )
+        hits = _wait_for(
+            f"a round with {n} workers",
+            lambda n=n, before=before: rows_with(n, before),
+            SCALE_WITHIN,
+            stack.logs,
+        )
+        state = stack.job(job)["state"]
+        assert state in ("running", "paused"), f"job {job} is {state} right after scaling to {n}"
+        sizes.append((n, hits[0]["round"]))
     print(f"\n[swarm] worker counts and the first round each took part in: {sizes}")
 
     def finished():
