@@ -358,11 +358,6 @@ def main():
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; known: {sorted(MODES)}")
 
-    spec = make_spec(1, 1, a.hidden)
-    params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
-    n_params = sum(p.size for p in params)
-    model_bytes = n_params * 4
-
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -372,6 +367,9 @@ def main():
             saved = json.load(fh)
         results = {m: {int(n): r for n, r in v.items()} for m, v in saved["results"].items()}
         probe = {int(n): r for n, r in saved["probe"].items()}
+        for key, value in saved.get("args", {}).items():
+            setattr(a, key, value)  # the run's own settings, for the headers
+        ns = sorted({n for v in results.values() for n in v} | set(probe))
     else:
         for mode in modes:
             if MODES[mode] is None:
@@ -385,7 +383,13 @@ def main():
             probe = run_mode(MODES["star"], ns, a.rounds, a.warmup, log, a.probe_hidden)
         if a.save:
             with open(a.save, "w") as fh:
-                json.dump({"results": results, "probe": probe}, fh, indent=1)
+                args = {k: getattr(a, k) for k in ("rounds", "warmup", "hidden", "probe_hidden")}
+                json.dump({"args": args, "results": results, "probe": probe}, fh, indent=1)
+    spec = make_spec(1, 1, a.hidden)
+    params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
+    n_params = sum(p.size for p in params)
+    model_bytes = n_params * 4
+
     probe_bytes = 0
     if probe:
         pspec = make_spec(1, 1, a.probe_hidden)
