@@ -15,18 +15,20 @@ each job has min_workers = N, so all N workers take part in every round.
 
 Bytes per round, two independent ways:
   * computed: per round the star coordinator sends each worker that holds blocks one TASK
-    (header with the spec + a full weight copy) and receives one GRADS per block (header +
-    gradient-sized arrays + the 8-byte loss). The number of blocks is
+    (header with the spec + a full weight copy) and receives one GRADS per tree node it
+    assigned (header + gradient-sized arrays + the 8-byte loss); the nodes are
     `sampling.assign_blocks(n_micro, N workers)`, the exact function the coordinator uses;
     each message's size is `len()` of the frames `shardgrad.wire.encode` makes for it (ZMTP
-    adds 9 bytes of framing per frame, counted too). Valid for the star topology only.
+    adds 9 bytes of framing per frame, counted too). Valid for the star topology only, and
+    blind to verification (spec `verify`, 5 % by default: random blocks also computed by a
+    second worker, whose GRADS come on top).
   * measured: the worker port is a TCP port on 127.0.0.1 here (not ipc://), and the kernel
     counts every byte of every TCP connection: `ss -tinp` gives bytes_acked (out) and
     bytes_received (in) of each connection the coordinator process owns. The difference
     between a snapshot before the job is submitted and one after it is done, divided by the
     job's rounds, is the coordinator's traffic per round, whatever the topology: heartbeats
-    (~100 B per worker per 0.5 s) and the JOB/STOP messages are included and negligible.
-    "n/a" when `ss` is missing.
+    (~100 B per worker per 0.5 s) and the JOB/STOP messages are included and negligible;
+    verification's extra GRADS are included too. "n/a" when `ss` is missing.
 
 Round time: the coordinator's own per-round metrics (`Client.metrics(job)` rows), median over
 the rounds after the warm-up: `round_s` (first TASK sent -> step done), `compute_s` (the
@@ -265,6 +267,8 @@ def fit(runs):
     xs, ys, added, red = [], [], 0.0, 0.0
     for r in runs:
         out, inn, n_out, n_in = r["computed"]
+        if r["measured"]:  # the kernel's count also has what the computed one cannot know
+            out, inn = r["measured"]  # (verification's second copies of random blocks)
         xs.append([1.0, n_out + n_in, out + inn])
         ys.append(r["overhead_s"] - r["reduce_s"] - r["step_s"])
         added += max(n_in - 1, 1) * r["model_bytes"]
@@ -370,12 +374,13 @@ def main():
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    results, probe = {}, {}
+    results, probe, target_compute = {}, {}, {}
     if a.load:  # re-analyse a saved run (--save) without running anything
         with open(a.load) as fh:
             saved = json.load(fh)
         results = {m: {int(n): r for n, r in v.items()} for m, v in saved["results"].items()}
         probe = {int(n): r for n, r in saved["probe"].items()}
+        target_compute = saved.get("target_compute", {})  # else measured now
         for key, value in saved.get("args", {}).items():
             setattr(a, key, value)  # the run's own settings, for the headers
         ns = sorted({n for v in results.values() for n in v} | set(probe))
@@ -390,10 +395,14 @@ def main():
         if a.probe_hidden and "star" in modes:
             log(f"probe: star, MLP 784-{a.probe_hidden}-10, N = {ns}")
             probe = run_mode(MODES["star"], ns, a.rounds, a.warmup, log, a.probe_hidden)
+        log("one micro-batch of each target MLP (for the extrapolation)")
+        for label, hidden, batch in TARGETS:
+            target_compute[label] = micro_batch_compute(hidden, batch, max(1, batch // MICRO_256))
         if a.save:
             with open(a.save, "w") as fh:
                 args = {k: getattr(a, k) for k in ("rounds", "warmup", "hidden", "probe_hidden")}
-                json.dump({"args": args, "results": results, "probe": probe}, fh, indent=1)
+                saved = {"args": args, "results": results, "probe": probe}
+                json.dump({**saved, "target_compute": target_compute}, fh, indent=1)
     spec = make_spec(1, 1, a.hidden)
     params = [p.data for p in nn.build(spec["model"], spec["input_shape"], 0).parameters()]
     n_params = sum(p.size for p in params)
@@ -433,7 +442,7 @@ def main():
         return lambda r: f"{sum(r[k] for k in keys) * 1e3:.0f}"
 
     print("### Coordinator bytes per round (MB): computed from the wire format / measured (TCP)\n")
-    head = "| N | blocks |"
+    head = "| N | GRADS / round |"
     for m in modes:
         head += f" {m} out | {m} in | {m} in / S |"
     print(head)
@@ -519,8 +528,11 @@ def main():
         print("|---|---|---|---|---|---|---|---|")
         step_rate = model_bytes / max(step_s, 1e-9)  # SGD step, bytes of weights per second
         for label, hidden, batch in TARGETS:
-            micro = max(1, batch // MICRO_256)
-            t_mb, n_params = micro_batch_compute(hidden, batch, micro)
+            if label not in target_compute:
+                target_compute[label] = micro_batch_compute(
+                    hidden, batch, max(1, batch // MICRO_256)
+                )
+            t_mb, n_params = target_compute[label]
             s_bytes = 4 * n_params
             for n in HOSTS:
                 t_comp = t_mb * -(-MICRO_256 // n)  # the busiest host's micro-batches
