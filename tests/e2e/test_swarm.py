@@ -72,6 +72,9 @@ LOCK_WITHIN = 600
 # The engine and its swarm are the machine's: two runs of this file at once (two clones,
 # two engineers) would init and leave one swarm under each other. This lock serialises them.
 LOCK_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / "shardgrad-swarm-e2e.lock"
+# Present from `swarm init` to `swarm leave`: a swarm found active with this file present was
+# made by a run that died before leaving (SIGKILL, a lost machine), so this run cleans it up.
+MADE_MARKER = LOCK_FILE.with_suffix(".made")
 
 FINAL = {"done", "failed", "cancelled"}
 
@@ -207,6 +210,8 @@ def _teardown(stack: Stack, leave: bool) -> None:
         _run(["docker", "volume", "rm", "-f", vol], check=False, timeout=60)
     if leave and _swarm_state() != "inactive":
         _run(["docker", "swarm", "leave", "--force"], check=False, timeout=120)
+    if leave and _swarm_state() == "inactive":
+        MADE_MARKER.unlink(missing_ok=True)
 
 
 def _job_spec(tmp: Path) -> Path:
@@ -280,11 +285,18 @@ def _stack(tmp_path_factory):
         f'      SHARDGRAD_FAULT_DELAY: "{FAULT_DELAY}"\n'
     )
 
-    made_swarm = _swarm_state() == "inactive"
+    init = _swarm_state() == "inactive"
+    made_swarm = init or MADE_MARKER.exists()
+    if not init and made_swarm:  # a dead run's swarm: remove its stacks, leave it at the end
+        stale = _run(["docker", "stack", "ls", "--format", "{{.Name}}"], check=False).stdout
+        for old_name in (n for n in stale.split() if n.startswith("sgswarm")):
+            print(f"[swarm] removing stack {old_name} left by an earlier run")
+            _teardown(Stack(old_name, 0, env, tmp), leave=False)
     s = Stack(name, port, env, tmp)
     try:
-        if made_swarm:
+        if init:
             _run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"], timeout=120)
+            MADE_MARKER.touch()
         t0 = time.monotonic()
         s.deploy(COMPOSE_FILE, override)
         _wait_for(
