@@ -6,8 +6,8 @@ Run with `make test-swarm` (brings up an engine first) or
 engine answers. Tests run in file order on one stack (a module fixture):
 
 1. the stack is what a multi-host deployment needs: an overlay network, the coordinator's
-   state on a named volume, a replicated worker service, the client port published through
-   host's port;
+   state on a named volume, a replicated worker service, the client port published on the
+   coordinator's host (host mode, dnsrr: no ingress mesh or VIP, which need IPVS);
 2. a job runs while `docker service scale` takes the workers 1 -> 4 -> 2; `status` and the
    per-round metrics show each size taking part in rounds of the running job, and the final
    weights equal `shardgrad train --local`'s bit for bit;
@@ -18,6 +18,10 @@ Sandbox settings are test_compose.py's (local base image, host-built wheelhouse)
 the image is deployed by its ID (`sha256:...`), because a swarm node tries to pull a tagged
 image from its registry before every task start and there is none here; and the swarm is
 left only if this test initialised it (an engine that already is a swarm node stays one).
+A lock file serialises runs of this file on one machine (one engine, one swarm), and a
+marker file lets a run clean up the swarm and stacks of a run that died before leaving.
+The workers sleep SHARDGRAD_FAULT_DELAY per micro-batch (an override file added to the
+deploy), so that the job outlasts both scalings on any machine.
 """
 
 from __future__ import annotations
