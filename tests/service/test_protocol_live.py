@@ -244,7 +244,12 @@ class Live:
             ct = self.counters()
             return ct if sum(ct.get(k, 0) - before.get(k, 0) for k in keys) >= n else None
 
-        return self.svc.wait_for(grown, 10, f"counters {keys} to grow by {n} {what}")
+        try:
+            return self.svc.wait_for(grown, 10, f"counters {keys} to grow by {n} {what}")
+        except TimeoutError as e:  # say what did move, for a post-mortem
+            now = self.counters()
+            moved = {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
+            raise TimeoutError(f"{e}; counters that moved: {moved}") from None
 
     def grads(self, arrays, **fields):
         # it claims its own connection's id: the coordinator refuses a GRADS that claims
