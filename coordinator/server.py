@@ -30,6 +30,7 @@ from ..security import Gate
 from ..training import JobRuntime, weights_digest
 from . import checkpoint
 from .clients import ClientHandler
+from .http import http_server
 from .membership import Membership
 from .rounds import Round
 from .store import Store
@@ -72,7 +73,9 @@ class ActiveJob:
 
 
 class Coordinator:
-    def __init__(self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None):
+    def __init__(
+        self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, http=None
+    ):
         self.cfg = config or Config()
         self.data_root = data_root
         self.store = Store(state_dir)
@@ -94,6 +97,7 @@ class Coordinator:
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_handler = ClientHandler(self)
+        self.http = http_server(http, self.store.dir)  # dashboard, JSON API, /metrics
         if auth is None:
             log.warning(
                 "running without --keys: anyone who can reach %s and %s can join or submit",
@@ -127,6 +131,7 @@ class Coordinator:
                 if self.clients in ready:
                     self._drain(self.clients, wire.CLIENT_TYPES, self.client_handler.handle)
                 self.tick()
+                self.http.publish(self)  # a fresh snapshot for the HTTP threads, <= 4/s
         finally:
             self.shutdown()
 
@@ -393,6 +398,7 @@ class Coordinator:
         if done or rt.position(job.next_round)[1] == 0:
             row.update(rt.evaluate())
         job.metrics.append(row)
+        self.http.observe_round(job.id, row)
         if done:
             return self.finish_job()
         if job.next_round % rt.spec.checkpoint_every == 0:
@@ -439,6 +445,7 @@ class Coordinator:
         self.workers.close(0)
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()
+        self.http.close()
         self.ctx.term()
 
 
@@ -454,9 +461,18 @@ def _worker_info(msg) -> dict:
     return out
 
 
-def main(worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, ready=None):
+def main(
+    worker_bind,
+    client_bind,
+    state_dir,
+    data_root=None,
+    config=None,
+    auth=None,
+    ready=None,
+    http=None,
+):
     """Run a coordinator until SIGTERM / SIGINT (it checkpoints, then exits)."""
-    coord = Coordinator(worker_bind, client_bind, state_dir, data_root, config, auth)
+    coord = Coordinator(worker_bind, client_bind, state_dir, data_root, config, auth, http)
     signal.signal(signal.SIGTERM, coord.request_stop)
     signal.signal(signal.SIGINT, coord.request_stop)
     if ready:
