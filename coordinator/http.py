@@ -112,7 +112,15 @@ class Off:
 
 class HttpServer:
     def __init__(self, bind: str, url_file: str | None = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        disable_created_metrics()  # the *_created series only double what a scrape shows
 
         host, port = parse_bind(bind)
         # A private registry: several coordinators may live in one process (the tests).
