@@ -331,10 +331,16 @@ class _SnapshotCollector:
             yield CounterMetricFamily(
                 f"shardgrad_{metric}", f"Coordinator counter '{name}' (as in status)", value
             )
-        yield from _job_metrics(snap["jobs"])
+        yield from _job_metrics(snap["jobs"], snap.get("metrics", {}))
 
 
-def _job_metrics(jobs):
+def _last(rows, key):
+    """The latest value of `key` in a job's metrics rows (loss is only on step rounds,
+    accuracy / mse only at epoch ends)."""
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _job_metrics(jobs, metrics):
     from prometheus_client.core import GaugeMetricFamily
 
     fams = {
@@ -366,9 +372,9 @@ def _job_metrics(jobs):
         states[j["state"]] = states.get(j["state"], 0) + 1
         fams["round"].add_metric([j["id"], j["name"]], j["round"] or 0)
         fams["total"].add_metric([j["id"], j["name"]], j["total_rounds"] or 0)
-        last = {**(j.get("last") or {}), **(j.get("eval") or {})}
+        rows = metrics.get(j["id"], ())
         for key in ("loss", "accuracy", "mse"):
-            v = last.get(key)
+            v = _last(rows, key)
             if isinstance(v, int | float):
                 fams[key].add_metric([j["id"]], v)
     for state in ("queued", "running", "paused", "done", "failed", "cancelled"):
