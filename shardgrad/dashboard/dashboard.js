@@ -40,7 +40,10 @@ function fmtDuration(s) {
 
 // ---- jobs ---------------------------------------------------------------------------------
 function evalText(job) {
-  const ev = Object.assign({}, job.last || {}, job.eval || {});
+  // A running job evaluates at epoch ends: its latest evaluation is in its metrics rows.
+  const rows = state.metrics.get(job.id) || [];
+  const lastEval = rows.findLast((r) => typeof r.accuracy === "number" || typeof r.mse === "number");
+  const ev = Object.assign({}, lastEval || {}, job.last || {}, job.eval || {});
   if (ev.accuracy !== undefined && ev.accuracy !== null) return `acc ${(ev.accuracy * 100).toFixed(2)}%`;
   if (ev.mse !== undefined && ev.mse !== null) return `mse ${fmt(ev.mse)}`;
   return "-";
@@ -192,8 +195,8 @@ function drawChart(svg, series, { logY = false, stacked = false, yLabel = "" } =
   }
   svg.append(el("svg:text", { x: W - R, y: H - 4, "text-anchor": "end" }, "round"));
   svg.append(el("svg:text", { x: 4, y: 12 }, yLabel));
-  // series, last on top; a legend along the top edge
-  let lx = L;
+  // series, last on top; a legend along the top edge, after the axis label
+  let lx = Math.max(L, 16 + 6.5 * yLabel.length);
   for (const s of drawn) {
     const line = s.points.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`).join(" ");
     if (stacked) {
