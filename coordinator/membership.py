@@ -25,7 +25,8 @@ class Membership:
         now = time.monotonic()
         w = self.workers.get(wid)
         if w is None or w.state in ("dead", "left"):
-            self.workers[wid] = WorkerInfo(wid, now, now, info=info or {})
+            # Back from the dead by a heartbeat (which carries no info): keep its host / pid.
+            self.workers[wid] = WorkerInfo(wid, now, now, info=info or (w.info if w else {}))
             return True
         w.last_seen, w.state = now, "alive"
         if info:
