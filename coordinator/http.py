@@ -3,10 +3,10 @@
 
 Threading: the coordinator's loop is single-threaded and mutates its dicts freely, so the
 HTTP threads never read them. Instead the loop *publishes* an immutable snapshot (plain
-dicts, lists and tuples, built at most every PUBLISH_EVERY seconds, and right after a round
-finishes) into `HttpServer.snapshot` with one reference assignment; handlers serve only from
-the snapshot they picked up. Per-round histograms are prometheus_client metrics (thread-safe)
-observed by the loop in `observe_round`.
+dicts, lists and tuples, built at most every PUBLISH_EVERY seconds, and at once when the
+active job starts, pauses or ends) into `HttpServer.snapshot` with one reference
+assignment; handlers serve only from the snapshot they picked up. Per-round histograms are
+prometheus_client metrics (thread-safe) observed by the loop in `observe_round`.
 
 Nothing here can change a job: only GET and HEAD exist, and no route returns weights.
 """
@@ -153,8 +153,7 @@ class HttpServer:
         self.registry.register(_SnapshotCollector(self))
         self.snapshot: dict | None = None  # replaced whole, never mutated
         self._last_publish = 0.0
-        self._force = False
-        self._job_key = None
+        self._job_key = ()  # (active job id, its state) at the last publish
         self._results: dict[str, dict] = {}  # finished jobs' results: they never change
         self._cache_lock = threading.Lock()
         self._cache: dict = {}  # (snapshot id, route) -> body bytes, for many pollers
@@ -191,14 +190,18 @@ class HttpServer:
                 self.hist[phase].observe(max(0.0, v))
         if row.get("samples_per_s") is not None:
             self.samples_per_s.set(row["samples_per_s"])
-        self._force = True  # the next publish comes at once: the round's row is news
 
     def publish(self, coord, force: bool = False) -> None:
         """Build a fresh snapshot from the coordinator's state (loop thread only)."""
         now = time.monotonic()
-        if not (force or self._force) and now - self._last_publish < PUBLISH_EVERY:
+        # A job that starts, ends or pauses is news at once; rounds (milliseconds apart on
+        # small models) wait for the next quarter second: a snapshot per round would cost
+        # the loop a copy of the metrics list every round.
+        job = coord.job
+        key = (job.id, job.state) if job is not None else None
+        if key == self._job_key and not force and now - self._last_publish < PUBLISH_EVERY:
             return
-        self._last_publish, self._force = now, False
+        self._last_publish, self._job_key = now, key
         try:
             self.snapshot = self._build(coord)
         except Exception:  # a bug here must cost the dashboard a refresh, never the loop
