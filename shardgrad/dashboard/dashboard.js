@@ -28,7 +28,9 @@ async function getJSON(path) {
 function fmt(v, digits = 4) {
   if (v === null || v === undefined || Number.isNaN(v)) return "-";
   if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString("en");
-  return Number(v).toPrecision(digits).replace(/\.?0+$/, "");
+  const s = Number(v).toPrecision(digits);
+  // Trailing zeros of a fraction only: "0.2500" -> "0.25", but "100" stays "100".
+  return s.includes(".") && !s.includes("e") ? s.replace(/0+$/, "").replace(/\.$/, "") : s;
 }
 
 function fmtDuration(s) {
