@@ -168,7 +168,9 @@ class HttpServer:
         self.httpd.app = self
         self.httpd.daemon_threads = True
         bound_host, bound_port = self.httpd.server_address[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        # Listening on every address: the URL to open is this machine's loopback.
+        shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound_host, bound_host)
+        shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"http://{shown}:{bound_port}/"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="shardgrad-http", daemon=True

@@ -43,7 +43,8 @@ class LocalCluster:
         self.n_workers, self.data_root, self.keys = workers, data_root, keys
         self.hb, self.liveness = heartbeat_interval, liveness
         self.env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
-        self.http = http  # HOST:PORT of the dashboard / metrics (port 0: any), None: off
+        # HOST:PORT of the dashboard / metrics (port 0: any free one); None or "off": none.
+        self.http = None if not http or http.strip().lower() in ("off", "none", "no") else http
         self.coordinator = None
         self.workers: list[subprocess.Popen] = []
         self._spawned = 0
@@ -84,8 +85,9 @@ class LocalCluster:
             args += ["--data-root", self.data_root]
         if self.liveness:
             args += ["--liveness", str(self.liveness)]
+        # Always said, so that a SHARDGRAD_HTTP in the environment never turns it on here.
+        args += ["--http", self.http or "off"]
         if self.http:
-            args += ["--http", self.http]
             _unlink(self._http_url_file)  # a restart on port 0 gets a new port
         self.coordinator = self._spawn("coordinator", args, env)
         if wait:

@@ -246,3 +246,20 @@ def test_coordinator_command_reports_a_bad_http_address(tmp_path):
     )
     assert r.returncode != 0
     assert "HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_all_addresses_show_a_loopback_url_and_off_means_off(tmp_path):
+    from shardgrad.cluster import LocalCluster
+
+    server = http_server("0.0.0.0:0", str(tmp_path))
+    try:
+        assert server.url.startswith("http://127.0.0.1:")
+        assert (tmp_path / "http.url").read_text().strip() == server.url
+    finally:
+        server.close()
+    for off in (None, "", "off"):
+        cluster = LocalCluster(workers=0, http=off)
+        try:
+            assert cluster.http is None and cluster.http_url is None
+        finally:
+            cluster.stop()
