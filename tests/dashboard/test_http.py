@@ -41,11 +41,17 @@ def test_json_api_matches_the_client(finished, dash):
     with cluster.client() as c:
         status, jobs, metrics = c.status(), c.jobs(), c.metrics(job)
         tail = c.metrics(job, since=50)
-    api = dash.http_json(url + "api/status")
-    assert api["jobs"] == status["jobs"]
-    assert api["counters"] == status["counters"]
     strip = lambda ws: [{k: v for k, v in w.items() if k != "last_heartbeat_s"} for w in ws]
-    assert strip(api["workers"]) == strip(status["workers"])
+
+    def same_status():
+        # The snapshot may lag the loop by a quarter second (a counter that just moved).
+        with cluster.client() as c:
+            now = c.status()
+        api = dash.http_json(url + "api/status")
+        same = api["jobs"] == now["jobs"] and api["counters"] == now["counters"]
+        return same and strip(api["workers"]) == strip(now["workers"])
+
+    dash.wait_for(same_status, "/api/status to equal the client's status", timeout=30)
     assert dash.http_json(url + "api/jobs") == {"jobs": jobs}
     got = dash.http_json(url + f"api/jobs/{job}/metrics")
     assert got == {"job": job, "metrics": metrics}
@@ -56,12 +62,26 @@ def test_json_api_matches_the_client(finished, dash):
 
 def test_metrics_are_prometheus_text_with_the_documented_names(finished, dash):
     cluster, url, job = finished
-    status, ctype, body = dash.http_get(url + "metrics")
-    assert status == 200 and ctype.startswith("text/plain")
-    fams = _families(body.decode())
     with cluster.client() as c:
         rounds = len(c.metrics(job))
-        counters = c.status()["counters"]
+
+    def scrape_matching_status():
+        # The snapshot may lag the loop by a quarter second (a counter that just moved).
+        with cluster.client() as c:
+            counters = c.status()["counters"]
+        status, ctype, body = dash.http_get(url + "metrics")
+        assert status == 200 and ctype.startswith("text/plain")
+        fams = _families(body.decode())
+        exported = {
+            s.name[len("shardgrad_") : -len("_total")]: s.value
+            for fam in fams.values()
+            for s in fam.samples
+            if s.name.endswith("_total")
+        }
+        same = all(exported.get(k) == v for k, v in counters.items())
+        return same and (fams, counters)
+
+    fams, counters = dash.wait_for(scrape_matching_status, "/metrics to match status", 30)
 
     samples = [s for fam in fams.values() for s in fam.samples]
 
