@@ -130,19 +130,21 @@ def loop_cost(rounds_in_job=2000, repeat=2000):
     tmp = tempfile.mkdtemp(prefix="shardgrad-httpcost-")
     coord = Coordinator(f"ipc://{tmp}/w", f"ipc://{tmp}/c", f"{tmp}/state", http="127.0.0.1:0")
     try:
-        job_id = coord.store.add_job("x", {"name": "x"}, None, rounds_in_job)
+        spec = {"name": "x", "global_batch": 32, "micro_batch": 8}
+        job_id = coord.store.add_job("x", spec, None, rounds_in_job)
         row = {
             "round": 1, "epoch": 0, "round_loss": 0.5, "loss": 0.5, "round_s": 0.003,
             "compute_s": 0.001, "reduce_s": 1e-5, "step_s": 1e-4, "overhead_s": 0.002,
             "transfer_s": 0.002, "workers": 2, "samples_per_s": 10000.0,
         }  # fmt: skip
-        coord.job = types.SimpleNamespace(
-            id=job_id, state="running", next_round=rounds_in_job, metrics=[row] * rounds_in_job
-        )
+        engine = types.SimpleNamespace(next_round=rounds_in_job, metrics=[row] * rounds_in_job)
+        coord.job = types.SimpleNamespace(id=job_id, state="running", gen=0, engine=engine)
         t0 = time.perf_counter()
         for _ in range(repeat):
             coord.http.observe_round(job_id, row)
         observe = (time.perf_counter() - t0) / repeat
+        coord.http.publish(coord, force=True)
+        assert coord.http.snapshot["metrics"][job_id], "the snapshot did not build"
         t0 = time.perf_counter()
         for _ in range(repeat // 10):
             coord.http.publish(coord, force=True)

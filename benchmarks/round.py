@@ -1,23 +1,23 @@
-"""The service's round, measured: (a) per-round overhead against raw ZeroMQ transfer, and
-(b) training throughput against torch DistributedDataParallel (gloo). Prints markdown.
+"""Does data parallelism pay off? One table, all peers measured in the same run.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/round.py [--rounds 20] [--no-ddp]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/round.py [--rounds 30] [--no-torch]
 
-(a) overhead = round_s - compute_s, from the coordinator's per-round metrics
-    (`Client.metrics`: round time minus the slowest worker's compute), median over the
-    rounds after a warm-up. Raw = the time to move the same bytes the same way with bare
-    pyzmq: one ROUTER process sends every "worker" process a message with the weights'
-    frames, each answers with as many gradient messages (same frames + the 8-byte loss) as
-    it holds blocks in a real round, median over many round trips. Target: overhead / raw
-    <= 1.5x.
-(b) samples/s = global_batch / median round_s with 1 and 2 workers, on MLPs 784-512-512-10
-    (B=1024) and 784-256-256-10 (B=256), builtin:synthetic classification data (784
-    features, 10 classes), SGD, micro_batch = B/8 (whole blocks per worker). The same
-    models, batches and optimizer under torch DDP with the gloo backend, world size 1 and 2
-    (spawned processes, one intra-op thread each, each rank B/world samples per step).
-    Targets: >= 1.0x DDP on the 512 MLP, >= 1.5x DDP on the 256 MLP.
+For MLPs 784-512-512-10 (B=1024) and 784-256-256-10 (B=256) on builtin:synthetic
+classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
 
-Every process runs with one BLAS / intra-op thread: the workers are the parallelism.
+  sg 1w, sg 2w    shardgrad on a local cluster (coordinator + 1 or 2 worker processes):
+                  global_batch / median round_s from the coordinator's metrics
+  local           `train_local` (the same spec in one process): B / median round time
+  floor           the contract's floor: a hand-written NumPy step that keeps the contract
+                  (k micro-batches, per-micro-batch weight gradients from one batched
+                  np.matmul, summed by the canonical tree, SGD) — benchmarks/floor.py
+  torch           torch eager, one process, whole batch
+  ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
+
+then the goals' ratios, and a breakdown of a 2-worker round (median compute / transfer /
+reduce / step ms). Last, the demo job (examples/jobs/demo.toml): its rounds on 2 workers
+against `train --local`. Every process runs one BLAS / intra-op thread: the workers are the
+parallelism. Medians over --rounds rounds after --warmup.
 """
 
 import os
@@ -37,16 +37,16 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floor import floor_step_seconds  # noqa: E402
+
 from shardgrad.cluster import LocalCluster  # noqa: E402
-from shardgrad.core import nn  # noqa: E402
-from shardgrad.core.sampling import assign_blocks  # noqa: E402
+from shardgrad.demo import demo_spec  # noqa: E402
+from shardgrad.engine import RoundEngine, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
 
-CONFIGS = [  # (label, hidden sizes, global batch, DDP target)
-    ("MLP 784-512-512-10, B=1024", (512, 512), 1024, 1.0),
-    ("MLP 784-256-256-10, B=256", (256, 256), 256, 1.5),
-]
+CONFIGS = [("784-512-512-10", (512, 512), 1024), ("784-256-256-10", (256, 256), 256)]
 N_SAMPLES = 8192
 LR = 0.01
 
@@ -57,7 +57,7 @@ def make_spec(hidden, batch, rounds, n_micro=8):
         model += [{"type": "linear", "out": h}, {"type": "relu"}]
     model.append({"type": "linear", "out": 10})
     return {
-        "name": f"bench-{'-'.join(map(str, hidden))}-b{batch}",
+        "name": f"bench-{'-'.join(map(str, hidden))}-b{batch}-k{n_micro}",
         "model": model,
         "input_shape": [784],
         "loss": "cross_entropy",
@@ -74,6 +74,8 @@ def make_spec(hidden, batch, rounds, n_micro=8):
         "micro_batch": batch // n_micro,
         "rounds": rounds,
         "seed": 0,
+        "verify": 0.0,  # verification's cost is measured on its own (benchmarks/verify_cost.py)
+        "eval": {"holdout": 0.0},
         "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
     }
 
@@ -82,143 +84,102 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-# ---- (b) shardgrad through a real local cluster ---------------------------------------------
 def run_shardgrad(cluster, spec, warmup):
     with cluster.client(timeout=60) as c:
         job = c.submit(spec)
         status = c.wait(job, timeout=1800, poll=0.05)
         assert status["state"] == "done", status
         rows = c.metrics(job)[warmup:]
-    return {
-        "round_s": median([r["round_s"] for r in rows]),
-        "compute_s": median([r["compute_s"] for r in rows]),
-        "overhead_s": median([r["round_s"] - r["compute_s"] for r in rows]),
-        "reduce_s": median([r["reduce_s"] for r in rows]),
-        "step_s": median([r["step_s"] for r in rows]),
-        "workers": {r["workers"] for r in rows},
-    }
+    keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
+    return {k: median([r[k] for r in rows]) for k in keys}
 
 
-# ---- (a) raw ZeroMQ: the same frames, the same pattern ---------------------------------------
-def _raw_peer(address, ident, grad_shapes, n_replies):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, ident)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    grads = [np.ones(s, np.float32) for s in grad_shapes] + [np.ones(1, np.float64)]
-    sock.send_multipart([b"READY"])
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if frames[0].bytes == b"STOP":
-            break
-        # touch the weights as a worker would (np.frombuffer views, no copy)
-        _ = [np.frombuffer(f.buffer, np.uint8) for f in frames[1:]]
-        for _ in range(n_replies):
-            sock.send_multipart([b"GRADS", *grads], copy=False)
-    sock.close(0)
-    ctx.term()
+def local_round_seconds(spec, warmup):
+    """Median seconds per round of train_local's engine (evaluation excluded)."""
+    times = []
+    rt = JobRuntime(parse_spec(spec))
+    engine = RoundEngine(rt)
+    while not engine.done:
+        t0 = time.perf_counter()
+        engine.step(rt.block_grad(engine.next_round, 0, rt.n_micro))
+        times.append(time.perf_counter() - t0)
+    return median(times[warmup:])
 
 
-def raw_transfer(shapes, n_workers, n_micro, repeats):
-    """Median seconds to send every peer the weights and get its block gradients back."""
-    tmp = tempfile.mkdtemp(prefix="shardgrad-raw-")
-    address = f"ipc://{tmp}/raw"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(address)
-    ids = [f"peer-{i}".encode() for i in range(n_workers)]
-    blocks = assign_blocks(n_micro, [i.decode() for i in ids], 2)
-    mpc = mp.get_context("spawn")
-    procs = []
-    try:
-        for ident in ids:
-            p = mpc.Process(
-                target=_raw_peer,
-                daemon=True,
-                args=(address, ident, shapes, len(blocks[ident.decode()])),
-            )
-            p.start()
-            procs.append(p)
-        for _ in ids:
-            if not router.poll(60_000):
-                raise TimeoutError("raw peers did not connect")
-            router.recv_multipart()
-        weights = [np.ones(s, np.float32) for s in shapes]
-        expect = sum(len(b) for b in blocks.values())
-        times = []
-        for i in range(repeats + 5):
-            t0 = time.perf_counter()
-            for ident in ids:
-                router.send_multipart([ident, b"TASK", *weights], copy=False)
-            for _ in range(expect):
-                router.recv_multipart(copy=False)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-        for ident in ids:
-            router.send_multipart([ident, b"STOP"])
-        for p in procs:
-            p.join(10)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        router.close(0)
-        ctx.term()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return median(times)
+# ---- torch: eager in one process, and DDP with gloo ---------------------------------------
+def _torch_model(hidden):
+    import torch
+
+    layers, fan_in = [], 784
+    for h in hidden:
+        layers += [torch.nn.Linear(fan_in, h), torch.nn.ReLU()]
+        fan_in = h
+    layers.append(torch.nn.Linear(fan_in, 10))
+    return torch.nn.Sequential(*layers)
 
 
-# ---- (b) torch DDP with gloo ------------------------------------------------------------------
+def _data(hidden, batch, steps):
+    rt = JobRuntime(parse_spec(make_spec(hidden, batch, steps)))
+    idx = [
+        np.concatenate([rt.sample_indices(s, k) for k in range(rt.n_micro)]) for s in range(steps)
+    ]
+    return np.array(rt.X), np.array(rt.y), idx
+
+
+def _torch_step_times(model, X, y, idx, lr, barrier=None, part=slice(None)):
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    times = []
+    for rows in idx:
+        mine = torch.from_numpy(rows[part])
+        if barrier:
+            barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X[mine]), y[mine])
+        loss.backward()  # under DDP: the gradients are all-reduced (averaged) here
+        opt.step()
+        if barrier:
+            barrier()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def torch_eager(hidden, batch, steps, warmup):
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    X, y, idx = _data(hidden, batch, steps + warmup)
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
+    return median(_torch_step_times(_torch_model(hidden), X, y, idx, LR)[warmup:])
+
+
 def _ddp_rank(rank, world, init_file, hidden, batch, steps, warmup, out):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    spec = parse_spec(make_spec(hidden, batch, steps + warmup))
-    rt = JobRuntime(spec)
-    X, y = torch.from_numpy(np.array(rt.X)), torch.from_numpy(np.array(rt.y))
+    X, y, idx = _data(hidden, batch, steps + warmup)
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
     torch.manual_seed(0)
-    layers, fan_in = [], 784
-    for h in hidden:
-        layers += [torch.nn.Linear(fan_in, h), torch.nn.ReLU()]
-        fan_in = h
-    layers.append(torch.nn.Linear(fan_in, 10))
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers))
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    per_rank = batch // world
-    times = []
-    for step in range(steps + warmup):
-        idx = np.concatenate([rt.sample_indices(step, k) for k in range(rt.n_micro)])
-        mine = torch.from_numpy(idx[rank * per_rank : (rank + 1) * per_rank])
-        dist.barrier()
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(X[mine]), y[mine])
-        loss.backward()  # DDP all-reduces (averages) the gradients here
-        opt.step()
-        dist.barrier()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+    model = torch.nn.parallel.DistributedDataParallel(_torch_model(hidden))
+    per = batch // world
+    part = slice(rank * per, (rank + 1) * per)
+    times = _torch_step_times(model, X, y, idx, LR, dist.barrier, part)
     if rank == 0:
-        out.put(median(times))
+        out.put(median(times[warmup:]))
     dist.destroy_process_group()
 
 
-def run_ddp(hidden, batch, world, steps, warmup):
+def torch_ddp(hidden, batch, world, steps, warmup):
     tmp = tempfile.mkdtemp(prefix="shardgrad-ddp-")
     mpc = mp.get_context("spawn")
     out = mpc.Queue()
-    procs = [
-        mpc.Process(
-            target=_ddp_rank,
-            daemon=True,
-            args=(r, world, os.path.join(tmp, "init"), hidden, batch, steps, warmup, out),
-        )
-        for r in range(world)
-    ]
+    args = (world, os.path.join(tmp, "init"), hidden, batch, steps, warmup, out)
+    procs = [mpc.Process(target=_ddp_rank, daemon=True, args=(r, *args)) for r in range(world)]
     try:
         for p in procs:
             p.start()
@@ -233,47 +194,67 @@ def run_ddp(hidden, batch, world, steps, warmup):
     return step_s
 
 
+# ---- the demo job ---------------------------------------------------------------------------
+def demo_rounds(cluster):
+    spec = demo_spec()
+    t0 = time.perf_counter()
+    engine = run_local(JobRuntime(spec))
+    local = sum(r["samples_per_s"] ** -1 * spec.global_batch for r in engine.metrics)
+    local_wall = time.perf_counter() - t0
+    with cluster.client(timeout=60) as c:
+        job = c.submit(spec.to_dict())
+        c.wait(job, timeout=1800, poll=0.05)
+        rows = c.metrics(job)
+    return sum(r["round_s"] for r in rows), local, local_wall, len(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=20, help="measured rounds per run")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--raw-repeats", type=int, default=50)
-    ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP comparison")
-    ap.add_argument(
-        "--micro-batches",
-        type=int,
-        default=8,
-        help="micro-batches per global batch (the determinism unit; fewer = bigger GEMMs)",
-    )
+    ap.add_argument("--rounds", type=int, default=30, help="measured rounds per run")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--ks", default="2,8", help="micro-batches per global batch")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch eager and DDP")
+    ap.add_argument("--no-demo", action="store_true")
     a = ap.parse_args()
-    have_torch = not a.no_ddp
+    ks = [int(k) for k in a.ks.split(",")]
+    have_torch = not a.no_torch
     if have_torch:
         try:
             import torch  # noqa: F401
         except ImportError:
             have_torch = False
-            print("torch is not installed (oracle extra): no DDP comparison", file=sys.stderr)
+            print("torch is not installed (oracle extra): no torch columns", file=sys.stderr)
 
-    results = []
-    cluster = LocalCluster(workers=1).start()
+    rows, n_rounds = [], a.rounds + a.warmup
+    cluster = LocalCluster(workers=2).start()
     try:
-        for n in (1, 2):
-            while len(cluster.workers) < n:
-                cluster.add_worker()
-            cluster.wait_workers(n)
-            for label, hidden, batch, target in CONFIGS:
-                spec = make_spec(hidden, batch, a.rounds + a.warmup, a.micro_batches)
-                sg = run_shardgrad(cluster, spec, a.warmup)
-                shapes = [p.data.shape for p in nn.build(spec["model"], [784], 0).parameters()]
-                raw = raw_transfer(shapes, n, a.micro_batches, a.raw_repeats)
-                ddp = run_ddp(hidden, batch, n, a.rounds, a.warmup) if have_torch else None
-                results.append((label, n, batch, target, shapes, sg, raw, ddp))
-                print(
-                    f"done: {label}, {n} worker(s): round {sg['round_s']:.4f} s, raw {raw:.5f} s,"
-                    f" ddp step {ddp} s",
-                    file=sys.stderr,
-                    flush=True,
+        torch_cols = {}
+        for label, hidden, batch in CONFIGS:
+            if have_torch:
+                torch_cols[label] = (
+                    torch_eager(hidden, batch, a.rounds, a.warmup),
+                    torch_ddp(hidden, batch, 1, a.rounds, a.warmup),
+                    torch_ddp(hidden, batch, 2, a.rounds, a.warmup),
                 )
+            for k in ks:
+                spec = make_spec(hidden, batch, n_rounds, k)
+                res = {"local": local_round_seconds(spec, a.warmup)}
+                res["floor"], res["floor1"] = (
+                    floor_step_seconds(hidden, batch, k, a.rounds),
+                    floor_step_seconds(hidden, batch, 1, a.rounds),
+                )
+                res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
+                rows.append((label, hidden, batch, k, res))
+                print(f"done: {label} k={k}", file=sys.stderr, flush=True)
+        # one worker: stop the second (workers first, so its BYE reaches the coordinator)
+        cluster.workers[-1].terminate()
+        cluster.workers[-1].wait(30)
+        cluster.wait_until(lambda c: len(cluster.live_workers(c)) == 1, "one worker left")
+        for _label, hidden, batch, k, res in rows:
+            res["sg1"] = run_shardgrad(cluster, make_spec(hidden, batch, n_rounds, k), a.warmup)
+        cluster.add_worker()
+        cluster.wait_workers(2)
+        demo = None if a.no_demo else demo_rounds(cluster)
     finally:
         cluster.stop()
         shutil.rmtree(cluster.tmp, ignore_errors=True)
@@ -282,34 +263,46 @@ def main():
         f"\nMachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}"
         + (f", torch {__import__('torch').__version__}" if have_torch else "")
-        + f"; micro_batch = B/{a.micro_batches}"
-        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians.\n"
+        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians; samples/s.\n"
     )
-    print("### (a) Per-round overhead vs raw ZeroMQ transfer of the same bytes (target <= 1.5x)\n")
     print(
-        "| model | workers | MB out + back / round | round | slowest compute | overhead "
-        "| of which reduce + step | raw ZeroMQ | overhead / raw |"
+        "| model | k | sg 1w | sg 2w | local | floor | tax | torch | ddp 1 | ddp 2 "
+        "| 1w/local | 2w/local | 1w/ddp1 | 2w/ddp2 | local/floor |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, n, _b, _t, shapes, sg, raw, _d in results:
-        p_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
-        blocks = assign_blocks(a.micro_batches, [str(i) for i in range(n)], 2)
-        moved = n * p_bytes + sum(len(b) for b in blocks.values()) * (p_bytes + 8)
+    print("|---" * 15 + "|")
+    for label, _hidden, batch, k, res in rows:
+        sps = {key: batch / res[key] for key in ("local", "floor")}
+        sps["sg1"], sps["sg2"] = batch / res["sg1"]["round_s"], batch / res["sg2"]["round_s"]
+        te, d1, d2 = (batch / t for t in torch_cols[label]) if have_torch else (None,) * 3
+
+        def f(x):
+            return f"{x:,.0f}" if x else "n/a"
+
+        def r(x, y):
+            return f"{x / y:.2f}x" if x and y else "n/a"
+
         print(
-            f"| {label} | {n} | {moved / 1e6:.1f} | {sg['round_s'] * 1e3:.1f} ms "
-            f"| {sg['compute_s'] * 1e3:.1f} ms | {sg['overhead_s'] * 1e3:.1f} ms "
-            f"| {(sg['reduce_s'] + sg['step_s']) * 1e3:.1f} ms | {raw * 1e3:.2f} ms "
-            f"| {sg['overhead_s'] / raw:.2f}x |"
+            f"| {label} B={batch} | {k} | {f(sps['sg1'])} | {f(sps['sg2'])} | {f(sps['local'])} "
+            f"| {f(sps['floor'])} | {res['floor'] / res['floor1']:.2f}x | {f(te)} | {f(d1)} "
+            f"| {f(d2)} | {r(sps['sg1'], sps['local'])} | {r(sps['sg2'], sps['local'])} "
+            f"| {r(sps['sg1'], d1)} | {r(sps['sg2'], d2)} | {res['local'] / res['floor']:.2f}x |"
         )
-    print("\n### (b) Samples/s vs torch DDP (gloo)\n")
-    print("| model | workers / world | shardgrad samples/s | DDP samples/s | ratio | target |")
-    print("|---|---|---|---|---|---|")
-    for label, n, batch, target, _s, sg, _r, ddp in results:
-        ours = batch / sg["round_s"]
-        theirs = batch / ddp if ddp else None
-        ratio = f"{ours / theirs:.2f}x" if theirs else "n/a"
-        theirs_s = f"{theirs:,.0f}" if theirs else "n/a"
-        print(f"| {label} | {n} | {ours:,.0f} | {theirs_s} | {ratio} | >= {target}x |")
+    print("\nA 2-worker round, medians in ms:\n")
+    print("| model | k | round | slowest compute | transfer | reduce | step |")
+    print("|---|---|---|---|---|---|---|")
+    for label, _hidden, batch, k, res in rows:
+        s = res["sg2"]
+        print(
+            f"| {label} B={batch} | {k} | {s['round_s'] * 1e3:.1f} | {s['compute_s'] * 1e3:.1f} "
+            f"| {s['transfer_s'] * 1e3:.1f} | {s['reduce_s'] * 1e3:.2f} | {s['step_s'] * 1e3:.2f} |"
+        )
+    if demo:
+        sg, local, local_wall, n = demo
+        print(
+            f"\nDemo job ({n} rounds): 2 workers {sg:.2f} s in rounds, `train --local` "
+            f"{local:.2f} s in rounds ({local_wall:.2f} s wall with evaluation): "
+            f"{sg / local:.2f}x (goal <= 1.5x)"
+        )
 
 
 if __name__ == "__main__":

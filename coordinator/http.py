@@ -4,7 +4,7 @@
 Threading: the coordinator's loop is single-threaded and mutates its dicts freely, so the
 HTTP threads never read them. Instead the loop *publishes* an immutable snapshot (plain
 dicts, lists and tuples, built at most every PUBLISH_EVERY seconds, and at once when the
-active job starts, pauses or ends) into `HttpServer.snapshot` with one reference
+active job starts, pauses, rolls back or ends) into `HttpServer.snapshot` with one reference
 assignment; handlers serve only from the snapshot they picked up. Per-round histograms are
 prometheus_client metrics (thread-safe) observed by the loop in `observe_round`.
 
@@ -31,7 +31,7 @@ STATIC = {  # the only files served, with their content types (no path ever reac
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
-WORKER_STATES = ("alive", "suspect", "dead", "left")
+WORKER_STATES = ("alive", "suspect", "quarantined", "dead", "left")
 # Counters `status` can show, exported at 0 before they first happen so that a PromQL rate()
 # has a series from the start; any other counter name is exported as soon as it appears.
 KNOWN_COUNTERS = (
@@ -40,11 +40,19 @@ KNOWN_COUNTERS = (
     "duplicate_grads",
     "forbidden",
     "internal_error",
+    "job_faults",
     "late_grads",
+    "quarantined",
     "rate_limited",
+    "refused",
     "revoked_key",
+    "rollbacks",
     "unknown_block",
+    "unknown_worker",
     "unroutable",
+    "verified_blocks",
+    "verify_mismatches",
+    "verify_skipped",
     "worker_rate_limited",
     "workers_died",
 )
@@ -155,6 +163,7 @@ class HttpServer:
         self._last_publish = 0.0
         self._job_key = ()  # (active job id, its state) at the last publish
         self._results: dict[str, dict] = {}  # finished jobs' results: they never change
+        self._specs: dict[str, dict] = {}
         self._cache_lock = threading.Lock()
         self._cache: dict = {}  # (snapshot id, route) -> body bytes, for many pollers
         try:
@@ -200,7 +209,7 @@ class HttpServer:
         # small models) wait for the next quarter second: a snapshot per round would cost
         # the loop a copy of the metrics list every round.
         job = coord.job
-        key = (job.id, job.state) if job is not None else None
+        key = (job.id, job.state, getattr(job, "gen", 0)) if job is not None else None
         if key == self._job_key and not force and now - self._last_publish < PUBLISH_EVERY:
             return
         self._last_publish, self._job_key = now, key
@@ -210,30 +219,29 @@ class HttpServer:
             log.exception("could not publish the HTTP snapshot")
 
     def _build(self, coord) -> dict:
-        handler = coord.client_handler
-        active = coord.job
+        """Through the same narrow view of the coordinator as the client port (`status`,
+        `live_job`, the store, `ClientHandler.summary`), so both say the same."""
         jobs, metrics = [], {}
         for row in _job_rows(coord.store):
+            job_id = row["id"]
+            if job_id not in self._specs:  # a job's spec never changes: parsed once
+                self._specs[job_id] = json.loads(row["spec"])
+            row["spec"] = self._specs[job_id]
             if row.pop("has_result"):
-                if row["id"] not in self._results:
-                    full = coord.store.job(row["id"])
-                    self._results[row["id"]] = full["result"] if full else None
-                row["result"] = self._results[row["id"]]
+                if job_id not in self._results:  # nor does a finished job's result
+                    full = coord.store.job(job_id)
+                    self._results[job_id] = full["result"] if full else None
+                row["result"] = self._results[job_id]
             else:
                 row["result"] = None
-            jobs.append(handler.summary(row))
-            if active is not None and active.id == row["id"]:
-                metrics[row["id"]] = tuple(active.metrics)  # rows are never changed once in
+            jobs.append(coord.client_handler.summary(row))
+            live = coord.live_job(job_id)
+            if live is not None:
+                # A copy: the loop appends to the list (and truncates it on a rollback).
+                metrics[job_id] = tuple(live[2])
             elif row["result"]:
-                metrics[row["id"]] = tuple(row["result"].get("metrics") or ())
-        workers = coord.members.table()
-        return {
-            "time": time.time(),
-            "workers": workers,
-            "counters": dict(coord.counters),
-            "jobs": jobs,
-            "metrics": metrics,
-        }
+                metrics[job_id] = tuple(row["result"].get("metrics") or ())
+        return {"time": time.time(), **coord.status(), "jobs": jobs, "metrics": metrics}
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -258,7 +266,7 @@ class HttpServer:
 def _job_rows(store, limit: int = 100) -> list[dict]:
     """The queue's rows without their result JSON (parsed once per finished job instead)."""
     rows = store.db.execute(
-        "SELECT id, name, state, round, total_rounds, checkpoint_round, error,"
+        "SELECT id, name, spec, state, round, total_rounds, checkpoint_round, error,"
         " result IS NOT NULL AS has_result FROM jobs ORDER BY seq DESC LIMIT ?",
         (limit,),
     )

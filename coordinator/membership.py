@@ -11,7 +11,8 @@ class WorkerInfo:
     joined: float
     last_seen: float
     blocks_done: int = 0
-    state: str = "alive"  # alive | suspect | dead | left
+    state: str = "alive"  # alive | suspect | dead | left | quarantined
+    reason: str = ""  # why it is quarantined
     info: dict = field(default_factory=dict)
 
 
@@ -28,10 +29,16 @@ class Membership:
             # Back from the dead by a heartbeat (which carries no info): keep its host / pid.
             self.workers[wid] = WorkerInfo(wid, now, now, info=info or (w.info if w else {}))
             return True
-        w.last_seen, w.state = now, "alive"
+        w.last_seen = now
+        if w.state != "quarantined":  # caught lying: it stays out until it is restarted
+            w.state = "alive"
         if info:
             w.info.update(info)
         return False
+
+    def quarantine(self, wid: str, reason: str) -> None:
+        if wid in self.workers:
+            self.workers[wid].state, self.workers[wid].reason = "quarantined", reason
 
     def leave(self, wid: str) -> None:
         if wid in self.workers:
@@ -41,7 +48,7 @@ class Membership:
         """Update verdicts; the ids that just died."""
         now, died = time.monotonic(), []
         for w in self.workers.values():
-            if w.state in ("dead", "left"):
+            if w.state in ("dead", "left", "quarantined"):
                 continue
             silent = now - w.last_seen
             if silent > self.interval * self.liveness:
@@ -53,7 +60,7 @@ class Membership:
         for wid in [
             w.id
             for w in self.workers.values()
-            if w.state in ("dead", "left") and now - w.last_seen > 300
+            if w.state in ("dead", "left", "quarantined") and now - w.last_seen > 300
         ]:
             del self.workers[wid]
         return died
@@ -76,6 +83,7 @@ class Membership:
                 "state": w.state,
                 "last_heartbeat_s": round(now - w.last_seen, 3),
                 "blocks_done": w.blocks_done,
+                **({"reason": w.reason} if w.reason else {}),
             }
             for w in sorted(self.workers.values(), key=lambda w: w.id)
         ]

@@ -1,22 +1,41 @@
 """One round's bookkeeping: which aligned blocks of the micro-batch tree are out with whom,
-which have come back, and what to re-issue when a worker dies or straggles.
+what has come back, which blocks are checked by a second worker, and what to re-issue when
+a worker dies, straggles, faults or lies.
 
-Blocks are keyed by (lo, hi); a delivery counts once, whoever sends it, so late and
+Blocks are keyed by (lo, hi); a block is accepted once, whoever sends it, so late and
 duplicate results can never change the sum (docs/architecture.md, failure handling).
+A checked block is accepted only when two different workers sent the same bits.
 """
 
 import time
 
+import numpy as np
+
 from ..core.sampling import assign_blocks, tree_sum
 
 
+def same_bits(a: list, b: list) -> bool:
+    """Bitwise equality of two block sums (not ==: -0.0 and 0.0 differ here)."""
+    pairs = zip(a, b, strict=True)
+    return all(np.array_equal(x.view(np.uint8), y.view(np.uint8)) for x, y in pairs)
+
+
 class Round:
-    def __init__(self, index: int, n_micro: int, workers: list[str], per_worker: int = 2):
+    def __init__(
+        self,
+        index: int,
+        n_micro: int,
+        workers: list[str],
+        per_worker: int = 2,
+        checked=lambda block: False,
+    ):
         self.index, self.n_micro = index, n_micro
         self.started = time.monotonic()
-        self.delivered: dict[tuple, list] = {}
+        self.delivered: dict[tuple, list] = {}  # accepted block sums
+        self.results: dict[tuple, dict[str, list]] = {}  # block -> worker -> its sum
         self.holders: dict[tuple, set[str]] = {}  # block -> workers it is out with
-        self.failures: dict[tuple, list[str]] = {}  # block -> workers whose result was bad
+        self.failures: dict[tuple, list[str]] = {}  # block -> workers whose attempt failed
+        self.unverified: dict[str, set] = {}  # worker -> blocks accepted on its word alone
         self.compute_s: dict[str, float] = {}
         # When half the blocks were in: what the healthy workers take, stragglers aside.
         self.half_time: float | None = None
@@ -24,6 +43,11 @@ class Round:
         for wid, blocks in self.assignment.items():
             for b in blocks:
                 self.holders.setdefault(b, set()).add(wid)
+        # Checked blocks also go to a second, different worker (needs two workers).
+        self.checks = {b for b in self.holders if len(workers) > 1 and checked(b)}
+        for b in sorted(self.checks):
+            for wid, blocks in self.reissue([b], workers, avoid=set(self.holders[b])).items():
+                self.assignment[wid].extend(blocks)
 
     @property
     def blocks(self) -> list[tuple]:
@@ -32,29 +56,72 @@ class Round:
     def pending(self) -> list[tuple]:
         return [b for b in self.blocks if b not in self.delivered]
 
-    def owed_by(self, wid: str) -> list[tuple]:
-        return [b for b in self.pending() if wid in self.holders[b]]
+    def waiting_on(self, block: tuple) -> set[str]:
+        """Holders of a pending block that have not answered for it yet."""
+        return self.holders[block] - set(self.results.get(block, ()))
 
-    def deliver(self, block: tuple, arrays: list, wid: str, compute_s: float) -> bool:
-        """Accept a block's sum; False (ignore it) if unknown or already in."""
-        if block not in self.holders or block in self.delivered:
-            return False
-        self.delivered[block] = arrays
+    def owed_by(self, wid: str) -> list[tuple]:
+        return [b for b in self.pending() if wid in self.waiting_on(b)]
+
+    def deliver(self, block: tuple, arrays: list, wid: str, compute_s: float) -> str:
+        """Take worker `wid`'s sum for a pending block: 'accepted' (on its word alone),
+        'waiting' (a checked block needs a second result), 'verified' (two agree) or
+        'mismatch' (they differ: someone must decide who lied)."""
+        res = self.results.setdefault(block, {})
+        res[wid] = arrays
         self.compute_s[wid] = self.compute_s.get(wid, 0.0) + compute_s
+        if block not in self.checks:
+            self._accept(block, arrays)
+            self.unverified.setdefault(wid, set()).add(block)
+            return "accepted"
+        if len(res) < 2:
+            return "waiting"
+        first, *others = res.values()
+        if all(same_bits(first, o) for o in others):
+            self._accept(block, first)
+            return "verified"
+        return "mismatch"
+
+    def accept_unchecked(self, block: tuple) -> str:
+        """A checked block whose checker is gone with nobody else to ask: take the one
+        result on its giver's word."""
+        (wid, arrays), *_ = self.results[block].items()
+        self.checks.discard(block)
+        self._accept(block, arrays)
+        self.unverified.setdefault(wid, set()).add(block)
+        return wid
+
+    def settle(self, block: tuple, truth: list) -> list[str]:
+        """Accept `truth` (a third computation) for a mismatched block; who was wrong."""
+        liars = [w for w, a in self.results[block].items() if not same_bits(a, truth)]
+        self._accept(block, truth)
+        return liars
+
+    def discard(self, wid: str) -> None:
+        """Forget everything `wid` sent or holds this round (it was caught lying)."""
+        for block, res in self.results.items():
+            if res.pop(wid, None) is not None and block in self.delivered:
+                if block not in self.checks or not res:
+                    del self.delivered[block]  # it stood on wid's word
+        for holders in self.holders.values():
+            holders.discard(wid)
+        self.unverified.pop(wid, None)
+
+    def _accept(self, block, arrays):
+        self.delivered[block] = arrays
         if self.half_time is None and 2 * len(self.delivered) >= len(self.holders):
             self.half_time = time.monotonic() - self.started
-        return True
 
     def complete(self) -> bool:
         return len(self.delivered) == len(self.holders)
 
     def total(self) -> list:
-        """Finish the canonical tree from the delivered block sums."""
+        """Finish the canonical tree from the accepted block sums."""
         return tree_sum(_never, 0, self.n_micro, known=self.delivered)
 
     def orphans(self, live: set[str]) -> list[tuple]:
-        """Pending blocks that no live worker holds."""
-        return [b for b in self.pending() if not (self.holders[b] & live)]
+        """Pending blocks that no live worker is still working on."""
+        return [b for b in self.pending() if not (self.waiting_on(b) & live)]
 
     def reissue(self, blocks: list[tuple], live: list[str], avoid=()) -> dict[str, list]:
         """Hand `blocks` to the least-loaded live workers (not those in `avoid` if there is
@@ -74,4 +141,4 @@ class Round:
 
 
 def _never(i):
-    raise AssertionError(f"micro-batch {i} was not covered by any delivered block")
+    raise AssertionError(f"micro-batch {i} was not covered by any accepted block")

@@ -4,13 +4,17 @@ It reads top to bottom as a state machine. Each pass of `serve` drains the two R
 sockets (workers, clients) and then `tick`s:
 
     no job ──(queued job, min_workers live)──> running ──(all rounds)──> done
-                                               │  ^
-               (fewer than min_workers live)   v  │ (workers back)
+                                               │  ^  │
+               (fewer than min_workers live)   v  │  └──(a block fails twice)──> failed
                                                paused
 
 A running job's round: TASK to every live worker (its aligned blocks + current weights),
-GRADS back per block, tree completed, optimizer stepped, next round. Dead workers' blocks
-are re-issued in the same round, stragglers get backups, late results are ignored.
+GRADS back per block, tree completed, the round engine steps, next round. Dead workers'
+blocks are re-issued in the same round, stragglers get backups, late results are ignored,
+a failed block is recomputed once elsewhere, a sample of blocks is recomputed by a second
+worker and a worker caught lying is quarantined (the job rolls back past what it said).
+The training state itself (optimizer, accumulation, metrics, checkpoints) is the
+`RoundEngine`'s, the same object `train --local` drives.
 """
 
 import logging
@@ -20,20 +24,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 
 from .. import wire
-from ..core.sampling import add_arrays
+from ..core.sampling import all_finite
+from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
-from ..training import JobRuntime, weights_digest
-from . import checkpoint
+from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
 from .membership import Membership
 from .rounds import Round
 from .store import Store
+from .verify import Verifier
+from .workers import check_grads, worker_info
 
 log = logging.getLogger("shardgrad.coordinator")
 
@@ -46,6 +51,7 @@ class Config:
     deadline_factor: float = 3.0  # ... and otherwise this many times the median round
     blocks_per_worker: int = 2
     max_queued_jobs: int = 100
+    dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
@@ -60,16 +66,17 @@ class Config:
 @dataclass
 class ActiveJob:
     id: str
-    rt: JobRuntime
-    opt: object
-    next_round: int = 0
-    acc: list | None = None
+    engine: RoundEngine
+    spec: dict  # the spec as sent in every TASK, built once
+    verifier: Verifier
     round: Round | None = None
-    weights: list = field(default_factory=list)  # snapshot sent to workers this step
-    spec: dict = field(default_factory=dict)  # the spec as sent in every TASK, built once
-    metrics: list = field(default_factory=list)
     round_times: list = field(default_factory=list)
     state: str = "running"
+    gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
+
+    @property
+    def rt(self) -> JobRuntime:
+        return self.engine.rt
 
 
 class Coordinator:
@@ -89,14 +96,15 @@ class Coordinator:
             client_bind, auth and auth.client_domain, self.cfg.client_limits, self.cfg.client_hwm
         )
         self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
-        # Per-message admission: revoked keys (ZAP only checks at connect) and client rates.
+        # Per-message admission: revoked keys (ZAP only checks at connect) and peer rates.
         cfg = self.cfg
         self.gate = Gate(
-            self, auth, cfg.client_rate, cfg.client_burst, cfg.worker_rate, cfg.worker_burst
-        )
+            auth, self.counters, cfg.client_rate, cfg.client_burst, cfg.worker_rate,
+            cfg.worker_burst,
+        )  # fmt: skip
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.client_handler = ClientHandler(self)
+        self.client_handler = ClientHandler(self.store, self)
         self.http = http_server(http, self.store.dir)  # dashboard, JSON API, /metrics
         if auth is None:
             log.warning(
@@ -129,13 +137,14 @@ class Coordinator:
                 if self.workers in ready:
                     self._drain(self.workers, wire.WORKER_TYPES, self.on_worker)
                 if self.clients in ready:
-                    self._drain(self.clients, wire.CLIENT_TYPES, self.client_handler.handle)
+                    self._drain(self.clients, wire.CLIENT_TYPES, self.on_client)
                 self.tick()
                 self.http.publish(self)  # a fresh snapshot for the HTTP threads, <= 4/s
         finally:
             self.shutdown()
 
     def _drain(self, sock, types, handler, budget=256):
+        is_client = sock is self.clients
         for _ in range(budget):
             try:
                 _, msg = wire.recv_msg(
@@ -146,30 +155,38 @@ class Coordinator:
             except wire.ProtocolError as e:
                 self.counters["bad_message"] += 1
                 log.warning("dropped a bad message: %s", e)
-                if sock is self.clients and e.envelope:
-                    self._send(sock, e.envelope, wire.ERROR, {"message": str(e)})
+                if is_client and e.envelope:
+                    self._reply_error(e.envelope, str(e), "bad_message")
                 continue
-            if not self.gate.admit(sock, msg):
+            refusal = self.gate.admit(msg, is_client)
+            if refusal is not None:
+                if is_client and refusal.reply:
+                    self._reply_error(msg.envelope, refusal.reply, "refused", msg.get("req"))
+                if refusal.drop_worker in self.members.workers:
+                    self.members.leave(refusal.drop_worker)  # its blocks are re-issued at once
                 continue
             try:
                 handler(msg)
+            except wire.Refused as e:  # an ordinary no, to a well-formed request
+                self.counters["refused"] += 1
+                self._reply_error(msg.envelope, str(e), "refused", msg.get("req"))
             except wire.ProtocolError as e:
                 self.counters["bad_message"] += 1
                 log.warning("dropped a bad %s message: %s", msg.type, e)
-                if sock is self.clients:
-                    self._send(
-                        sock, msg.envelope, wire.ERROR, {"message": str(e), "req": msg.get("req")}
-                    )
+                if is_client:
+                    self._reply_error(msg.envelope, str(e), "bad_message", msg.get("req"))
             except Exception as e:  # a bug must cost one request, never the coordinator
                 self.counters["internal_error"] += 1
                 log.exception("error handling %s", msg.type)
-                if sock is self.clients:
-                    self._send(
-                        sock,
-                        msg.envelope,
-                        wire.ERROR,
-                        {"message": f"internal error: {e}", "req": msg.get("req")},
+                if is_client:
+                    self._reply_error(
+                        msg.envelope, f"internal error: {e}", "internal", msg.get("req")
                     )
+
+    def _reply_error(self, envelope, message, kind, req=None):
+        self._send(
+            self.clients, envelope, wire.ERROR, {"message": message, "kind": kind, "req": req}
+        )
 
     def _send(self, sock, identity, msg_type, fields=None, arrays=None) -> bool:
         try:
@@ -208,66 +225,157 @@ class Coordinator:
             self.members.leave(wid)
             log.info("worker %s left", wid)
             return
-        if self.members.heard(wid, _worker_info(msg) if msg.type == wire.READY else None):
-            log.info("worker %s joined", wid)
+        if msg.type in (wire.READY, wire.HEARTBEAT):
+            # a heartbeat registers too: after a coordinator restart, workers are back
+            # without having to notice that anything happened
+            if self.members.heard(wid, worker_info(msg) if msg.type == wire.READY else None):
+                log.info("worker %s joined", wid)
+            if msg.type == wire.HEARTBEAT:  # answered, so a worker can tell we are alive
+                self._send(self.workers, msg.envelope[0], wire.HEARTBEAT, {})
+            return
+        block = self._block_of(msg)  # checked (and drops counted) before who sent it
+        if block is None:
+            return
         if msg.type == wire.GRADS:
-            self.on_grads(wid, msg)
+            arrays = check_grads(msg, self.job.rt.params)
+        else:
+            error = wire.field_of(msg, "error", str)[:2000]
+        if not self.members.is_live(wid):  # never registered, dead or quarantined
+            self.counters["unknown_worker"] += 1
+            return
+        self.members.heard(wid)
+        if msg.type == wire.GRADS:
+            self.on_grads(wid, block, arrays, msg)
+        else:
+            self.on_fault(wid, block, error, msg)
 
-    def on_grads(self, wid, msg):
+    def _block_of(self, msg):
+        """The pending block of the current round a GRADS / FAULT is about, or None
+        (counted) if it is late, unknown or already in."""
         job, r = self.job, self.job and self.job.round
         job_id, rnd, block = wire.require(msg, "job", "round", "block")
         if r is None or job_id != job.id or rnd != r.index:
             self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
-            return
+            return None
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
-            raise wire.ProtocolError(f"GRADS 'block' must be [lo, hi] integers, got {block!r}")
+            raise wire.ProtocolError(f"{msg.type} 'block' must be [lo, hi] integers, got {block!r}")
         block = tuple(block)
         if block not in r.holders:
             self.counters["unknown_block"] += 1
-            return
-        if block in r.delivered:
+            return None
+        if block in r.delivered or msg.get("worker") in r.results.get(block, ()):
             self.counters["duplicate_grads"] += 1
-            return
-        arrays = self._check_grads(msg, job)
-        bad = next((i for i, a in enumerate(arrays) if not np.isfinite(a).all()), None)
-        if bad is not None:
-            return self.on_bad_numerics(wid, block, msg.get("nonfinite"))
-        r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))
+            return None
+        return block
+
+    def on_grads(self, wid, block, arrays, msg):
+        r = self.job.round
+        if not all_finite(arrays):
+            what = "the gradient has NaN/Inf"
+            return self.block_failed(wid, block, what, msg.get("nonfinite"))
+        verdict = r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))
         self.members.workers[wid].blocks_done += 1
+        if verdict == "verified":
+            self.counters["verified_blocks"] += 1
+        elif verdict == "mismatch":
+            return self.settle(block)
         if r.complete():
             self.finish_round()
 
-    def _check_grads(self, msg, job):
-        want = [(p.shape, p.dtype) for p in job.rt.params] + [((1,), np.dtype(np.float64))]
-        names = [str(i) for i in range(len(job.rt.params))] + ["loss"]
-        arrays = []
-        for name, (shape, dtype) in zip(names, want, strict=True):
-            a = msg.arrays.get(name)
-            if a is None or a.shape != shape or a.dtype != dtype:
-                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
-                raise wire.ProtocolError(
-                    f"GRADS array '{name}': expected {dtype}{list(shape)}, got {got}"
-                )
-            arrays.append(a)
-        return arrays
+    def on_fault(self, wid, block, error, msg):
+        log.warning("worker %s: job code raised in round %s: %s", wid, msg.get("round"), error)
+        self.counters["job_faults"] += 1
+        self.block_failed(wid, block, error, msg.get("micro_batch"))
 
-    def on_bad_numerics(self, wid, block, where):
+    def block_failed(self, wid, block, what, micro):
+        """A block raised or came back non-finite: once is the worker's bad luck (recompute
+        elsewhere), twice on different workers is the job's fault (it fails, naming why)."""
         r = self.job.round
         r.failures.setdefault(block, []).append(wid)
-        which = (
-            f"micro-batch {where}"
-            if isinstance(where, int)
-            else f"micro-batches {block[0]}..{block[1] - 1}"
-        )
+        lo, hi = block
+        where = f"micro-batch {micro}" if type(micro) is int else f"micro-batches {lo}..{hi - 1}"
         if len(r.failures[block]) >= 2:
-            return self.fail_job(
-                f"round {r.index}, {which}: the gradient has NaN/Inf again after recomputing "
-                f"on another worker ({', '.join(r.failures[block])}); the data or the learning "
-                "rate is at fault, not the cluster"
+            hint = (
+                "; the data or the learning rate is at fault, not the cluster"
+                if what.startswith("the gradient has NaN/Inf")
+                else ""
             )
-        log.warning("round %d %s from %s has NaN/Inf: recomputing elsewhere", r.index, which, wid)
-        r.holders[block] = set()
-        self.send_blocks(r.reissue([block], self.members.live(), avoid={wid}))
+            return self.fail_job(
+                f"round {r.index}, {where}: {what} again after recomputing on another worker "
+                f"({', '.join(r.failures[block])}){hint}"
+            )
+        log.warning("round %d %s from %s: %s; recomputing elsewhere", r.index, where, wid, what)
+        r.holders[block].discard(wid)
+        self.send_blocks(
+            r.reissue([block], self.members.live(), avoid={wid, *r.results.get(block, ())})
+        )
+
+    def settle(self, block):
+        """Two workers disagree on a checked block: a third computation, the coordinator's
+        own, decides. Whoever differs from it is quarantined, and the job rolls back past
+        everything it said unchecked."""
+        job, r = self.job, self.job.round
+        lo, hi = block
+        self.counters["verify_mismatches"] += 1
+        liars = r.settle(block, job.rt.block_grad(r.index, lo, hi))
+        targets = []
+        for wid in liars:
+            self.quarantine(wid, f"round {r.index}, micro-batches {lo}..{hi - 1}: its gradient "
+                            "differed from the coordinator's recomputation")  # fmt: skip
+            target = job.verifier.rollback_target(wid)
+            if target is not None:
+                targets.append(target)
+            r.discard(wid)
+        if targets:
+            return self.rollback(min(targets))
+        if r.complete():
+            self.finish_round()
+
+    def quarantine(self, wid, reason):
+        log.error("worker %s quarantined: %s", wid, reason)
+        self.counters["quarantined"] += 1
+        self.members.quarantine(wid, reason)
+
+    def rollback(self, target):
+        job = self.job
+        arrays, meta = job.verifier.snapshots[target]
+        log.warning("job %s rolls back from round %d to %d", job.id, job.engine.next_round, target)
+        self.counters["rollbacks"] += 1
+        job.engine.restore(arrays, meta)
+        job.verifier.rolled_back(target)
+        job.gen, job.round = job.gen + 1, None
+        self.checkpoint()  # the one on disk may hold what the liar said
+        self.start_round()
+
+    # ---- the client port (ClientHandler's narrow view of us) ------------------------------
+    def on_client(self, msg):
+        fields, arrays = self.client_handler.handle(msg)
+        fields.setdefault("req", msg.get("req"))
+        self._send(self.clients, msg.envelope, wire.OK, fields, arrays)
+
+    def prepare(self, spec) -> JobRuntime:
+        """Build a submitted job and dry-run its micro-batch 0, so what can fail at submit
+        fails there. Raises SpecError / ValueError / OSError with the reason."""
+        rt = JobRuntime(spec, self.data_root)
+        rt.dry_run(self.cfg.dry_run_seconds)
+        return rt
+
+    def status(self) -> dict:
+        return {"workers": self.members.table(), "counters": dict(self.counters)}
+
+    def live_job(self, job_id):
+        """(state, next round, metrics) of `job_id` if it is the running job, else None."""
+        job = self.job
+        if job is None or job.id != job_id:
+            return None
+        return job.state, job.engine.next_round, job.engine.metrics
+
+    def cancel(self, job_id):
+        if self.job is not None and self.job.id == job_id:
+            self.end_job()
+
+    def authorize(self, msg, row, action):
+        self.gate.authorize(msg, row, action)
 
     # ---- jobs -----------------------------------------------------------------------------
     def start_next_job(self):
@@ -284,45 +392,53 @@ class Coordinator:
         except (SpecError, ValueError, OSError) as e:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return
-        job = ActiveJob(row["id"], rt, rt.make_optimizer(), spec=rt.spec.to_dict())
+        job = ActiveJob(row["id"], RoundEngine(rt), rt.spec.to_dict(), Verifier(spec.verify))
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
-            checkpoint.restore(job, *ckpt)
-            log.info("job %s resumes from its checkpoint at round %d", job.id, job.next_round)
-        job.weights = [w.copy() for w in rt.weights()]
+            arrays, meta = ckpt
+            job.engine.restore(arrays, meta)
+            job.round_times = meta.get("round_times", [])
+            log.info("job %s resumes from its checkpoint at round %d", job.id, meta["round"])
         self.job = job
-        self.store.update(job.id, state="running", round=job.next_round)
+        self.store.update(job.id, state="running", round=job.engine.next_round)
         self.start_round()
+
+    def _set_state(self, state):
+        if self.job.state != state:
+            self.job.state = state
+            self.store.update(self.job.id, state=state)
 
     def start_round(self):
         job = self.job
         live = self.members.live()
         if len(live) < job.rt.spec.min_workers:
             if job.state != "paused":
-                log.warning(
-                    "job %s paused: %d live worker(s), needs %d",
-                    job.id,
-                    len(live),
-                    job.rt.spec.min_workers,
-                )
-                job.state = "paused"
-                self.store.update(job.id, state="paused")
-            return
+                log.warning("job %s paused: %d live worker(s), needs %d", job.id, len(live),
+                            job.rt.spec.min_workers)  # fmt: skip
+            return self._set_state("paused")
         if job.state == "paused":
             log.info("job %s resumed with %d workers", job.id, len(live))
-            job.state = "running"
-            self.store.update(job.id, state="running")
-        job.round = Round(job.next_round, job.rt.n_micro, live, self.cfg.blocks_per_worker)
+        self._set_state("running")
+        index = job.engine.next_round
+        if job.verifier.needs_snapshot(index, live):
+            job.verifier.keep(index, job.engine.pack(copy=True))
+        job.round = Round(index, job.rt.n_micro, live, self.cfg.blocks_per_worker,
+                          checked=job.verifier.draw)  # fmt: skip
         self.send_blocks(job.round.assignment)
 
     def send_blocks(self, assignment: dict):
         job, r = self.job, self.job.round
-        arrays = [(str(i), w) for i, w in enumerate(job.weights)]
+        # The weights go out zero-copy, straight from the optimizer's arrays. They change
+        # only when a round ends, and a TASK is only sent while its round runs: a frame
+        # still in flight when they change belongs to a finished round, whose results are
+        # late and ignored whatever they are.
+        arrays = [(str(i), w) for i, w in enumerate(job.rt.weights())]
         for wid, blocks in assignment.items():
             if not blocks:
                 continue
             fields = {
                 "job": job.id,
+                "gen": job.gen,
                 "round": r.index,
                 "blocks": [list(b) for b in blocks],
                 "spec": job.spec,
@@ -330,28 +446,37 @@ class Coordinator:
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
+    def reissue(self, blocks, live, among=None):
+        """Send `blocks` to live workers other than those who already answered for them."""
+        for b in blocks:
+            r = self.job.round
+            self.send_blocks(r.reissue([b], among or live, avoid=set(r.results.get(b, ()))))
+
     def repair_round(self):
-        """Re-issue what dead workers held; back up stragglers past the deadline."""
-        job, r = self.job, self.job.round
+        """Re-issue what dead (or quarantined) workers held; back up stragglers past the
+        deadline."""
+        r = self.job.round
         live = self.members.live()
         orphans = r.orphans(set(live))
+        for b in orphans:
+            if b in r.checks and r.results.get(b) and not set(live) - set(r.results[b]):
+                r.accept_unchecked(b)  # its checker is gone and nobody else can check
+                self.counters["verify_skipped"] += 1
+        orphans = [b for b in orphans if b not in r.delivered]
+        if r.complete():
+            return self.finish_round()
         if orphans and live:
             log.info("round %d: re-issuing %d block(s) of lost workers", r.index, len(orphans))
-            self.send_blocks(r.reissue(orphans, live))
-        elif orphans and job.state != "paused":
-            job.state = "paused"
-            self.store.update(job.id, state="paused")
-        elif not orphans and job.state == "paused" and live:
-            job.state = "running"
-            self.store.update(job.id, state="running")
+            self.reissue(orphans, live)
+        self._set_state("paused" if orphans and not live else "running")
         if time.monotonic() - r.started > self.deadline():
             idle = r.idle(live)
-            slow = [b for b in r.pending() if len(r.holders[b]) == 1]
+            slow = [b for b in r.pending() if len(r.waiting_on(b)) == 1]
             if idle and slow:
                 backups = slow[: len(idle)]
                 log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
                 self.counters["backup_blocks"] += len(backups)
-                self.send_blocks(r.reissue(backups, idle))
+                self.reissue(backups, live, among=idle)
 
     def deadline(self):
         recent = self.job.round_times[-20:]
@@ -359,20 +484,12 @@ class Coordinator:
         return max(self.cfg.min_deadline, self.cfg.deadline_factor * median)
 
     def finish_round(self):
-        job, rt, r = self.job, self.job.rt, self.job.round
+        job, r, engine = self.job, self.job.round, self.job.engine
         t0 = time.monotonic()
         total = r.total()
         t1 = time.monotonic()
-        job.acc = total if job.acc is None else add_arrays(job.acc, total)
-        row = {
-            "round": r.index,
-            "epoch": rt.position(r.index)[0],
-            "round_loss": float(total[-1][0]) / rt.global_batch,
-        }
-        if rt.group_end(r.index):
-            row["loss"] = rt.apply_step(job.opt, job.acc, rt.group_samples(r.index))
-            job.acc = None
-            job.weights = [w.copy() for w in rt.weights()]
+        job.verifier.contributed(r.index, [w for w, blocks in r.unverified.items() if blocks])
+        row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started
         compute = max(r.compute_s.values(), default=0.0)
@@ -380,45 +497,36 @@ class Coordinator:
             round_s=round_s,
             compute_s=compute,
             reduce_s=t1 - t0,
-            step_s=t2 - t1,
             overhead_s=round_s - compute,
             transfer_s=round_s - compute - (t2 - t0),  # messaging and waiting, the rest
             workers=len(r.compute_s),
-            samples_per_s=rt.global_batch / max(round_s, 1e-9),
+            samples_per_s=job.rt.global_batch / max(round_s, 1e-9),
         )
         # The deadline adapts to how long the healthy half of a round takes, so a
         # persistent straggler cannot stretch it to its own pace.
         job.round_times.append(r.half_time if r.half_time is not None else round_s)
-        job.next_round, job.round = r.index + 1, None
-        done = job.next_round == rt.total_rounds
-        if not done:
+        job.round = None
+        if not engine.done:
             # The next round goes out first: workers compute while we evaluate and write
             # the checkpoint (the weights stay as they are until that round's step).
             self.start_round()
-        if done or rt.position(job.next_round)[1] == 0:
-            row.update(rt.evaluate())
-        job.metrics.append(row)
+        engine.record(row)
         self.http.observe_round(job.id, row)
-        if done:
+        if engine.done:
             return self.finish_job()
-        if job.next_round % rt.spec.checkpoint_every == 0:
+        if engine.next_round % job.rt.spec.checkpoint_every == 0:
             self.checkpoint()  # also records the round in the queue database
 
     def checkpoint(self):
-        arrays, meta = checkpoint.pack(self.job)
+        arrays, meta = self.job.engine.pack()
+        meta["round_times"] = self.job.round_times[-20:]
         self.store.save_checkpoint(self.job.id, arrays, meta)
 
     def finish_job(self):
         job = self.job
-        state = job.rt.state_dict()
-        last = job.metrics[-1]
-        result = {
-            "digest": weights_digest(state),
-            "metrics": job.metrics,
-            "eval": {k: v for k, v in last.items() if k in ("accuracy", "mse")},
-        }
-        self.store.save_result(job.id, state, result)
-        self.store.update(job.id, round=job.next_round)
+        result = job.engine.result()
+        self.store.save_result(job.id, job.rt.state_dict(), result)
+        self.store.update(job.id, round=job.engine.next_round)
         self.store.drop_checkpoint(job.id)
         log.info("job %s done: %s", job.id, result["eval"])
         self.end_job()
@@ -426,6 +534,7 @@ class Coordinator:
     def fail_job(self, message):
         log.error("job %s failed: %s", self.job.id, message)
         self.store.update(self.job.id, state="failed", error=message)
+        self.store.drop_checkpoint(self.job.id)
         self.end_job()
 
     def end_job(self):
@@ -440,25 +549,13 @@ class Coordinator:
     def shutdown(self):
         if self.job is not None:
             self.checkpoint()  # the last completed round; the partial one is redone
-            log.info("checkpointed job %s at round %d", self.job.id, self.job.next_round)
+            log.info("checkpointed job %s at round %d", self.job.id, self.job.engine.next_round)
             self.job = None
         self.workers.close(0)
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()
         self.http.close()
         self.ctx.term()
-
-
-def _worker_info(msg) -> dict:
-    """What a READY may say about its worker, for `status`: host and pid, nothing else."""
-    info = msg.get("info")
-    info = info if isinstance(info, dict) else {}
-    out = {}
-    if isinstance(info.get("host"), str):
-        out["host"] = info["host"][:100]
-    if type(info.get("pid")) is int:
-        out["pid"] = info["pid"]
-    return out
 
 
 def main(

@@ -57,6 +57,11 @@ def add_arrays(left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> list[
     return [np.add(a, b) for a, b in zip(left, right, strict=True)]
 
 
+def all_finite(arrays: Sequence[np.ndarray]) -> bool:
+    """No NaN/Inf in any array (workers check before sending, the coordinator on receipt)."""
+    return all(np.isfinite(a).all() for a in arrays)
+
+
 def aligned_blocks(n: int, block: int) -> list[tuple[int, int]]:
     """The aligned blocks of size `block` (a power of two) covering [0, n)."""
     return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
@@ -74,9 +79,26 @@ def block_size_for(n: int, workers: int, per_worker: int = 2) -> int:
 
 def assign_blocks(n: int, workers: Sequence[str], per_worker: int = 2) -> dict[str, list]:
     """Deal the aligned blocks of [0, n) out to `workers` as contiguous runs, in the
-    order given (callers sort it so assignment does not depend on arrival order)."""
+    order given (callers sort it so assignment does not depend on arrival order), each run
+    merged into the fewest tree nodes (so a worker with a whole subtree sends one sum)."""
     blocks = aligned_blocks(n, block_size_for(n, len(workers), per_worker))
     out: dict[str, list] = {w: [] for w in workers}
     for i, blk in enumerate(blocks):
         out[workers[i * len(workers) // len(blocks)]].append(blk)
+    return {w: coalesce(run, n) for w, run in out.items()}
+
+
+def coalesce(run: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """Merge sibling nodes of a contiguous run into their parent, repeatedly: the left child
+    [a, a+t) (t a power of two, a a multiple of 2t) and the right child [a+t, min(a+2t, n))
+    make node [a, min(a+2t, n)), which the canonical tree splits at a+t."""
+    out: list[tuple[int, int]] = []
+    for blk in run:
+        out.append(blk)
+        while len(out) >= 2:
+            (a, mid), (mid2, hi) = out[-2], out[-1]
+            t = mid - a
+            if mid2 != mid or t & (t - 1) or a % (2 * t) or hi != min(a + 2 * t, n):
+                break
+            out[-2:] = [(a, hi)]
     return out

@@ -53,7 +53,14 @@ def cmd_coordinator(a):
 def cmd_worker(a):
     from .worker.worker import main
 
-    main(a.coordinator_workers, a.data_root, a.id, a.heartbeat_interval, _peer_auth(a, "worker"))
+    main(
+        a.coordinator_workers,
+        a.data_root,
+        a.id,
+        a.heartbeat_interval,
+        _peer_auth(a, "worker"),
+        liveness=a.liveness,
+    )
 
 
 def _sigterm_as_interrupt():
@@ -209,6 +216,8 @@ HTTP_HELP = (
 
 
 def parser():
+    from .jobspec import MICRO_BATCH_RULE
+
     p = argparse.ArgumentParser(prog="shardgrad", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,6 +273,12 @@ def parser():
         default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
         help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
     )
+    s.add_argument(
+        "--liveness",
+        type=int,
+        default=int(ENV("SHARDGRAD_LIVENESS", 5)),
+        help="unanswered heartbeats before the coordinator counts as silent (then re-register)",
+    )
     s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
     s.add_argument("--id", default=ENV("SHARDGRAD_WORKER_ID"), help="worker identity")
     s.add_argument("--heartbeat-interval", type=float, default=hb)
@@ -282,7 +297,7 @@ def parser():
         ("submit", cmd_submit, "submit a job spec (TOML/JSON)"),
         ("train", cmd_train, "run a job spec in this process"),
     ):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, epilog=MICRO_BATCH_RULE)
         s.add_argument("spec")
         client_args(s)
         s.set_defaults(fn=fn)

@@ -113,6 +113,8 @@ class LocalCluster:
     def add_worker(self, env=None):
         self._spawned += 1
         args = ["worker", "--coordinator-workers", self.worker_address, *self._common()]
+        if self.liveness:
+            args += ["--liveness", str(self.liveness)]
         if self.data_root:
             args += ["--data-root", self.data_root]
         if self.keys:

@@ -19,6 +19,8 @@ import zipfile
 
 import numpy as np
 
+from .registry import BINARY_LOSSES, LABEL_LOSSES
+
 MAX_FILE_ELEMENTS = 1 << 28  # per array in an .npz; checked before the data is read
 SYNTHETIC_DEFAULTS = {
     "task": "classification",
@@ -28,7 +30,6 @@ SYNTHETIC_DEFAULTS = {
     "noise": 0.1,
     "seed": 0,
 }
-_CLASS_LOSSES = ("cross_entropy", "nll")
 
 
 class DataError(ValueError):
@@ -231,7 +232,7 @@ def check_against_model(
         )
     if len(X) != len(y):
         raise DataError(f"X has {len(X)} samples but y has {len(y)}")
-    if loss in _CLASS_LOSSES:
+    if loss in LABEL_LOSSES:
         if y.ndim != 1 or y.dtype.kind not in "iub":
             raise DataError(
                 f"loss '{loss}' needs y as integer class labels of shape (n,), "
@@ -243,9 +244,14 @@ def check_against_model(
             raise DataError(
                 f"y has class label {y.max()} but the model has only {n_outputs} outputs"
             )
-    elif loss == "bce_with_logits":
-        if y.size and (y.min() < 0 or y.max() > 1):
-            raise DataError("loss 'bce_with_logits' needs targets in [0, 1]")
+    elif loss in BINARY_LOSSES:
+        bad = y[(y != 0) & (y != 1)] if y.size else y
+        if bad.size:
+            raise DataError(f"loss '{loss}' needs targets 0 or 1, y has {bad.flat[0]}")
+        if n_outputs is not None and n_outputs != 1:
+            raise DataError(
+                f"loss '{loss}' needs a model with 1 output (a logit), this one has {n_outputs}"
+            )
     elif loss == "mse":
         if y.dtype.kind != "f":
             raise DataError(f"loss 'mse' needs real-valued targets y, got {y.dtype}")

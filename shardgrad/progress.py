@@ -80,6 +80,16 @@ def format_status(status: dict) -> str:
         parts.append(_table(["JOB", "NAME", "STATE", "ROUND", "CHECKPOINT", "EVAL", "ERROR"], rows))
     elif "jobs" in status:
         parts.append("no jobs")
+    job = status.get("job")
+    if job and job.get("micro_batches"):
+        k = job["micro_batches"]
+        parts.append(
+            f"{k} micro-batches of {job['micro_batch']} samples a round: up to {k} workers "
+            "share one (smaller micro-batches let more share, at the contract's tax)"
+        )
+    for w in workers:
+        if w.get("reason"):
+            parts.append(f"{w['id']} {w['state']}: {w['reason']}")
     # Counters are the coordinator's dropped/bad-message tallies: worth seeing when nonzero.
     counters = {k: v for k, v in (status.get("counters") or {}).items() if v}
     if counters:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import zmq
 import zmq.auth
@@ -361,54 +362,60 @@ class RateLimit:
         return b
 
 
+@dataclass
+class Refusal:
+    """Why `Gate.admit` refused a message: the ERROR text for a client (None: drop it
+    silently), and the worker to drop if its own key was revoked."""
+
+    reply: str | None = None
+    drop_worker: str | None = None
+
+
 class Gate:
     """What the coordinator asks before handling a decoded message: is the sender's key
     still allowed (revocation), and is the peer within its port's message rate?
 
-    Refusals never raise: a client gets an ERROR (rate-limit errors at most once a second
-    per peer, the rest are dropped), a worker's message is dropped; both are counted. The
-    worker port's rate is far above what a working worker sends (heartbeats and one GRADS
-    per block); it only stops a flood.
+    It only decides and counts (into the coordinator's `counters`); the coordinator sends
+    the replies. A client gets an ERROR (rate-limit errors at most once a second per peer,
+    the rest are dropped), a worker's message is dropped. The worker port's rate is far
+    above what a working worker sends (heartbeats and one GRADS per block); it only stops a
+    flood.
     """
 
     def __init__(
         self,
-        coord,
         auth: ServerAuth | None,
+        counters,
         rate: float = 200.0,
         burst: int = 400,
         worker_rate: float = 2000.0,
         worker_burst: int = 4000,
     ):
-        self.coord, self.auth = coord, auth
+        self.auth, self.counters = auth, counters
         self.clients = RateLimit(rate, burst)
         self.workers = RateLimit(worker_rate, worker_burst)
 
-    # The coordinator calls this for each decoded message; False = refused (already handled).
-    def admit(self, sock, msg) -> bool:
-        coord = self.coord
-        is_client = sock is coord.clients
+    def admit(self, msg, is_client: bool) -> Refusal | None:
+        """None to go ahead, else the Refusal (already counted)."""
         if self.auth is not None:
             allow = self.auth.clients if is_client else self.auth.workers
             if msg.user is None or msg.user not in allow:
-                coord.counters["revoked_key"] += 1
+                self.counters["revoked_key"] += 1
                 log.warning(
                     "refused a %s message from key %s: not in the allow-list (revoked?)",
                     msg.type,
                     msg.user,
                 )
                 if is_client:
-                    self._error(msg, "not authorized: this key is not (or no longer) allowed")
-                else:
-                    wid = msg.get("worker")
-                    # only the worker's own connections may get it dropped, never a claim
-                    own = (wid.encode(), f"{wid}#hb".encode()) if isinstance(wid, str) else ()
-                    if msg.envelope and msg.envelope[0] in own and wid in coord.members.workers:
-                        coord.members.leave(wid)  # its blocks are re-issued at once
-                return False
+                    return Refusal("not authorized: this key is not (or no longer) allowed")
+                wid = msg.get("worker")
+                # only the worker's own connections may get it dropped, never a claim
+                own = (wid.encode(), f"{wid}#hb".encode()) if isinstance(wid, str) else ()
+                mine = bool(msg.envelope) and msg.envelope[0] in own
+                return Refusal(drop_worker=wid if mine else None)
         return self._take(msg, is_client)
 
-    def _take(self, msg, is_client: bool) -> bool:
+    def _take(self, msg, is_client: bool) -> Refusal | None:
         conn = msg.envelope[0] if msg.envelope else b""
         if is_client:  # per key when auth is on, else per connection
             limit, peer = self.clients, msg.user or conn
@@ -417,23 +424,17 @@ class Gate:
         now = time.monotonic()
         b = limit.refused(peer, now)
         if b is None:
-            return True
+            return None
         if not is_client:
-            self.coord.counters["worker_rate_limited"] += 1
-            return False
-        self.coord.counters["rate_limited"] += 1
-        if now - b.warned >= 1.0:
-            b.warned = now
-            self._error(
-                msg,
-                f"rate limit: more than {limit.rate:g} messages/s (burst {limit.burst:g}) from "
-                "this peer; excess messages are dropped",
-            )
-        return False
-
-    def _error(self, msg, text):
-        self.coord._send(
-            self.coord.clients, msg.envelope, wire.ERROR, {"message": text, "req": msg.get("req")}
+            self.counters["worker_rate_limited"] += 1
+            return Refusal()
+        self.counters["rate_limited"] += 1
+        if now - b.warned < 1.0:
+            return Refusal()
+        b.warned = now
+        return Refusal(
+            f"rate limit: more than {limit.rate:g} messages/s (burst {limit.burst:g}) from "
+            "this peer; excess messages are dropped"
         )
 
     def authorize(self, msg, row: dict, action: str) -> None:
@@ -442,8 +443,8 @@ class Gate:
             return
         if msg.user is not None and (msg.user == row.get("owner") or self.auth.is_admin(msg.user)):
             return
-        self.coord.counters["forbidden"] += 1
-        raise wire.ProtocolError(
+        self.counters["forbidden"] += 1
+        raise wire.Refused(
             f"not authorized to {action} job {row['id']}: only the client that submitted it "
             "or an admin key may"
         )

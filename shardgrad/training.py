@@ -5,16 +5,15 @@ distributed run and the local run execute the very same code on the very same in
 that, plus the canonical reduction tree (core/sampling.py), is the determinism contract.
 """
 
-import hashlib
-import time
+import contextlib
+import signal
+import threading
 from collections.abc import Callable
 
 import numpy as np
 
 from .core import from_numpy, nn, optim
-from .core import functional as F
 from .core.sampling import (
-    add_arrays,
     epoch_permutation,
     micro_batch_rng,
     micro_batch_slice,
@@ -23,15 +22,13 @@ from .core.sampling import (
 )
 from .core.tensor import Tensor, no_grad
 from .datasets import check_against_model, load_dataset
+from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
+from .registry import LOSSES, METRICS, OPTIMIZERS
 
-LOSSES = {
-    "cross_entropy": F.cross_entropy,
-    "mse": F.mse_loss,
-    "nll": F.nll_loss,
-    "bce_with_logits": F.binary_cross_entropy_with_logits,
-}
-OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+
+class DryRunError(ValueError):
+    """Micro-batch 0 of a submitted job raised: the job is refused with the reason."""
 
 
 class JobRuntime:
@@ -46,7 +43,9 @@ class JobRuntime:
         self.params = [p for _, p in named]
         self.loss_fn = LOSSES[spec.loss]
         self.X, self.y = load_dataset(spec.data, data_root, verify=verify_data)
-        check_against_model(self.X, self.y, spec.input_shape, spec.loss)
+        out = self.model.output_shape
+        n_outputs = out[0] if len(out) == 1 else None
+        check_against_model(self.X, self.y, spec.input_shape, spec.loss, n_outputs)
         holdout = (spec.eval or {}).get("holdout", 0.0)
         self.train_idx, self.holdout_idx = split_indices(spec.seed, len(self.X), holdout)
         self.global_batch, self.micro_batch = spec.global_batch, spec.micro_batch
@@ -83,13 +82,29 @@ class JobRuntime:
         self.model.train()
         for p in self.params:
             p.grad = None
-        # X[idx] is already a fresh array (fancy indexing): wrap it, do not copy it again
-        out = self.model(from_numpy(np.asarray(self.X[idx])))
-        loss = self.loss_fn(out, from_numpy(np.asarray(self.y[idx]))) * float(len(idx))
-        loss.backward()
+        try:
+            # X[idx] is already a fresh array (fancy indexing): wrap it, do not copy it again
+            out = self.model(from_numpy(np.asarray(self.X[idx])))
+            loss = self.loss_fn(out, from_numpy(np.asarray(self.y[idx]))) * float(len(idx))
+            loss.backward()
+        except Exception as e:
+            e.micro_batch = index  # which one, for the FAULT a worker sends
+            raise
         return [
             p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params
         ] + [np.array([loss.item()], np.float64)]
+
+    def dry_run(self, seconds: float) -> None:
+        """Forward + backward of micro-batch 0 of round 0, so what would fail on every
+        worker fails at submit instead. Past `seconds` it gives up quietly (a big model is
+        not an error; the workers report what the dry run did not get to see)."""
+        try:
+            with _time_limit(seconds):
+                self.micro_batch_grad(0, 0)
+        except _TimeUp:
+            return
+        except Exception as e:  # job code: the spec's model on the spec's data
+            raise DryRunError(f"micro-batch 0 of round 0 raised {type(e).__name__}: {e}") from None
 
     def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
         """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree)."""
@@ -111,7 +126,7 @@ class JobRuntime:
         hyper = {k: v for k, v in self.spec.optimizer.items() if k != "type"}
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
-        return OPTIMIZERS[self.spec.optimizer["type"]](self.params, **hyper)
+        return OPTIMIZERS[self.spec.optimizer["type"]][0](self.params, **hyper)
 
     def apply_step(self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int) -> float:
         """Mean gradient = summed gradient / samples; one optimizer step. Returns mean loss."""
@@ -138,11 +153,7 @@ class JobRuntime:
         with no_grad():
             out = self.model(from_numpy(np.asarray(self.X[idx]))).data
         self.model.train()
-        y = self.y[idx]
-        if metric == "accuracy":
-            pred = (out[:, 0] > 0).astype(y.dtype) if out.shape[1:] == (1,) else out.argmax(1)
-            return {"accuracy": float(np.mean(pred == y.reshape(pred.shape)))}
-        return {"mse": float(np.mean((out - y.reshape(out.shape)) ** 2))}
+        return {metric: METRICS[metric](out, self.y[idx])}
 
 
 def train_local(
@@ -152,31 +163,28 @@ def train_local(
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """The whole job in one process, no sockets: the reference a distributed run must
     equal bit for bit. Returns (final state_dict, per-round metrics)."""
-    rt = JobRuntime(spec, data_root)
-    opt = rt.make_optimizer()
-    acc, metrics = None, []
-    for r in range(rt.total_rounds):
-        t0 = time.perf_counter()
-        total = rt.block_grad(r, 0, rt.n_micro)
-        acc = total if acc is None else add_arrays(acc, total)
-        row = {"round": r, "epoch": rt.position(r)[0]}
-        if rt.group_end(r):
-            row["loss"] = rt.apply_step(opt, acc, rt.group_samples(r))
-            acc = None
-        row["samples_per_s"] = rt.global_batch / max(time.perf_counter() - t0, 1e-9)
-        if r + 1 == rt.total_rounds or rt.position(r + 1)[1] == 0:
-            row.update(rt.evaluate())
-        metrics.append(row)
-        if on_round:
-            on_round(row)
-    return rt.state_dict(), metrics
+    engine = run_local(JobRuntime(spec, data_root), on_round)
+    return engine.rt.state_dict(), engine.metrics
 
 
-def weights_digest(state: dict[str, np.ndarray]) -> str:
-    """sha256 over names, dtypes, shapes and bytes: equal digests mean bitwise-equal weights."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        a = np.ascontiguousarray(state[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+class _TimeUp(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TimeUp in this thread after `seconds` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def up(*_):
+        raise _TimeUp
+
+    old = signal.signal(signal.SIGALRM, up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -31,15 +31,14 @@ PROTOCOL_VERSION = 1
 
 # --- message types -------------------------------------------------------------------------
 # worker -> coordinator
-READY = "READY"  # register: {"worker": id, ...capabilities}
-HEARTBEAT = "HEARTBEAT"  # liveness, both directions
-GRADS = "GRADS"  # block gradient sums: {"job", "round", "worker", "blocks"} + arrays
-BYE = "BYE"  # clean leave
+READY = "READY"  # register (again, after a silent coordinator): {"worker", "info"}
+HEARTBEAT = "HEARTBEAT"  # liveness, both ways: a worker's beat, the coordinator's answer
+GRADS = "GRADS"  # one block's gradient sum: {"job", "round", "block", "worker"} + arrays
+FAULT = "FAULT"  # job code raised: {"job", "round", "block", "micro_batch", "error"}
+BYE = "BYE"  # clean leave (SIGTERM): its undelivered blocks are re-issued at once
 # coordinator -> worker
-JOB = "JOB"  # a new job: {"job", "spec"} + initial weights
-TASK = "TASK"  # a round's assignment: {"job", "round", "blocks", ...}
-WEIGHTS = "WEIGHTS"  # new weights after an optimizer step
-STOP_JOB = "STOP_JOB"  # job finished / cancelled: drop its state
+TASK = "TASK"  # a round's assignment: {"job", "gen", "round", "blocks", "spec"} + weights
+STOP_JOB = "STOP_JOB"  # job finished / cancelled / failed: drop its state
 # client -> coordinator
 SUBMIT = "SUBMIT"
 STATUS = "STATUS"
@@ -47,20 +46,25 @@ JOBS = "JOBS"
 CANCEL = "CANCEL"
 METRICS = "METRICS"
 FETCH = "FETCH"
-# coordinator -> client (ERROR also to a worker, e.g. "unknown worker, send READY")
+# coordinator -> client
 OK = "OK"
-ERROR = "ERROR"
+ERROR = "ERROR"  # {"message", "kind": "refused" (an ordinary no) | "bad_message" (malformed)}
 
 # What each side accepts: pass as `expect_types` to decode / recv_msg.
-WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, BYE})  # coordinator's worker port
+WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE})  # coordinator's worker port
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, JOBS, CANCEL, METRICS, FETCH})  # client port
-TO_WORKER_TYPES = frozenset({JOB, TASK, WEIGHTS, STOP_JOB, HEARTBEAT, ERROR})  # worker side
+TO_WORKER_TYPES = frozenset({TASK, STOP_JOB, HEARTBEAT})  # worker side
 TO_CLIENT_TYPES = frozenset({OK, ERROR})  # client side
 
 RESERVED_KEYS = frozenset({"type", "v", "arrays"})
 ALLOWED_DTYPES = frozenset({"float32", "float64", "int64", "int32", "uint8", "bool"})
 
 MiB = 1 << 20
+
+
+class Refused(Exception):
+    """An ordinary refusal of a well-formed request (queue full, no such job, not done yet,
+    not yours): the client gets ERROR kind "refused"; nothing is counted as malformed."""
 
 
 class ProtocolError(ValueError):

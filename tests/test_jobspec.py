@@ -208,7 +208,6 @@ def test_all_layer_types_accepted():
         ({"global_batch": ...}, "global_batch: missing (required)"),
         ({"global_batch": 0}, "global_batch: expected an integer >= 1"),
         ({"global_batch": 64.0}, "global_batch: expected an integer >= 1"),
-        ({"micro_batch": ...}, "micro_batch: missing (required; it must divide global_batch)"),
         ({"micro_batch": 24}, "micro_batch: 24 does not divide global_batch 64"),
         ({"accumulate_steps": 0}, "accumulate_steps: expected an integer >= 1"),
         ({"rounds": ...}, "epochs / rounds: set exactly one of them"),
@@ -302,3 +301,13 @@ def test_network_specs_never_name_a_file(tmp_path):
     with pytest.raises(SpecError, match="never opens a file"):
         parse_spec(str(path), files=False)  # from a message: refused, the file is not opened
     assert parse_spec(GOOD_TOML, files=False).name  # text is fine
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro_batch", [(1024, 128), (512, 64), (256, 64), (128, 64), (64, 64), (96, 96)]
+)
+def test_micro_batch_defaults_from_the_batch(global_batch, micro_batch):
+    raw = {k: v for k, v in GOOD.items() if k != "micro_batch"}
+    spec = parse_spec({**raw, "global_batch": global_batch})
+    assert spec.micro_batch == micro_batch
+    assert spec.to_dict()["micro_batch"] == micro_batch  # pinned in the stored spec

@@ -42,7 +42,7 @@ def test_round_trip_every_dtype_and_shape(dtype, shape):
 
 def test_round_trip_through_zmq_frames_is_zero_copy():
     arr = np.arange(1000, dtype=np.float64).reshape(10, 100)
-    frames = [zmq.Frame(f) for f in encode(wire.WEIGHTS, {"job": "a"}, [("w", arr)])]
+    frames = [zmq.Frame(f) for f in encode(wire.TASK, {"job": "a"}, [("w", arr)])]
     msg = decode(frames)
     out = msg.arrays["w"]
     assert np.array_equal(out, arr)
@@ -98,9 +98,9 @@ def test_field_of_checks_types():
 
 
 def test_type_sets_cover_each_direction():
-    assert wire.WORKER_TYPES == {"READY", "HEARTBEAT", "GRADS", "BYE"}
+    assert wire.WORKER_TYPES == {"READY", "HEARTBEAT", "GRADS", "FAULT", "BYE"}
     assert wire.CLIENT_TYPES == {"SUBMIT", "STATUS", "JOBS", "CANCEL", "METRICS", "FETCH"}
-    assert {"TASK", "WEIGHTS", "STOP_JOB", "HEARTBEAT"} <= wire.TO_WORKER_TYPES
+    assert wire.TO_WORKER_TYPES == {"TASK", "STOP_JOB", "HEARTBEAT"}
     assert wire.TO_CLIENT_TYPES == {"OK", "ERROR"}
 
 

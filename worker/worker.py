@@ -2,9 +2,10 @@
 
 The loop is short on purpose: take the next message, compute the blocks a TASK assigns
 (each block's micro-batches summed by the canonical tree, in shardgrad.training), send one
-GRADS per block. Stale TASKs (a newer round of the same job is already queued) are skipped;
-bad messages are logged and dropped. On SIGTERM it finishes its block, hands back the rest
-(BYE) and leaves.
+GRADS per block. If job code raises (building the model, loading data, a block), the
+worker reports a FAULT for that block and goes on: a bad job fails alone, never the worker.
+Stale TASKs (a newer round or timeline of the same job is already queued) are skipped;
+bad messages are logged and dropped. On SIGTERM it finishes its block and says BYE.
 """
 
 import logging
@@ -20,6 +21,7 @@ import numpy as np
 import zmq
 
 from .. import wire
+from ..core.sampling import all_finite
 from ..jobspec import parse_spec
 from ..training import JobRuntime
 
@@ -28,13 +30,15 @@ log = logging.getLogger("shardgrad.worker")
 
 class Heartbeat(threading.Thread):
     """Sends HEARTBEAT every `interval` on its own socket, so a long backward never looks
-    like death (and a stopped or killed process does)."""
+    like death (and a stopped or killed process does); and listens for the coordinator's
+    answers, so a silent coordinator is noticed here too (Paranoid Pirate, both ways)."""
 
-    def __init__(self, ctx, address, worker_id, interval, security=None):
+    def __init__(self, ctx, address, worker_id, interval, liveness=5, security=None):
         super().__init__(daemon=True, name="heartbeat")
         self.ctx, self.address, self.worker_id, self.interval = ctx, address, worker_id, interval
-        self.security = security
+        self.liveness, self.security = liveness, security
         self.stop = threading.Event()
+        self.reregister = threading.Event()  # set when the coordinator answers again
 
     def run(self):
         sock = self.ctx.socket(zmq.DEALER)
@@ -44,14 +48,32 @@ class Heartbeat(threading.Thread):
         if self.security:
             self.security.apply(sock)
         sock.connect(self.address)
+        heard, silent = time.monotonic(), False
         try:
-            while not self.stop.wait(self.interval):
+            while not self.stop.is_set():
                 try:
                     wire.send_msg(
                         sock, wire.HEARTBEAT, {"worker": self.worker_id}, flags=zmq.NOBLOCK
                     )
                 except zmq.Again:
                     pass
+                deadline = time.monotonic() + self.interval
+                while (wait := deadline - time.monotonic()) > 0 and not self.stop.is_set():
+                    if sock.poll(wait * 1000):
+                        sock.recv_multipart()  # any answer will do: it is alive
+                        heard = time.monotonic()
+                        if silent:
+                            silent = False
+                            log.warning("coordinator answers again: registering anew")
+                            self.reregister.set()
+                silence = time.monotonic() - heard
+                if not silent and silence > self.interval * self.liveness:
+                    silent = True
+                    log.warning(
+                        "coordinator silent for %.1f s (%d heartbeats unanswered)",
+                        silence,
+                        self.liveness,
+                    )
         finally:
             sock.close(0)
 
@@ -65,17 +87,22 @@ class Worker:
         heartbeat_interval=0.5,
         security=None,
         limits=wire.DEFAULT_LIMITS,
+        liveness=5,
     ):
         self.address, self.data_root, self.limits = address, data_root, limits
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.interval, self.security = heartbeat_interval, security
+        self.interval, self.security, self.liveness = heartbeat_interval, security, liveness
         self.runtimes: dict[str, JobRuntime] = {}
         self.queue: deque = deque()
         self.stopping = False
         self.dropped = 0
-        # Test hook: seconds of extra "compute" per micro-batch, to make rounds slow enough
-        # for fault tests to land a signal mid-round. Never set in production.
-        self.delay = float(os.environ.get("SHARDGRAD_FAULT_DELAY", "0") or 0)
+        # Test hooks (docs/architecture.md, fault injection); never set in production.
+        env = os.environ.get
+        self.delay = float(env("SHARDGRAD_FAULT_DELAY", "0") or 0)  # s per micro-batch
+        self.corrupt = float(env("SHARDGRAD_FAULT_CORRUPT", "0") or 0)  # P(noisy block sum)
+        self.corrupt_after = int(env("SHARDGRAD_FAULT_CORRUPT_AFTER", "0") or 0)  # from round
+        self.corrupt_rng = np.random.default_rng()
+        self.raise_from = env("SHARDGRAD_FAULT_RAISE")  # job code raises from this round on
 
     def run(self):
         self.ctx = zmq.Context()
@@ -86,28 +113,35 @@ class Worker:
         if self.security:
             self.security.apply(self.sock)
         self.sock.connect(self.address)
-        self.send(wire.READY, {"info": {"host": socket.gethostname(), "pid": os.getpid()}})
-        heartbeat = Heartbeat(self.ctx, self.address, self.id, self.interval, self.security)
+        self.register()
+        heartbeat = Heartbeat(
+            self.ctx, self.address, self.id, self.interval, self.liveness, self.security
+        )
         heartbeat.start()
         log.info("worker %s connected to %s", self.id, self.address)
-        returned = []
         try:
             while not self.stopping:
+                if heartbeat.reregister.is_set():
+                    heartbeat.reregister.clear()
+                    self.register()
                 if not self.queue:
                     if self.sock.poll(200):
                         self.drain()
                     continue
                 msg = self.queue.popleft()
                 if msg.type == wire.TASK:
-                    returned = self.do_task(msg)
+                    self.do_task(msg)
                 elif msg.type == wire.STOP_JOB:
                     self.runtimes.pop(msg.get("job"), None)
         finally:
-            self.send(wire.BYE, {"returned": returned})
+            self.send(wire.BYE, {})
             heartbeat.stop.set()
             heartbeat.join(2)
             self.sock.close()
             self.ctx.term()
+
+    def register(self):
+        self.send(wire.READY, {"info": {"host": socket.gethostname(), "pid": os.getpid()}})
 
     def send(self, msg_type, fields, arrays=None):
         wire.send_msg(self.sock, msg_type, {"worker": self.id, **fields}, arrays)
@@ -124,55 +158,73 @@ class Worker:
                 self.dropped += 1
                 log.warning("dropped a bad message: %s", e)
                 continue
-            self.queue.append(msg)
+            if msg.type != wire.HEARTBEAT:
+                self.queue.append(msg)
 
-    def superseded(self, job, rnd):
-        """A newer round of `job` is queued, or the job was stopped: this work is stale."""
+    def superseded(self, job, when):
+        """A newer round (or rollback timeline) of `job` is queued, or the job was stopped:
+        this work is stale."""
         for m in self.queue:
             if m.get("job") != job:
                 continue
-            later = isinstance(m.get("round"), int) and m.get("round") > rnd
-            if m.type == wire.STOP_JOB or (m.type == wire.TASK and later):
+            if m.type == wire.STOP_JOB or (m.type == wire.TASK and _when(m) > when):
                 return True
         return False
 
     def do_task(self, msg):
-        """Compute and send every block of a TASK; the blocks not done if we must stop."""
+        """Compute and send every block of a TASK (FAULT for a block whose code raises)."""
         try:
             job, rnd, blocks, spec = wire.require(msg, "job", "round", "blocks", "spec")
-            rt = self.runtime(job, spec)
-            rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
             blocks = [(int(lo), int(hi)) for lo, hi in blocks]
-        except (wire.ProtocolError, KeyError, ValueError, TypeError) as e:
+            when = _when(msg)
+        except (wire.ProtocolError, ValueError, TypeError) as e:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
-            return []
-        for k, (lo, hi) in enumerate(blocks):
+            return
+        for lo, hi in blocks:
             self.drain()
-            if self.superseded(job, rnd):
-                return []
-            if self.stopping:
-                return [list(b) for b in blocks[k:]]
-            t0 = time.perf_counter()
-            grads = rt.block_grad(rnd, lo, hi)
+            if self.stopping or self.superseded(job, when):
+                return
+            try:
+                rt = self.runtime(job, spec)
+                rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
+                t0 = time.perf_counter()
+                if self.raise_from is not None and rnd >= int(self.raise_from):
+                    raise RuntimeError(f"injected fault (SHARDGRAD_FAULT_RAISE={self.raise_from})")
+                grads = rt.block_grad(rnd, lo, hi)
+            except Exception as e:  # job code: report it, stay alive for other work
+                self.fault(job, rnd, (lo, hi), e)
+                continue
             if self.delay:  # fault injection: a slow worker (numerics unchanged)
                 time.sleep(self.delay * (hi - lo))
-            fields = {
-                "job": job,
-                "round": rnd,
-                "block": [lo, hi],
-                "compute_s": time.perf_counter() - t0,
-            }
-            if not all(np.isfinite(g).all() for g in grads):
+            fields = {"job": job, "round": rnd, "block": [lo, hi]}
+            fields["compute_s"] = time.perf_counter() - t0
+            if not all_finite(grads):
                 fields["nonfinite"] = self.first_nonfinite(rt, rnd, lo, hi)
+            if self.corrupt and rnd >= self.corrupt_after:
+                self.maybe_corrupt(grads)
             names = [str(i) for i in range(len(grads) - 1)] + ["loss"]
             self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
-        return []
+
+    def fault(self, job, rnd, block, exc):
+        micro = getattr(exc, "micro_batch", None)
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("job %s round %d block %s raised %s", job, rnd, block, error, exc_info=True)
+        fields = {"job": job, "round": rnd, "block": list(block), "error": error[:2000]}
+        if type(micro) is int:
+            fields["micro_batch"] = micro
+        self.send(wire.FAULT, fields)
+
+    def maybe_corrupt(self, grads):
+        """Fault injection: a dishonest worker adds noise to a fraction of its block sums."""
+        if self.corrupt_rng.random() < self.corrupt:
+            g = grads[0]
+            grads[0] = g + self.corrupt_rng.normal(0, 1e-3, g.shape).astype(g.dtype)
 
     @staticmethod
     def first_nonfinite(rt, rnd, lo, hi):
         for i in range(lo, hi):
-            if not all(np.isfinite(g).all() for g in rt.micro_batch_grad(rnd, i)):
+            if not all_finite(rt.micro_batch_grad(rnd, i)):
                 return i
         return None
 
@@ -186,8 +238,18 @@ class Worker:
         return rt
 
 
-def main(address, data_root=None, worker_id=None, heartbeat_interval=0.5, security=None):
-    worker = Worker(address, data_root, worker_id, heartbeat_interval, security)
+def _when(msg) -> tuple[int, int]:
+    """A TASK's place in its job's history: (rollback timeline, round)."""
+    gen, rnd = msg.get("gen", 0), msg.get("round")
+    if type(gen) is not int or type(rnd) is not int:
+        raise ValueError(f"TASK 'gen' and 'round' must be integers, got {gen!r}, {rnd!r}")
+    return gen, rnd
+
+
+def main(
+    address, data_root=None, worker_id=None, heartbeat_interval=0.5, security=None, liveness=5
+):
+    worker = Worker(address, data_root, worker_id, heartbeat_interval, security, liveness=liveness)
 
     def stop(*_):
         worker.stopping = True

@@ -283,11 +283,13 @@ function renderCharts(jobId) {
 }
 
 // ---- the poll loop ------------------------------------------------------------------------
-async function loadMetrics(jobId) {
-  const have = state.metrics.get(jobId) || [];
+async function loadMetrics(jobId, job) {
+  let have = state.metrics.get(jobId) || [];
+  // One row per round done: more rows here than rounds there means the job rolled back
+  // (a worker caught lying) and its later rows were dropped; start again from round 0.
+  if (job && job.round < have.length) have = [];
   const got = await getJSON(`/api/jobs/${encodeURIComponent(jobId)}/metrics?since=${have.length}`);
-  if (got.metrics.length) state.metrics.set(jobId, have.concat(got.metrics));
-  else if (!state.metrics.has(jobId)) state.metrics.set(jobId, have);
+  state.metrics.set(jobId, got.metrics.length ? have.concat(got.metrics) : have);
 }
 
 async function refresh() {
@@ -297,7 +299,7 @@ async function refresh() {
     const jobs = status.jobs || [];
     const jobId = pickJob(jobs);
     state.selected = jobId;
-    if (jobId) await loadMetrics(jobId);
+    if (jobId) await loadMetrics(jobId, jobs.find((j) => j.id === jobId));
     renderJobs(jobs);
     renderWorkers(status.workers || []);
     renderCounters(status.counters || {});

@@ -23,6 +23,7 @@ import pytest
 import zmq
 
 from shardgrad import wire
+from shardgrad.cluster import RETRY, wait_for
 from shardgrad.core import nn
 from shardgrad.core.sampling import assign_blocks
 from shardgrad.jobspec import parse_spec
@@ -167,6 +168,15 @@ CLIENT_REQUEST_FAILURES = [
         r"'spec' must be a table",
     ),
     (
+        "CANCEL with a non-string job",
+        dict(type="CANCEL", v=V, req=106, job=7),
+        r"field 'job' of message CANCEL must be str",
+    ),
+    ("METRICS without job", dict(type="METRICS", v=V, req=107), r"missing field 'job'"),
+]
+# Well-formed requests that get an ordinary no (kind "refused", not counted as malformed).
+CLIENT_REFUSALS = [
+    (
         "SUBMIT invalid spec",
         dict(type="SUBMIT", v=V, req=104, spec={"name": "x", "global_batch": -3}),
         r"invalid job spec(.|\n)*global_batch",
@@ -176,12 +186,6 @@ CLIENT_REQUEST_FAILURES = [
         dict(type="STATUS", v=V, req=105, job="job-424242"),
         r"no job 'job-424242'",
     ),
-    (
-        "CANCEL with a non-string job",
-        dict(type="CANCEL", v=V, req=106, job=7),
-        r"field 'job' of message CANCEL must be str",
-    ),
-    ("METRICS without job", dict(type="METRICS", v=V, req=107), r"missing field 'job'"),
 ]
 # Worker-port messages that decode but are refused by the worker handler.
 WORKER_REQUEST_FAILURES = [
@@ -210,188 +214,201 @@ def _request(sock, frames, timeout_s=10.0) -> wire.Message:
     return wire.decode(sock.recv_multipart(), expect_types=wire.TO_CLIENT_TYPES)
 
 
+class Live:
+    """What the phases of the malformed-traffic test share: a client, a raw client-port
+    socket, a raw worker-port socket (identity "malformed-sender", never registered), the
+    running job and the model's parameter shapes."""
+
+    def __init__(self, svc, cluster, c, job, shapes):
+        self.svc, self.cluster, self.c, self.job, self.shapes = svc, cluster, c, job, shapes
+        ctx = zmq.Context.instance()
+        self.client_sock = ctx.socket(zmq.DEALER)
+        self.worker_sock = ctx.socket(zmq.DEALER)
+        for sock in (self.client_sock, self.worker_sock):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.worker_sock.setsockopt(zmq.IDENTITY, b"malformed-sender")
+        self.client_sock.connect(cluster.client_address)
+        self.worker_sock.connect(cluster.worker_address)
+
+    def close(self):
+        self.client_sock.close(0)
+        self.worker_sock.close(0)
+
+    def counters(self):
+        return self.c.status()["counters"]
+
+    def counted(self, before, *keys, n=1, what=""):
+        """Wait until the counters in `keys` together grew by n; the counters."""
+
+        def grown():
+            ct = self.counters()
+            return ct if sum(ct.get(k, 0) - before.get(k, 0) for k in keys) >= n else None
+
+        return self.svc.wait_for(grown, 10, f"counters {keys} to grow by {n} {what}")
+
+    def grads(self, arrays, **fields):
+        # it claims its own connection's id: the coordinator refuses a GRADS that claims
+        # another worker's id outright (checked in the second test)
+        self.worker_sock.send_multipart(
+            wire.encode(wire.GRADS, {"worker": "malformed-sender", **fields}, arrays)
+        )
+
+    def good(self):
+        arrays = [(str(i), np.zeros(s, np.float32)) for i, s in enumerate(self.shapes)]
+        return arrays + [("loss", np.zeros(1, np.float64))]
+
+
+def _phase_malformed_traffic(live):
+    """Every malformed message on both ports while rounds go on: client requests get an
+    ERROR naming the problem (kind bad_message), ordinary refusals get kind refused and are
+    not counted as malformed, worker-port drops are counted and logged."""
+    c, job = live.c, live.job
+    base = live.counters()
+    round_before = c.status(job)["job"]["round"]
+    for name, frames, pattern, client_pattern in DECODE_FAILURES:
+        reply = _request(live.client_sock, frames)
+        assert reply.type == wire.ERROR and reply["kind"] == "bad_message", (name, reply)
+        assert re.search(client_pattern or pattern, reply["message"]), (name, reply["message"])
+        live.worker_sock.send_multipart(frames)
+    for name, fields, pattern in CLIENT_REQUEST_FAILURES + CLIENT_REFUSALS:
+        reply = _request(live.client_sock, [header(**fields)])
+        kind = "refused" if (name, fields, pattern) in CLIENT_REFUSALS else "bad_message"
+        assert reply.type == wire.ERROR and reply["kind"] == kind, (name, reply)
+        assert re.search(pattern, reply["message"]), (name, reply["message"])
+        assert reply.get("req") == fields["req"], (name, reply.fields)
+    name, fields, pattern = WRONG_PORT
+    reply = _request(live.client_sock, [header(**fields)])
+    assert reply.type == wire.ERROR and re.search(pattern, reply["message"]), reply
+    reply = _request(live.client_sock, [header(type="FETCH", v=V, req=108, job=job)])
+    assert reply.type == wire.ERROR and re.search(r"once it is done", reply["message"])
+    assert reply["kind"] == "refused", reply.fields
+    for _name, frames, _pattern in WORKER_REQUEST_FAILURES:
+        live.worker_sock.send_multipart(frames)
+    # a frame above the client port's transport cap (MAXMSGSIZE, 8 MiB): libzmq drops
+    # that connection before buffering it; the coordinator must simply go on
+    big = zmq.Context.instance().socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(live.cluster.client_address)
+    big.send_multipart([header(type="STATUS", v=V, pad="x" * (9 << 20))])
+    # the client port still answers a good request (and the job still runs)
+    reply = _request(live.client_sock, [header(type="STATUS", v=V, req=109, job=job)])
+    assert reply.type == wire.OK and reply["job"]["state"] == "running", reply.fields
+    n_bad = 2 * len(DECODE_FAILURES) + len(CLIENT_REQUEST_FAILURES) + 1
+    n_bad += len(WORKER_REQUEST_FAILURES)
+    counters = live.counted(base, "bad_message", n=n_bad)
+    assert counters["bad_message"] - base.get("bad_message", 0) == n_bad, counters
+    assert counters["refused"] - base.get("refused", 0) == len(CLIENT_REFUSALS) + 1, counters
+    now = c.status(job)["job"]
+    assert now["state"] == "running" and now["round"] < now["total_rounds"], (
+        "the job ended before the malformed traffic was over: make it longer",
+        now,
+    )
+    assert now["round"] > round_before, "no round completed during the malformed traffic"
+    assert live.worker_sock.poll(0) == 0, "the coordinator answered the worker port"
+    big.close(0)
+    # every worker-port drop is logged with its reason
+    logged = _logged_drops(live.cluster)
+    for name, _frames, pattern, *_ in DECODE_FAILURES + WORKER_REQUEST_FAILURES:
+        assert any(re.search(pattern, line) for line in logged), (
+            f"no logged drop for {name!r} (/{pattern}/)"
+        )
+    return n_bad
+
+
+def _stall(live):
+    """SIGSTOP one worker and wait for the round it holds blocks of to stall; (round, the
+    stopped worker's last block in it, the process)."""
+    c, job = live.c, live.job
+    table = {w["pid"]: w["id"] for w in c.status()["workers"] if w["state"] == "alive"}
+    assert len(table) == 2, c.status()["workers"]
+    stopped = live.cluster.workers[-1]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    victim = table[stopped.pid]
+    last_block = assign_blocks(live.n_micro, sorted(table.values()), 2)[victim][-1]
+
+    def settled():  # the round may finish once more (the victim may have just sent it)
+        before = c.status(job)["job"]["round"]
+        for _ in range(2):  # two round trips through the worker port behind any late GRADS
+            counters = live.counters()
+            live.grads(live.good(), job=job, round=before, block=[10**6, 10**6 + 1])
+            live.counted(counters, "unknown_block", "late_grads")
+        return before if c.status(job)["job"]["round"] == before else None
+
+    return live.svc.wait_for(settled, 30, "the round to stall"), tuple(last_block), stopped
+
+
+def _phase_wrong_grads(live, rnd, last_block):
+    """Well-formed but wrong GRADS for a block that IS pending: each a counted drop, and
+    the round does not move."""
+    c, job, good = live.c, live.job, live.good()
+    wrong_shape = [(n, np.zeros(a.shape[::-1] + (1,), a.dtype)) for n, a in good]
+    wrong_dtype = [
+        (n, a.astype(np.float64 if a.dtype == np.float32 else np.float32)) for n, a in good
+    ]
+    variants = [
+        ("wrong shape", wrong_shape),
+        ("wrong dtype", wrong_dtype),
+        ("loss array missing", good[:-1]),
+        ("first array missing", good[1:]),
+        ("int arrays", [(n, np.zeros(a.shape, np.int64)) for n, a in good]),
+    ]
+    for name, arrays in variants:
+        before = live.counters()
+        live.grads(arrays, job=job, round=rnd, block=list(last_block))
+        after = live.counted(before, "bad_message", what=name)
+        assert after["bad_message"] == before.get("bad_message", 0) + 1, (name, after)
+    for name, fields in [
+        ("GRADS without block", dict(job=job, round=rnd)),
+        ("GRADS without round", dict(job=job, block=list(last_block))),
+        ("GRADS without job", dict(round=rnd, block=list(last_block))),
+    ]:
+        before = live.counters()
+        live.grads(good, **fields)
+        live.counted(before, "bad_message", what=name)
+    before = live.counters()
+    live.worker_sock.send_multipart(
+        wire.encode(wire.GRADS, {"job": job, "round": rnd, "block": list(last_block)}, good)
+    )
+    live.counted(before, "bad_message")  # no worker id at all
+    # right arrays for the pending block, from a connection that never registered
+    before = live.counters()
+    live.grads(good, job=job, round=rnd, block=list(last_block))
+    live.counted(before, "unknown_worker")
+    # another job, another round: late; a block nobody holds: not accepted
+    for name, fields, key in [
+        ("wrong job", dict(job="job-999999", round=rnd, block=list(last_block)), "late_grads"),
+        ("earlier round", dict(job=job, round=rnd - 1, block=list(last_block)), "late_grads"),
+        ("future round", dict(job=job, round=rnd + 1000, block=list(last_block)), "late_grads"),
+        ("block nobody holds", dict(job=job, round=rnd, block=[9999, 10000]), "unknown_block"),
+        ("misaligned block", dict(job=job, round=rnd, block=[0, 3]), "unknown_block"),
+        ("block not a list", dict(job=job, round=rnd, block="0-1"), "bad_message"),
+    ]:
+        before = live.counters()
+        live.grads(good, **fields)
+        live.counted(before, key, what=name)
+    assert c.status(job)["job"]["round"] == rnd, "a wrong GRADS completed the round"
+    assert "internal_error" not in live.counters()
+
+
 def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
     raw = svc.spec_with(svc.SPEC_SGD, name="protocol-live", epochs=15)  # 210 rounds
     spec = parse_spec(raw)
-    shapes = [
-        p.data.shape
-        for p in nn.build(list(spec.model), list(spec.input_shape), spec.seed).parameters()
-    ]
+    model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
+    shapes = [p.data.shape for p in model.parameters()]
     ref_state, _ = svc.local_reference(raw)
     # long liveness: the SIGSTOPped worker must not be declared dead while it is stopped
-    # liveness 60 and no backup tasks: phase 2 keeps a round stalled on purpose
+    # liveness 60 and no backup tasks: the wrong-GRADS phase keeps a round stalled on purpose
     cluster = make_cluster(workers=2, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
-    ctx = zmq.Context.instance()
-    client_sock = ctx.socket(zmq.DEALER)
-    worker_sock = ctx.socket(zmq.DEALER)
-    for s in (client_sock, worker_sock):
-        s.setsockopt(zmq.LINGER, 0)
-    worker_sock.setsockopt(zmq.IDENTITY, b"malformed-sender")
-    client_sock.connect(cluster.client_address)
-    worker_sock.connect(cluster.worker_address)
-    stopped = None
+    stopped = live = None
     try:
         with cluster.client(timeout=10) as c:
             job = c.submit(raw)
             svc.wait_for(lambda: c.status(job)["job"]["round"] >= 2, 60, "the job to run")
-            base = c.status()["counters"]
-            round_before = c.status(job)["job"]["round"]
-
-            def counted(before, *keys, n=1, what=""):
-                """Wait until the counters in `keys` together grew by n; the counters."""
-
-                def grown():
-                    ct = c.status()["counters"]
-                    return ct if sum(ct.get(k, 0) - before.get(k, 0) for k in keys) >= n else None
-
-                return svc.wait_for(grown, 10, f"counters {keys} to grow by {n} {what}")
-
-            # ---- phase 1: malformed traffic on both ports while rounds go on ------------
-            for name, frames, pattern, client_pattern in DECODE_FAILURES:
-                reply = _request(client_sock, frames)
-                assert reply.type == wire.ERROR, (name, reply)
-                assert re.search(client_pattern or pattern, reply["message"]), (
-                    name,
-                    reply["message"],
-                )
-                worker_sock.send_multipart(frames)
-            for name, fields, pattern in CLIENT_REQUEST_FAILURES:
-                reply = _request(client_sock, [header(**fields)])
-                assert reply.type == wire.ERROR, (name, reply)
-                assert re.search(pattern, reply["message"]), (name, reply["message"])
-                assert reply.get("req") == fields["req"], (name, reply.fields)
-            name, fields, pattern = WRONG_PORT
-            reply = _request(client_sock, [header(**fields)])
-            assert reply.type == wire.ERROR and re.search(pattern, reply["message"]), reply
-            reply = _request(client_sock, [header(type="FETCH", v=V, req=108, job=job)])
-            assert reply.type == wire.ERROR and re.search(r"once it is done", reply["message"])
-            for _name, frames, _pattern in WORKER_REQUEST_FAILURES:
-                worker_sock.send_multipart(frames)
-            # a frame above the client port's transport cap (MAXMSGSIZE, 8 MiB): libzmq drops
-            # that connection before buffering it; the coordinator must simply go on
-            big = ctx.socket(zmq.DEALER)
-            big.setsockopt(zmq.LINGER, 0)
-            big.connect(cluster.client_address)
-            big.send_multipart([header(type="STATUS", v=V, pad="x" * (9 << 20))])
-            # the client port still answers a good request (and the job still runs)
-            reply = _request(client_sock, [header(type="STATUS", v=V, req=109, job=job)])
-            assert reply.type == wire.OK and reply["job"]["state"] == "running", reply.fields
-            n_bad = (
-                2 * len(DECODE_FAILURES)
-                + len(CLIENT_REQUEST_FAILURES)
-                + 2
-                + len(WORKER_REQUEST_FAILURES)
-            )
-            counters = counted(base, "bad_message", n=n_bad)
-            assert counters["bad_message"] - base.get("bad_message", 0) == n_bad, counters
-            now = c.status(job)["job"]
-            assert now["state"] == "running" and now["round"] < now["total_rounds"], (
-                "the job ended before the malformed traffic was over: make it longer",
-                now,
-            )
-            assert now["round"] > round_before, "no round completed during the malformed traffic"
-            assert worker_sock.poll(0) == 0, "the coordinator answered the worker port"
-            big.close(0)
-            # every worker-port drop is logged with its reason
-            logged = _logged_drops(cluster)
-            for name, _frames, pattern, *_ in DECODE_FAILURES + WORKER_REQUEST_FAILURES:
-                assert any(re.search(pattern, line) for line in logged), (
-                    f"no logged drop for {name!r} (/{pattern}/)"
-                )
-
-            # ---- phase 2: well-formed but wrong GRADS ----------------------------------
-            table = {w["pid"]: w["id"] for w in c.status()["workers"] if w["state"] == "alive"}
-            assert len(table) == 2, c.status()["workers"]
-            stopped = cluster.workers[-1]
-            victim = table[stopped.pid]
-            os.kill(stopped.pid, signal.SIGSTOP)
-            live = sorted(table.values())
-            last_block = assign_blocks(spec.n_micro_batches, live, 2)[victim][-1]
-            good = [(str(i), np.zeros(s, np.float32)) for i, s in enumerate(shapes)]
-            good.append(("loss", np.zeros(1, np.float64)))
-
-            def grads(arrays, **fields):
-                worker_sock.send_multipart(
-                    # it claims its own connection's id: the coordinator refuses a GRADS that
-                    # claims another worker's id outright (checked in the second test)
-                    wire.encode(wire.GRADS, {"worker": "malformed-sender", **fields}, arrays)
-                )
-
-            # wrong shapes for the victim's pending block of the current round. The round
-            # may still move on once after the SIGSTOP (the victim may have just finished),
-            # then it stalls: retry until the drop lands on a pending block.
-            wrong_shape = [(n, np.zeros(a.shape[::-1] + (1,), a.dtype)) for n, a in good]
-            for _attempt in range(50):
-                rnd = c.status(job)["job"]["round"]
-                before = c.status()["counters"]
-                grads(wrong_shape, job=job, round=rnd, block=list(last_block))
-                after = counted(before, "bad_message", "late_grads", "unknown_block")
-                if after.get("bad_message", 0) > before.get("bad_message", 0):
-                    break
-            else:
-                pytest.fail("never managed to target a pending block with a wrong-shape GRADS")
-            assert c.status(job)["job"]["round"] == rnd, "the round moved with its worker stopped"
-
-            # the same pending block, other wrong arrays: each a counted bad_message
-            wrong_dtype = [
-                (n, a.astype(np.float64 if a.dtype == np.float32 else np.float32)) for n, a in good
-            ]
-            variants = [
-                ("wrong dtype", wrong_dtype),
-                ("loss array missing", good[:-1]),
-                ("first array missing", good[1:]),
-                ("int arrays", [(n, np.zeros(a.shape, np.int64)) for n, a in good]),
-            ]
-            for name, arrays in variants:
-                before = c.status()["counters"]
-                grads(arrays, job=job, round=rnd, block=list(last_block))
-                after = counted(before, "bad_message")
-                assert after["bad_message"] == before.get("bad_message", 0) + 1, (name, after)
-            # missing / mistyped fields of GRADS
-            for name, fields in [
-                ("GRADS without block", dict(job=job, round=rnd)),
-                ("GRADS without round", dict(job=job, block=list(last_block))),
-                ("GRADS without job", dict(round=rnd, block=list(last_block))),
-            ]:
-                before = c.status()["counters"]
-                grads(good, **fields)
-                counted(before, "bad_message", what=name)
-            before = c.status()["counters"]
-            worker_sock.send_multipart(
-                wire.encode(wire.GRADS, {"job": job, "round": rnd, "block": list(last_block)}, good)
-            )
-            counted(before, "bad_message")  # no worker id at all
-            # another job, another round: late; a block nobody holds: not accepted
-            for name, fields, key in [
-                (
-                    "wrong job",
-                    dict(job="job-999999", round=rnd, block=list(last_block)),
-                    "late_grads",
-                ),
-                (
-                    "earlier round",
-                    dict(job=job, round=rnd - 1, block=list(last_block)),
-                    "late_grads",
-                ),
-                (
-                    "future round",
-                    dict(job=job, round=rnd + 1000, block=list(last_block)),
-                    "late_grads",
-                ),
-                (
-                    "block nobody holds",
-                    dict(job=job, round=rnd, block=[9999, 10000]),
-                    "unknown_block",
-                ),
-                ("misaligned block", dict(job=job, round=rnd, block=[0, 3]), "unknown_block"),
-                ("block not a list", dict(job=job, round=rnd, block="0-1"), "bad_message"),
-            ]:
-                before = c.status()["counters"]
-                grads(good, **fields)
-                counted(before, key, what=name)
-            assert c.status(job)["job"]["round"] == rnd, "a wrong GRADS completed the round"
-            assert "internal_error" not in c.status()["counters"]
-
+            live = Live(svc, cluster, c, job, shapes)
+            live.n_micro = spec.n_micro_batches
+            n_bad = _phase_malformed_traffic(live)
+            rnd, last_block, stopped = _stall(live)
+            _phase_wrong_grads(live, rnd, last_block)
             # ---- the job goes on to the bitwise-correct end ------------------------------
             os.kill(stopped.pid, signal.SIGCONT)
             stopped = None
@@ -406,8 +423,51 @@ def test_malformed_messages_on_both_ports_while_a_job_runs(make_cluster, svc):
     finally:
         if stopped is not None:
             os.kill(stopped.pid, signal.SIGCONT)
-        client_sock.close(0)
-        worker_sock.close(0)
+        if live is not None:
+            live.close()
+
+
+def _probe_malformed_worker_fields(c, cluster, sock, wid, job, rnd):
+    """A GRADS claiming the real worker's id from another connection; self-consistent
+    probes whose READY `info` tries to overwrite the table or is not a map, and a GRADS
+    whose block is a list of lists: each sanitised or refused, never an internal error."""
+    base = c.status()["counters"]
+    sock.send_multipart(
+        wire.encode(wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [0, 1]})
+    )
+    ctx = zmq.Context.instance()
+    spoof, listy = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for probe, ident in ((spoof, b"probe-spoof"), (listy, b"probe-list-info")):
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.IDENTITY, ident)
+        probe.connect(cluster.worker_address)
+    try:
+        info = {"id": "spoofed", "state": "alive"}
+        spoof.send_multipart([header(type="READY", v=V, worker="probe-spoof", info=info)])
+        listy.send_multipart([header(type="READY", v=V, worker="probe-list-info", info=[1, 2])])
+        block = [[0], [1]]
+        fields = {"worker": "probe-spoof", "job": job, "round": rnd, "block": block}
+        spoof.send_multipart(wire.encode(wire.GRADS, fields))
+        wait_for(
+            lambda: (
+                c.status()["counters"].get("bad_message", 0) >= base.get("bad_message", 0) + 2
+                and {"probe-spoof", "probe-list-info"} <= {w["id"] for w in c.status()["workers"]}
+            ),
+            "the coordinator to read the probes",
+            10,
+            retry=RETRY,
+        )
+    finally:
+        spoof.close(0)
+        listy.close(0)
+    status = c.status()  # must not fail because of a malformed READY
+    counters = status["counters"]
+    assert counters.get("internal_error", 0) == base.get("internal_error", 0), (
+        "a malformed worker message raised inside the coordinator",
+        counters,
+    )
+    ids = [w["id"] for w in status["workers"]]
+    assert "spoofed" not in ids, f"READY info overwrote the worker table's id: {ids}"
 
 
 def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, svc):
@@ -419,8 +479,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
     raw = svc.spec_with(svc.SPEC_SGD, name="protocol-fields", epochs=4)
     ref_state, _ = svc.local_reference(raw)
     cluster = make_cluster(workers=1, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.worker_address)
     worker = cluster.workers[0]
@@ -440,62 +499,7 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
                 return before if c.status(job)["job"]["round"] == before else None
 
             rnd = svc.wait_for(settled, 10, "the round to stall")
-            base = c.status()["counters"]
-            # a message claiming the real worker's id from another connection: refused
-            sock.send_multipart(
-                wire.encode(wire.GRADS, {"worker": wid, "job": job, "round": rnd, "block": [0, 1]})
-            )
-            # self-consistent peers (the claimed id is the connection's identity) with
-            # malformed fields: sanitised or refused, never an internal error
-            spoof = ctx.socket(zmq.DEALER)
-            spoof.setsockopt(zmq.LINGER, 0)
-            spoof.setsockopt(zmq.IDENTITY, b"probe-spoof")
-            spoof.connect(cluster.worker_address)
-            listy = ctx.socket(zmq.DEALER)
-            listy.setsockopt(zmq.LINGER, 0)
-            listy.setsockopt(zmq.IDENTITY, b"probe-list-info")
-            listy.connect(cluster.worker_address)
-            try:
-                spoof.send_multipart(
-                    [
-                        header(
-                            type="READY",
-                            v=V,
-                            worker="probe-spoof",
-                            info={"id": "spoofed", "state": "alive"},
-                        )
-                    ]
-                )
-                listy.send_multipart(
-                    [header(type="READY", v=V, worker="probe-list-info", info=[1, 2])]
-                )
-                spoof.send_multipart(
-                    wire.encode(
-                        wire.GRADS,
-                        {"worker": "probe-spoof", "job": job, "round": rnd, "block": [[0], [1]]},
-                    )
-                )
-                svc.wait_for(
-                    lambda: (
-                        c.status()["counters"].get("bad_message", 0)
-                        >= base.get("bad_message", 0) + 2
-                        and {"probe-spoof", "probe-list-info"}
-                        <= {w["id"] for w in c.status()["workers"]}
-                    ),
-                    10,
-                    "the coordinator to read the probes",
-                )
-            finally:
-                spoof.close(0)
-                listy.close(0)
-            status = c.status()  # must not fail because of a malformed READY
-            counters = status["counters"]
-            assert counters.get("internal_error", 0) == base.get("internal_error", 0), (
-                "a malformed worker message raised inside the coordinator",
-                counters,
-            )
-            ids = [w["id"] for w in status["workers"]]
-            assert "spoofed" not in ids, f"READY info overwrote the worker table's id: {ids}"
+            _probe_malformed_worker_fields(c, cluster, sock, wid, job, rnd)
             os.kill(worker.pid, signal.SIGCONT)
             stopped = False
             done = c.wait(job, timeout=60, poll=0.05)
