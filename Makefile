@@ -6,7 +6,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test demo lint bench test-docker test-browser fuzz clean
+.PHONY: test demo lint bench bench-scale test-docker test-swarm test-browser fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/core_step.py
 
+# Coordinator bytes and round time for N = 1..32 workers (docs/scaling.md); a few minutes.
+bench-scale: $(VENV)/.installed
+	$(PY) benchmarks/scale.py
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/shardgrad demo
 
@@ -42,29 +46,39 @@ DOCKER_ENGINE_SCRIPT ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/too
                           /work/shared/tools/docker-engine) \
                           $(abspath $(CURDIR)/../shared/tools/docker-engine))
 
-test-docker: $(VENV)/.installed
+# $(call docker_e2e,TARGET,TEST FILE): bring up the engine, then run that file's docker tests.
+define docker_e2e
 	@start=$$(date +%s); base=""; \
 	if [ ! -f "$(DOCKER_ENGINE_SCRIPT)" ]; then \
-	  echo "!!!!!!!! test-docker: NO DOCKER ENGINE SCRIPT at $(DOCKER_ENGINE_SCRIPT) (set DOCKER_ENGINE_SCRIPT);"; \
+	  echo "!!!!!!!! $(1): NO DOCKER ENGINE SCRIPT at $(DOCKER_ENGINE_SCRIPT) (set DOCKER_ENGINE_SCRIPT);"; \
 	  echo "!!!!!!!! the docker tests will SKIP unless an engine is already running"; \
 	elif ! base=$$(bash "$(DOCKER_ENGINE_SCRIPT)"); then \
 	  base=""; \
-	  echo "!!!!!!!! test-docker: THE DOCKER ENGINE SCRIPT FAILED ($(DOCKER_ENGINE_SCRIPT)); see its messages above;"; \
+	  echo "!!!!!!!! $(1): THE DOCKER ENGINE SCRIPT FAILED ($(DOCKER_ENGINE_SCRIPT)); see its messages above;"; \
 	  echo "!!!!!!!! the docker tests will SKIP unless an engine is already running"; \
 	else \
-	  echo "test-docker: engine up, base image $$base, in $$(( $$(date +%s) - start )) s"; \
+	  echo "$(1): engine up, base image $$base, in $$(( $$(date +%s) - start )) s"; \
 	fi; \
 	if [ -n "$$base" ]; then export SHARDGRAD_BASE_IMAGE="$${SHARDGRAD_BASE_IMAGE:-$$base}"; fi; \
-	$(PY) -m pytest -m docker -v -rs --durations=5 tests/e2e/test_compose.py; rc=$$?; \
-	echo "test-docker: $$(( $$(date +%s) - start )) s in all (engine + image + tests), exit $$rc"; \
+	$(PY) -m pytest -m docker -v -rs --durations=5 $(2); rc=$$?; \
+	echo "$(1): $$(( $$(date +%s) - start )) s in all (engine + image + tests), exit $$rc"; \
 	exit $$rc
+endef
+
+test-docker: $(VENV)/.installed
+	$(call docker_e2e,test-docker,tests/e2e/test_compose.py)
+
+# Docker Swarm end to end (tests/e2e/test_swarm.py, README "Across machines"): the same
+# engine bring-up, then a one-node swarm (`docker swarm init`), `docker stack deploy` of
+# docker-compose.yml, workers scaled 1 -> 4 -> 2 mid-job, `stack rm` + `swarm leave`.
+test-swarm: $(VENV)/.installed
+	$(call docker_e2e,test-swarm,tests/e2e/test_swarm.py)
 
 # The dashboard in a real browser and /metrics scraped by a real Prometheus
 # (tests/dashboard/test_browser.py, test_prometheus.py). Installs what is missing: Chromium
 # and Prometheus from the distribution (apt-get; sudo when not root), Playwright from the
 # `browser` extra. Playwright drives the system Chromium: its own browser download is never
 # used. If a program cannot be installed this says so loudly and its test skips, naming it.
-BROWSER_PKGS := chromium prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 test-browser: $(VENV)/.installed

@@ -75,7 +75,6 @@ def make_spec(hidden, batch, rounds, n_micro=8):
         "rounds": rounds,
         "seed": 0,
         "verify": 0.0,  # verification's cost is measured on its own (benchmarks/verify_cost.py)
-        "eval": {"holdout": 0.0},
         "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
     }
 

@@ -134,10 +134,12 @@ class Coordinator:
         try:
             while not self.stopping:
                 ready = dict(poller.poll(timeout=50))
-                if self.workers in ready:
-                    self._drain(self.workers, wire.WORKER_TYPES, self.on_worker)
                 if self.clients in ready:
                     self._drain(self.clients, wire.CLIENT_TYPES, self.on_client)
+                # Workers last, right before the liveness sweep: heartbeats that queued up
+                # while we were busy (a submit's dry run, an evaluation) count, so our own
+                # stall never makes a live worker look dead.
+                self._drain(self.workers, wire.WORKER_TYPES, self.on_worker)
                 self.tick()
                 self.http.publish(self)  # a fresh snapshot for the HTTP threads, <= 4/s
         finally:
@@ -240,10 +242,12 @@ class Coordinator:
             arrays = check_grads(msg, self.job.rt.params)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
-        if not self.members.is_live(wid):  # never registered, dead or quarantined
+        known = self.members.workers.get(wid)
+        if known is None or known.state == "quarantined":  # never registered, or caught lying
             self.counters["unknown_worker"] += 1
             return
-        self.members.heard(wid)
+        if self.members.heard(wid):  # a result is a sign of life, even after we gave up on it
+            log.info("worker %s is back", wid)
         if msg.type == wire.GRADS:
             self.on_grads(wid, block, arrays, msg)
         else:
@@ -500,6 +504,8 @@ class Coordinator:
             overhead_s=round_s - compute,
             transfer_s=round_s - compute - (t2 - t0),  # messaging and waiting, the rest
             workers=len(r.compute_s),
+            blocks=len(r.holders),
+            checked=len(r.checks),  # of which a second worker recomputed (verify)
             samples_per_s=job.rt.global_batch / max(round_s, 1e-9),
         )
         # The deadline adapts to how long the healthy half of a round takes, so a

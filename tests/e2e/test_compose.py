@@ -310,7 +310,7 @@ def cluster(tmp_path_factory):
     env = {
         **os.environ,
         "SHARDGRAD_CLIENT_PORT": str(port),
-        "SHARDGRAD_HTTP_PUBLISH": f"127.0.0.1:{http_port}",
+        "SHARDGRAD_HTTP_PORT": str(http_port),
         "SHARDGRAD_IMAGE": IMAGE,
         "SHARDGRAD_DATA_DIR": str(data_dir),
         # The host reference must use the BLAS kernels the containers use (compose's default).
