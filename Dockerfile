@@ -51,7 +51,8 @@ RUN pip install --no-cache-dir --no-index --no-deps /tmp/wheels/*.whl \
  && python -c "import shardgrad, numpy, zmq, msgpack, sklearn"
 USER shardgrad
 WORKDIR /home/shardgrad
-# 5555: workers connect here; 5556: clients (submit, status, watch, fetch, cancel).
-EXPOSE 5555 5556
+# 5555: workers connect here; 5556: clients (submit, status, watch, fetch, cancel);
+# 8080: the read-only dashboard and /metrics when SHARDGRAD_HTTP asks for it (compose does).
+EXPOSE 5555 5556 8080
 ENTRYPOINT ["shardgrad"]
 CMD ["--help"]

@@ -6,7 +6,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: test demo lint bench bench-scale test-docker test-swarm fuzz clean
+.PHONY: test demo lint bench bench-scale test-docker test-swarm test-browser fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,26 @@ test-docker: $(VENV)/.installed
 # docker-compose.yml, workers scaled 1 -> 4 -> 2 mid-job, `stack rm` + `swarm leave`.
 test-swarm: $(VENV)/.installed
 	$(call docker_e2e,test-swarm,tests/e2e/test_swarm.py)
+
+# The dashboard in a real browser and /metrics scraped by a real Prometheus
+# (tests/dashboard/test_browser.py, test_prometheus.py). Installs what is missing: Chromium
+# and Prometheus from the distribution (apt-get; sudo when not root), Playwright from the
+# `browser` extra. Playwright drives the system Chromium: its own browser download is never
+# used. If a program cannot be installed this says so loudly and its test skips, naming it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-browser: $(VENV)/.installed
+	@start=$$(date +%s); missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "test-browser: installing$$missing (apt-get)"; \
+	  if ! { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	         $(SUDO) apt-get install -y -qq$$missing >/dev/null; }; then \
+	    echo "!!!!!!!! test-browser: COULD NOT INSTALL$$missing; the tests needing it will SKIP"; \
+	  fi; \
+	fi; \
+	$(PY) -m pip install -q -e '.[browser]' || exit 1; \
+	$(PY) -m pytest -m browser -v -rs --durations=5 tests/dashboard; rc=$$?; \
+	echo "test-browser: $$(( $$(date +%s) - start )) s in all (installs + tests), exit $$rc"; \
+	exit $$rc

@@ -26,7 +26,8 @@ class Membership:
         now = time.monotonic()
         w = self.workers.get(wid)
         if w is None or w.state in ("dead", "left"):
-            self.workers[wid] = WorkerInfo(wid, now, now, info=info or {})
+            # Back from the dead by a heartbeat (which carries no info): keep its host / pid.
+            self.workers[wid] = WorkerInfo(wid, now, now, info=info or (w.info if w else {}))
             return True
         w.last_seen = now
         if w.state != "quarantined":  # caught lying: it stays out until it is restarted

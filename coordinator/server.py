@@ -33,6 +33,7 @@ from ..jobspec import SpecError, parse_spec
 from ..security import Gate
 from ..training import JobRuntime
 from .clients import ClientHandler
+from .http import http_server
 from .membership import Membership
 from .rounds import Round
 from .store import Store
@@ -79,7 +80,9 @@ class ActiveJob:
 
 
 class Coordinator:
-    def __init__(self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None):
+    def __init__(
+        self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, http=None
+    ):
         self.cfg = config or Config()
         self.data_root = data_root
         self.store = Store(state_dir)
@@ -102,6 +105,7 @@ class Coordinator:
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_handler = ClientHandler(self.store, self)
+        self.http = http_server(http, self.store.dir)  # dashboard, JSON API, /metrics
         if auth is None:
             log.warning(
                 "running without --keys: anyone who can reach %s and %s can join or submit",
@@ -137,6 +141,7 @@ class Coordinator:
                 # stall never makes a live worker look dead.
                 self._drain(self.workers, wire.WORKER_TYPES, self.on_worker)
                 self.tick()
+                self.http.publish(self)  # a fresh snapshot for the HTTP threads, <= 4/s
         finally:
             self.shutdown()
 
@@ -512,6 +517,7 @@ class Coordinator:
             # the checkpoint (the weights stay as they are until that round's step).
             self.start_round()
         engine.record(row)
+        self.http.observe_round(job.id, row)
         if engine.done:
             return self.finish_job()
         if engine.next_round % job.rt.spec.checkpoint_every == 0:
@@ -554,12 +560,22 @@ class Coordinator:
         self.workers.close(0)
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()
+        self.http.close()
         self.ctx.term()
 
 
-def main(worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, ready=None):
+def main(
+    worker_bind,
+    client_bind,
+    state_dir,
+    data_root=None,
+    config=None,
+    auth=None,
+    ready=None,
+    http=None,
+):
     """Run a coordinator until SIGTERM / SIGINT (it checkpoints, then exits)."""
-    coord = Coordinator(worker_bind, client_bind, state_dir, data_root, config, auth)
+    coord = Coordinator(worker_bind, client_bind, state_dir, data_root, config, auth, http)
     signal.signal(signal.SIGTERM, coord.request_stop)
     signal.signal(signal.SIGINT, coord.request_stop)
     if ready:

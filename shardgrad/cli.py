@@ -7,7 +7,7 @@
 Addresses come from flags or the environment (ready for docker-compose):
 SHARDGRAD_COORDINATOR (client port), SHARDGRAD_COORDINATOR_WORKERS (worker port),
 SHARDGRAD_WORKER_BIND, SHARDGRAD_CLIENT_BIND, SHARDGRAD_STATE_DIR, SHARDGRAD_DATA_ROOT,
-SHARDGRAD_KEYS (key directory; turns CURVE on).
+SHARDGRAD_KEYS (key directory; turns CURVE on), SHARDGRAD_HTTP (dashboard and /metrics).
 """
 
 import os
@@ -34,7 +34,20 @@ def cmd_coordinator(a):
     cfg = Config(
         heartbeat_interval=a.heartbeat_interval, liveness=a.liveness, min_deadline=a.min_deadline
     )
-    main(a.worker_bind, a.client_bind, a.state_dir, a.data_root, cfg, auth=_server_auth(a))
+    from .coordinator.http import HttpError
+
+    try:
+        main(
+            a.worker_bind,
+            a.client_bind,
+            a.state_dir,
+            a.data_root,
+            cfg,
+            _server_auth(a),
+            http=a.http,
+        )
+    except HttpError as e:
+        sys.exit(f"shardgrad coordinator: {e}")
 
 
 def cmd_worker(a):
@@ -67,13 +80,15 @@ def cmd_cluster(a):
     _sigterm_as_interrupt()
 
     with LocalCluster(
-        a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root, keys=a.keys
+        a.workers, a.worker_bind, a.client_bind, a.state_dir, a.data_root, keys=a.keys, http=a.http
     ) as cluster:
         print(
             f"cluster up: coordinator at {cluster.client_address} with {a.workers} workers; "
             "Ctrl-C stops all",
             flush=True,
         )
+        if cluster.http_url:
+            print(f"dashboard: {cluster.http_url}  (Prometheus: {cluster.http_url}metrics)")
         cluster.wait()
 
 
@@ -167,7 +182,7 @@ def cmd_demo(a):
 
     _sigterm_as_interrupt()
 
-    sys.exit(run_demo(a.workers, a.output_dir))
+    sys.exit(run_demo(a.workers, a.output_dir, http=a.http, wait=not a.no_wait))
 
 
 def cmd_keys(a):
@@ -192,6 +207,12 @@ def _peer_auth(a, role):
     from .security import peer_security
 
     return peer_security(keys, role, getattr(a, "key_name", None))
+
+
+HTTP_HELP = (
+    "HOST:PORT for the dashboard and /metrics (default 127.0.0.1:0, a free port; 'off' for "
+    "none) [SHARDGRAD_HTTP]"
+)
 
 
 def parser():
@@ -237,6 +258,12 @@ def parser():
         default=_env_float("SHARDGRAD_MIN_DEADLINE", 5.0),
         help="seconds before a round's stragglers get backup tasks (at least; it adapts)",
     )
+    s.add_argument(
+        "--http",
+        default=ENV("SHARDGRAD_HTTP"),
+        help="HOST:PORT for the dashboard, JSON API and /metrics (read-only; off by default) "
+        "[SHARDGRAD_HTTP]",
+    )
     s.set_defaults(fn=cmd_coordinator)
 
     s = sub.add_parser("worker", help="run a worker")
@@ -263,6 +290,7 @@ def parser():
     s.add_argument("action", choices=["up"])
     s.add_argument("--workers", type=int, default=2)
     server_args(s)
+    s.add_argument("--http", default=ENV("SHARDGRAD_HTTP", "127.0.0.1:0"), help=HTTP_HELP)
     s.set_defaults(fn=cmd_cluster)
 
     for name, fn, helptext in (
@@ -294,6 +322,13 @@ def parser():
     s = sub.add_parser("demo", help="local cluster, digits MLP, accuracy and a loss curve")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--output-dir", default="demo-output")
+    s.add_argument("--http", default=ENV("SHARDGRAD_HTTP", "127.0.0.1:0"), help=HTTP_HELP)
+    s.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit when done; by default a demo run from a terminal keeps the dashboard up "
+        "until Enter",
+    )
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("keys", help="keys generate DIR: CURVE key pairs and allow-lists")

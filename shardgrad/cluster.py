@@ -29,6 +29,7 @@ class LocalCluster:
         liveness=None,
         log_dir=None,
         env=None,
+        http=None,
     ):
         self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
         # The temp dir (sockets, and state and logs unless placed elsewhere) goes away on
@@ -42,6 +43,8 @@ class LocalCluster:
         self.n_workers, self.data_root, self.keys = workers, data_root, keys
         self.hb, self.liveness = heartbeat_interval, liveness
         self.env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+        # HOST:PORT of the dashboard / metrics (port 0: any free one); None or "off": none.
+        self.http = None if not http or http.strip().lower() in ("off", "none", "no") else http
         self.coordinator = None
         self.workers: list[subprocess.Popen] = []
         self._spawned = 0
@@ -82,10 +85,30 @@ class LocalCluster:
             args += ["--data-root", self.data_root]
         if self.liveness:
             args += ["--liveness", str(self.liveness)]
+        # Always said, so that a SHARDGRAD_HTTP in the environment never turns it on here.
+        args += ["--http", self.http or "off"]
+        if self.http:
+            _unlink(self._http_url_file)  # a restart on port 0 gets a new port
         self.coordinator = self._spawn("coordinator", args, env)
         if wait:
             self.wait_until(lambda c: c.status() is not None, "the coordinator to answer")
         return self.coordinator
+
+    @property
+    def _http_url_file(self):
+        return os.path.join(self.state_dir, "http.url")  # written by the coordinator
+
+    @property
+    def http_url(self):
+        """The dashboard's URL ("http://HOST:PORT/"), or None when HTTP is off."""
+        if not self.http:
+            return None
+
+        def read():
+            with open(self._http_url_file) as f:
+                return f.read().strip()
+
+        return wait_for(read, "the coordinator's HTTP address", 30.0, 0.05, (OSError,))
 
     def add_worker(self, env=None):
         self._spawned += 1
@@ -166,6 +189,13 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 RETRY = (TimeoutError, OSError)  # a busy or restarting coordinator: ask again

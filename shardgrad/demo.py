@@ -8,6 +8,7 @@ weights are bitwise equal to `shardgrad train --local` (the determinism contract
 
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -103,23 +104,39 @@ def plot_loss(metrics: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_on_cluster(spec: JobSpec, workers: int) -> tuple[dict, dict, list[dict]]:
+def run_on_cluster(
+    spec: JobSpec, workers: int, http: str | None = None, wait: bool = False
+) -> tuple[dict, dict, list[dict]]:
     """Run the job on a fresh local cluster; (final job status, weights, metrics).
     The cluster is stopped whatever happens, Ctrl-C included."""
-    cluster = LocalCluster(workers=workers)
+    cluster = LocalCluster(workers=workers, http=http)
     try:
         print(f"starting a local cluster: 1 coordinator + {workers} worker processes", flush=True)
         cluster.start()  # not `with`: a failed start must still stop what was spawned
+        if cluster.http_url:
+            print(f"dashboard: {cluster.http_url}", flush=True)
         with cluster.client() as client:
             job_id = client.submit(spec)
             print(f"submitted {job_id} ({spec.name}): MLP on builtin:digits", flush=True)
             job = watch(client, job_id)
+            if wait:
+                _hold_dashboard(cluster.http_url)
             if job["state"] != "done":
                 return job, {}, []
             return job, client.fetch(job_id), client.metrics(job_id)
     finally:
         cluster.stop()
         print("cluster stopped", flush=True)
+
+
+def _hold_dashboard(url: str | None) -> None:
+    """From a terminal, keep the cluster (and its dashboard) up until Enter; never wait when
+    standard input is not a terminal (scripts, CI)."""
+    if url and sys.stdin is not None and sys.stdin.isatty():
+        try:
+            input(f"job finished; the dashboard stays up at {url}: press Enter to go on ")
+        except EOFError:
+            pass
 
 
 def _throughput(metrics: list[dict], global_batch: int) -> float:
@@ -135,7 +152,9 @@ def _missing_extras() -> list[str]:
     return [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
 
 
-def run_demo(workers: int = 2, output_dir: str = "demo-output") -> int:
+def run_demo(
+    workers: int = 2, output_dir: str = "demo-output", http: str | None = None, wait: bool = True
+) -> int:
     """Returns the exit code: 0 if every check passed, 1 otherwise."""
     if workers < 1:
         print("shardgrad demo: --workers must be at least 1")
@@ -148,7 +167,7 @@ def run_demo(workers: int = 2, output_dir: str = "demo-output") -> int:
     os.makedirs(output_dir, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        job, weights, metrics = run_on_cluster(spec, workers)
+        job, weights, metrics = run_on_cluster(spec, workers, http, wait)
     except (RuntimeError, TimeoutError) as e:  # ClientError too: a cluster that did not work
         print(f"shardgrad demo: {e}")
         return 1

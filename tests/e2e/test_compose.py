@@ -304,12 +304,13 @@ def _build_wheelhouse() -> None:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compose")
     project = f"shardgrad-test-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     data_dir = tmp / "data"  # ./data stand-in, so the test never creates a root-owned ./data
     data_dir.mkdir()
     env = {
         **os.environ,
         "SHARDGRAD_CLIENT_PORT": str(port),
+        "SHARDGRAD_HTTP_PORT": str(http_port),
         "SHARDGRAD_IMAGE": IMAGE,
         "SHARDGRAD_DATA_DIR": str(data_dir),
         # The host reference must use the BLAS kernels the containers use (compose's default).
@@ -321,6 +322,7 @@ def cluster(tmp_path_factory):
         env["SHARDGRAD_BASE_IMAGE"] = BASE_IMAGE
         env["SHARDGRAD_PIP_INSTALL_ARGS"] = "--no-index --find-links /src/.wheelhouse"
     c = Cluster(project, port, env, tmp)
+    c.http_url = f"http://127.0.0.1:{http_port}/"
 
     t0 = time.monotonic()
     c.compose("build", "coordinator", timeout=900)
@@ -445,6 +447,16 @@ def test_coordinator_restart_resumes_from_checkpoint(cluster):
     logs = cluster.compose("logs", "--no-color", "coordinator").stdout
     assert f"job {job} resumes from its checkpoint" in logs, logs[-3000:]
     assert_bitwise_equal(cluster.fetch(job), want, "job across a coordinator restart")
+
+
+def test_dashboard_and_metrics_are_published(cluster):
+    import urllib.request
+
+    with urllib.request.urlopen(cluster.http_url + "metrics", timeout=30) as r:
+        text = r.read().decode()
+    assert "shardgrad_rounds_total" in text and "shardgrad_round_seconds_bucket" in text
+    with urllib.request.urlopen(cluster.http_url + "api/status", timeout=30) as r:
+        assert json.loads(r.read())["workers"]
 
 
 def test_down_v_leaves_nothing(cluster):

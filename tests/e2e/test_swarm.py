@@ -261,6 +261,7 @@ def _stack(tmp_path_factory):
         **os.environ,
         "SHARDGRAD_IMAGE": IMAGE,
         "SHARDGRAD_CLIENT_PORT": str(port),
+        "SHARDGRAD_HTTP_PORT": str(_free_port()),  # the dashboard's published port
         "SHARDGRAD_DATA_DIR": str(data_dir),  # bind sources must be absolute and exist
         "SHARDGRAD_JOBS_DIR": str(REPO / "examples" / "jobs"),
         "SHARDGRAD_WORKERS": "1",
@@ -339,12 +340,15 @@ def test_stack_has_overlay_network_state_volume_and_replicated_workers(stack):
     # dnsrr + a host-mode port: no service VIP and no ingress mesh (both need IPVS)
     endpoint = services["coordinator"]["EndpointSpec"]
     assert endpoint["Mode"] == "dnsrr", endpoint
-    (port,) = endpoint["Ports"]
+    ports = {p["TargetPort"]: p for p in endpoint["Ports"]}
+    assert sorted(ports) == [5556, 8080], endpoint  # clients, and the dashboard / metrics
+    port = ports[5556]
     assert (port["TargetPort"], port["PublishedPort"], port["PublishMode"]) == (
         5556,
         stack.port,
         "host",
     ), endpoint
+    assert ports[8080]["PublishMode"] == "host", endpoint
     (cid,) = stack.running_containers("coordinator")
     inspect = json.loads(_run(["docker", "inspect", cid]).stdout)[0]
     assert any(m["Name"] == f"{stack.name}_state" for m in inspect["Mounts"]), inspect["Mounts"]
