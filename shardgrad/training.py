@@ -13,11 +13,14 @@ from collections.abc import Callable
 import numpy as np
 
 from .core import from_numpy, nn, optim
+from .core import functional as F
 from .core.sampling import (
+    add_arrays,
     epoch_permutation,
     micro_batch_rng,
     micro_batch_slice,
     split_indices,
+    tree_split,
     tree_sum,
 )
 from .core.tensor import Tensor, no_grad
@@ -25,6 +28,10 @@ from .datasets import check_against_model, load_dataset
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
 from .registry import LOSSES, METRICS, OPTIMIZERS
+
+# Micro-batches per stacked forward/backward: k gradients of the whole model are alive at
+# once, so this bounds memory; past a few the batched matmuls gain little more.
+STACK_MAX = 8
 
 
 class DryRunError(ValueError):
@@ -59,6 +66,9 @@ class JobRuntime:
         self.total_rounds = spec.rounds or spec.epochs * self.steps_per_epoch
         self._perm = (None, None)
         self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        # A property of the model and loss only, never of k: a micro-batch's bits then do
+        # not depend on which block (or chunk) it was computed in.
+        self.stacked = nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
 
     # ---- the contract ----------------------------------------------------------------------
     def position(self, round_: int) -> tuple[int, int]:
@@ -73,8 +83,49 @@ class JobRuntime:
         return self.train_idx[self._perm[1][sl]]
 
     def micro_batch_grad(self, round_: int, index: int) -> list[np.ndarray]:
-        """Gradient of micro-batch `index` of round `round_` (its own forward/backward),
-        with the micro-batch's loss sum appended as a float64 array of shape (1,)."""
+        """Gradient of micro-batch `index` of round `round_`, with the micro-batch's loss sum
+        appended as a float64 array of shape (1,); the same bits as inside any block."""
+        return self.block_grad(round_, index, index + 1)
+
+    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree).
+        Stackable models run up to STACK_MAX micro-batches as one forward/backward."""
+        if not self.stacked:
+            return tree_sum(lambda i: self.unstacked_grad(round_, i), lo, hi)
+        if hi - lo > STACK_MAX:  # tree_sum's own recursion, so the additions are the same
+            mid = tree_split(lo, hi)
+            return add_arrays(self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi))
+        grads = self.stacked_grads(round_, lo, hi)
+        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi)
+
+    def stacked_grads(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Micro-batches [lo, hi) in one forward/backward over stacked (k, m, ...) arrays:
+        per parameter its k micro-batch gradients (k, *shape), then the (k, 1) float64 loss
+        sums. Slice i is exactly what micro-batch lo + i gives alone (stacked with k = 1)."""
+        k, m = hi - lo, self.micro_batch
+        idx = np.concatenate([self.sample_indices(round_, i) for i in range(lo, hi)])
+        epoch, step = self.position(round_)
+        rngs = [micro_batch_rng(self.spec.seed, epoch, step, i) for i in range(lo, hi)]
+        stack = nn.Stack(k, rngs)
+        self.model.train()
+        try:
+            x, y = np.asarray(self.X[idx]), np.asarray(self.y[idx])  # fresh arrays: no copy
+            out = self.model.stacked(from_numpy(x.reshape(k, m, *x.shape[1:])), stack)
+            y = from_numpy(y.reshape(k, m, *y.shape[1:]))
+            losses = F.stacked_loss(self.loss_fn, out, y) * float(m)
+            losses.backward(np.ones(k, losses.dtype))
+        except Exception as e:
+            if k > 1:  # find the micro-batch that raises, for the FAULT a worker sends
+                for i in range(lo, hi):
+                    self.stacked_grads(round_, i, i + 1)
+            e.micro_batch = lo
+            raise
+        loss_sums = losses.data.astype(np.float64).reshape(k, 1)
+        return [stack.grad(p) for p in self.params] + [loss_sums]
+
+    def unstacked_grad(self, round_: int, index: int) -> list[np.ndarray]:
+        """Micro-batch `index` by its own forward/backward: the path of models with a layer
+        or loss that cannot run stacked."""
         idx = self.sample_indices(round_, index)
         epoch, step = self.position(round_)
         for d in self._dropouts:
@@ -105,10 +156,6 @@ class JobRuntime:
             return
         except Exception as e:  # job code: the spec's model on the spec's data
             raise DryRunError(f"micro-batch 0 of round 0 raised {type(e).__name__}: {e}") from None
-
-    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
-        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree)."""
-        return tree_sum(lambda i: self.micro_batch_grad(round_, i), lo, hi)
 
     # ---- weights and the optimizer step ----------------------------------------------------
     def weights(self) -> list[np.ndarray]:
