@@ -66,9 +66,12 @@ class JobRuntime:
         self.total_rounds = spec.rounds or spec.epochs * self.steps_per_epoch
         self._perm = (None, None)
         self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
-        # A property of the model and loss only, never of k: a micro-batch's bits then do
-        # not depend on which block (or chunk) it was computed in.
-        self.stacked = nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether micro-batches run stacked: a property of the model and loss only, never
+        of k, so a micro-batch's bits do not depend on the block (or chunk) it is in."""
+        return nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
 
     # ---- the contract ----------------------------------------------------------------------
     def position(self, round_: int) -> tuple[int, int]:

@@ -186,6 +186,21 @@ def test_a_model_with_an_unstackable_layer_runs_micro_batches_one_by_one(tmp_pat
     assert not nn.stackable(rt.model)
     with pytest.raises(NotImplementedError, match="Double cannot run stacked"):
         rt.model.stacked(Tensor(np.ones((1, 4, 12), np.float32)), nn.Stack(1))
+    assert not rt.stacked
+    old = tree_sum(lambda i: rt.unstacked_grad(0, i), 0, 5)
+    assert _same_bits(rt.block_grad(0, 0, 5), old)
+
+
+def test_a_forward_overridden_without_its_stacked_twin_is_not_stacked():
+    class Shifted(nn.Linear):  # forward changed, stacked() inherited: it would be wrong
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    assert not nn.stackable(nn.Sequential(Shifted(3, 2)))
+    patched = nn.Sequential(nn.Linear(3, 2))
+    patched[0].forward = lambda x: x
+    assert not nn.stackable(patched)
+    assert nn.stackable(nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.GELU()))
 
 
 @pytest.mark.parametrize(
