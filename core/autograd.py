@@ -42,10 +42,9 @@ def _topological(roots):
         seen.add(key)
         push((t, fn, True))
         if fn is not None:
-            for a, parent in zip(fn.inputs, fn.parents, strict=True):
-                if isinstance(a, Tensor) and a.requires_grad:
-                    if (id(parent) if parent is not None else id(a)) not in seen:
-                        push((a, parent, False))
+            for _, a, parent, akey in fn.edges:
+                if akey not in seen:
+                    push((a, parent, False))
     order.reverse()
     return order
 
@@ -59,9 +58,7 @@ def _check_saved(node):
     if not op.saves_any:
         return
     inputs = node.inputs
-    for i, a in enumerate(inputs):
-        if not (isinstance(a, Tensor) and a.requires_grad):
-            continue
+    for i, *_ in node.edges:
         for j in op.saves[0 if op.variadic else i]:
             if j < 0:
                 counter, version = node.out_version
@@ -99,29 +96,27 @@ def _seed(root, grad, create_graph):
 
 
 def _vjps(node, g, create_graph):
-    """[(input, its history, gradient)] for every input of `node` that needs one."""
+    """[(input's vertex key, gradient)] for every input of `node` that needs one."""
     op, inputs, params = node.op, node.inputs, node.params
     if create_graph:
         xp, args = T, inputs
         out = apply(op, *inputs, **params) if op.uses_out else None  # recomputed: on graph
     else:
-        xp, out = NP, node.out
-        args = [a.data if isinstance(a, Tensor) else a for a in inputs]
+        xp, out, args = NP, node.out, node.datas
     result = []
-    for i, a in enumerate(inputs):
-        if not (isinstance(a, Tensor) and a.requires_grad):
-            continue
+    for i, a, _, key in node.edges:
         if op.variadic:
             ga = op.vjps[0](i, xp, g, out, *args, **params)
         else:
             ga = op.vjps[i](xp, g, out, *args, **params)
-        if ga.shape != a.data.shape:
-            ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
+        ad = a.data
+        if ga.shape != ad.shape:
+            ga = apply(OPS["sum_to"], ga, shape=ad.shape) if create_graph else sum_to(ga, ad.shape)
         elif not create_graph and type(ga) is not np.ndarray:
             ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
-        if ga.dtype != a.data.dtype:
-            ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
-        result.append((a, node.parents[i], ga))
+        if ga.dtype is not ad.dtype and ga.dtype != ad.dtype:  # `is`: the cheap common case
+            ga = ga.astype(ad.dtype) if not create_graph else apply(_CAST, ga, dtype=ad.dtype)
+        result.append((key, ga))
     return result
 
 
@@ -189,15 +184,14 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
             if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
             _check_saved(node)
-            for a, parent, ga in _vjps(node, g, create_graph):
-                key = id(parent) if parent is not None else id(a)
+            for key, ga in _vjps(node, g, create_graph):
                 prev = pending.get(key)
                 pending[key] = ga if prev is None else prev + ga
     if not retain_graph:
         for _, node in order:
             if node is not None and node.op.saves_any:
                 node.freed = True
-                node.out = None
+                node.out = node.datas = None
 
 
 def grad(
