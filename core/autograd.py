@@ -27,24 +27,24 @@ def _key(t, fn):
 
 
 def _topological(roots):
-    """(tensor, grad_fn) vertices that need a gradient, each after all computed from it."""
+    """(tensor, grad_fn, key) vertices that need a gradient, each after all computed from
+    it."""
     order, seen = [], set()
-    stack = [(r, r.grad_fn, False) for r in roots]
+    stack = [(r, r.grad_fn, _key(r, r.grad_fn), False) for r in roots]
     pop, push = stack.pop, stack.append
     while stack:
-        t, fn, done = pop()
+        t, fn, key, done = pop()
         if done:
-            order.append((t, fn))
+            order.append((t, fn, key))
             continue
-        key = id(fn) if fn is not None else id(t)
         if key in seen:
             continue
         seen.add(key)
-        push((t, fn, True))
+        push((t, fn, key, True))
         if fn is not None:
             for _, a, parent, akey in fn.edges:
                 if akey not in seen:
-                    push((a, parent, False))
+                    push((a, parent, akey, False))
     order.reverse()
     return order
 
@@ -95,15 +95,14 @@ def _seed(root, grad, create_graph):
     return g
 
 
-def _vjps(node, g, create_graph):
-    """[(input's vertex key, gradient)] for every input of `node` that needs one."""
+def _vjps(node, g, create_graph, pending):
+    """Add the gradient of every input of `node` that needs one to `pending` (by key)."""
     op, inputs, params = node.op, node.inputs, node.params
     if create_graph:
         xp, args = T, inputs
         out = apply(op, *inputs, **params) if op.uses_out else None  # recomputed: on graph
     else:
         xp, out, args = NP, node.out, node.datas
-    result = []
     for i, a, _, key in node.edges:
         if op.variadic:
             ga = op.vjps[0](i, xp, g, out, *args, **params)
@@ -116,8 +115,8 @@ def _vjps(node, g, create_graph):
             ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
         if ga.dtype is not ad.dtype and ga.dtype != ad.dtype:  # `is`: the cheap common case
             ga = ga.astype(ad.dtype) if not create_graph else apply(_CAST, ga, dtype=ad.dtype)
-        result.append((key, ga))
-    return result
+        prev = pending.get(key)
+        pending[key] = ga if prev is None else prev + ga
 
 
 def _hooked(t, g, create_graph):
@@ -168,8 +167,8 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
     order, handed = _topological(roots), set()
     ctx = enable_grad() if create_graph else no_grad()
     with ctx:
-        for t, node in order:
-            g = pending.pop(id(node) if node is not None else id(t), None)
+        for t, node, key in order:
+            g = pending.pop(key, None)
             if g is None:
                 continue
             current = t.grad_fn is node  # not an older version of an in-place-modified tensor
@@ -184,11 +183,9 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
             if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
             _check_saved(node)
-            for key, ga in _vjps(node, g, create_graph):
-                prev = pending.get(key)
-                pending[key] = ga if prev is None else prev + ga
+            _vjps(node, g, create_graph, pending)
     if not retain_graph:
-        for _, node in order:
+        for _, node, _ in order:
             if node is not None and node.op.saves_any:
                 node.freed = True
                 node.out = node.datas = None
