@@ -29,9 +29,12 @@ from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
 from .registry import LOSSES, METRICS, OPTIMIZERS
 
-# Micro-batches per stacked forward/backward: k gradients of the whole model are alive at
-# once, so this bounds memory; past a few the batched matmuls gain little more.
-STACK_MAX = 8
+# Micro-batches per stacked forward/backward: at most STACK_MAX (k gradients of the whole
+# model are alive at once), and about STACK_ROWS samples, past which activations leave the
+# cache and stacking gains nothing. Chunking cannot change bits: a micro-batch's bits do not
+# depend on what it is stacked with (tests/test_batched.py).
+STACK_MAX = 16
+STACK_ROWS = 256
 
 
 class DryRunError(ValueError):
@@ -92,14 +95,18 @@ class JobRuntime:
 
     def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
         """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree).
-        Stackable models run up to STACK_MAX micro-batches as one forward/backward."""
+        Stackable models run up to stack_size() micro-batches as one forward/backward."""
         if not self.stacked:
             return tree_sum(lambda i: self.unstacked_grad(round_, i), lo, hi)
-        if hi - lo > STACK_MAX:  # tree_sum's own recursion, so the additions are the same
+        if hi - lo > self.stack_size():  # tree_sum's own recursion: the same additions
             mid = tree_split(lo, hi)
             return add_arrays(self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi))
         grads = self.stacked_grads(round_, lo, hi)
         return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi)
+
+    def stack_size(self) -> int:
+        """How many micro-batches one stacked pass takes at most."""
+        return max(1, min(STACK_MAX, STACK_ROWS // self.micro_batch))
 
     def stacked_grads(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
         """Micro-batches [lo, hi) in one forward/backward over stacked (k, m, ...) arrays:

@@ -1,4 +1,4 @@
-"""Stacked micro-batches: `JobRuntime.block_grad` runs up to STACK_MAX micro-batches as one
+"""Stacked micro-batches: `JobRuntime.block_grad` runs several micro-batches as one
 forward/backward over (k, m, ...) arrays. The determinism contract holds only if a
 micro-batch's gradient bits do not depend on k or on its place in the stack, so:
 
@@ -146,7 +146,8 @@ def test_block_bits_do_not_depend_on_the_split(tmp_path, name, n_micro, mb):
 def test_chunking_does_not_change_bits(tmp_path, monkeypatch, name, stack_max):
     rt = _runtime(tmp_path, name, 12, 3)
     whole = rt.block_grad(0, 0, 12)
-    monkeypatch.setattr(training, "STACK_MAX", stack_max)
+    assert rt.stack_size() == 16
+    monkeypatch.setattr(rt, "stack_size", lambda: stack_max)
     assert _same_bits(rt.block_grad(0, 0, 12), whole)
     assert _same_bits(rt.block_grad(0, 8, 12), tree_sum(lambda i: rt.micro_batch_grad(0, i), 8, 12))
 
