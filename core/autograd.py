@@ -182,7 +182,8 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 continue
             if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
-            _check_saved(node)
+            if node.freed or node.op.saves_any:  # (the call is the cost of a cheap op)
+                _check_saved(node)
             _vjps(node, g, create_graph, pending)
     if not retain_graph:
         for _, node, _ in order:
