@@ -228,7 +228,8 @@ def linear(x, weight, bias=None):
     if x.shape[-1:] != weight.shape[-1:] or (weight.ndim == 3 and x.shape[:1] != weight.shape[:1]):
         raise ValueError(
             f"linear: input of shape {tuple(x.shape)} does not fit weight of shape "
-            f"{tuple(weight.shape)} (last sizes must match)"
+            f"{tuple(weight.shape)} (last sizes must match; a stacked weight (k, out, in) "
+            "takes input (k, ..., in))"
         )
     if weight.ndim == 3 and x.ndim != 3:  # one (n, in) matrix per micro-batch
         lead = x.shape[:-1]

@@ -399,7 +399,7 @@ defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 def _linear(x, w, b=None):
     out = np.matmul(x, np.swapaxes(w, -1, -2))
     if b is not None:
-        out += b if b.ndim == 1 else b[:, None, :]
+        out += b if w.ndim == 2 else b[:, None, :]
     return out
 
 
@@ -418,7 +418,7 @@ defop(
     lambda xp, g, o, x, w, b=None: xp.matmul(g, w),
     _linear_vjp_w,
     # stacked: sum over each micro-batch's own rows (sum_to would align the wrong axes)
-    lambda xp, g, o, x, w, b=None: xp.sum(g, dim=(1,)) if b.ndim == 2 else g,
+    lambda xp, g, o, x, w, b=None: xp.sum(g, dim=(1,)) if w.ndim == 3 else g,
     saves=("1", "0", ""),
 )
 defop("mT", lambda a: np.swapaxes(a, -1, -2), lambda xp, g, o, a: xp.mT(g), saves=("",))
