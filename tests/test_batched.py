@@ -10,6 +10,8 @@ micro-batch's gradient bits do not depend on k or on its place in the stack, so:
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardgrad import training
 from shardgrad.core import functional as F
@@ -268,3 +270,45 @@ def test_numpy_reduces_a_stacked_axis_like_a_lone_one(k):
     sums = g.sum(axis=1)
     for i in range(k):
         assert sums[i].tobytes() == g[i].sum(axis=0).tobytes()
+
+
+# ---- the property itself, on random shapes -------------------------------------------------
+ACTS = ["relu", "tanh", "gelu", "sigmoid"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 9),
+    m=st.integers(1, 9),
+    widths=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    act=st.sampled_from(ACTS),
+    loss=st.sampled_from([F.cross_entropy, F.mse_loss]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_micro_batch_gives_the_same_bits_alone_and_in_any_stack(k, m, widths, act, loss, seed):
+    layers = []
+    for w in widths:
+        layers += [{"type": "linear", "out": w}, {"type": act}]
+    model = nn.build(layers + [{"type": "linear", "out": 3}], [5], seed)
+    r = np.random.default_rng(seed)
+    x = _x(r, k, m, 5)
+    y = r.integers(0, 3, (k, m)) if loss is F.cross_entropy else _x(r, k, m, 3)
+    params = list(model.parameters())
+
+    def run(lo, hi):
+        stack = nn.Stack(hi - lo)
+        out = model.stacked(Tensor(x[lo:hi]), stack)
+        losses = F.stacked_loss(loss, out, Tensor(y[lo:hi])) * float(m)
+        losses.backward(np.ones(hi - lo, losses.dtype))
+        return [stack.grad(p) for p in params] + [losses.data]
+
+    whole = run(0, k)
+    lo = int(r.integers(0, k - 1))
+    part = run(lo, k)  # the same micro-batches at other places in a shorter stack
+    for i in range(k):
+        alone = run(i, i + 1)
+        for a, b in zip(whole, alone, strict=True):
+            assert a[i].tobytes() == b[0].tobytes()
+        if i >= lo:
+            for a, b in zip(whole, part, strict=True):
+                assert a[i].tobytes() == b[i - lo].tobytes()
