@@ -27,25 +27,24 @@ def _key(t, fn):
 
 
 def _topological(roots):
-    """(tensor, grad_fn) vertices that need a gradient, each after all computed from it."""
+    """(tensor, grad_fn, key) vertices that need a gradient, each after all computed from
+    it."""
     order, seen = [], set()
-    stack = [(r, r.grad_fn, False) for r in roots]
+    stack = [(r, r.grad_fn, _key(r, r.grad_fn), False) for r in roots]
     pop, push = stack.pop, stack.append
     while stack:
-        t, fn, done = pop()
+        t, fn, key, done = pop()
         if done:
-            order.append((t, fn))
+            order.append((t, fn, key))
             continue
-        key = id(fn) if fn is not None else id(t)
         if key in seen:
             continue
         seen.add(key)
-        push((t, fn, True))
+        push((t, fn, key, True))
         if fn is not None:
-            for a, parent in zip(fn.inputs, fn.parents, strict=True):
-                if isinstance(a, Tensor) and a.requires_grad:
-                    if (id(parent) if parent is not None else id(a)) not in seen:
-                        push((a, parent, False))
+            for _, a, parent, akey in fn.edges:
+                if akey not in seen:
+                    push((a, parent, akey, False))
     order.reverse()
     return order
 
@@ -59,9 +58,7 @@ def _check_saved(node):
     if not op.saves_any:
         return
     inputs = node.inputs
-    for i, a in enumerate(inputs):
-        if not (isinstance(a, Tensor) and a.requires_grad):
-            continue
+    for i, *_ in node.edges:
         for j in op.saves[0 if op.variadic else i]:
             if j < 0:
                 counter, version = node.out_version
@@ -98,31 +95,28 @@ def _seed(root, grad, create_graph):
     return g
 
 
-def _vjps(node, g, create_graph):
-    """[(input, its history, gradient)] for every input of `node` that needs one."""
+def _vjps(node, g, create_graph, pending):
+    """Add the gradient of every input of `node` that needs one to `pending` (by key)."""
     op, inputs, params = node.op, node.inputs, node.params
     if create_graph:
         xp, args = T, inputs
         out = apply(op, *inputs, **params) if op.uses_out else None  # recomputed: on graph
     else:
-        xp, out = NP, node.out
-        args = [a.data if isinstance(a, Tensor) else a for a in inputs]
-    result = []
-    for i, a in enumerate(inputs):
-        if not (isinstance(a, Tensor) and a.requires_grad):
-            continue
+        xp, out, args = NP, node.out, node.datas
+    for i, a, _, key in node.edges:
         if op.variadic:
             ga = op.vjps[0](i, xp, g, out, *args, **params)
         else:
             ga = op.vjps[i](xp, g, out, *args, **params)
-        if ga.shape != a.data.shape:
-            ga = apply(OPS["sum_to"], ga, shape=a.shape) if create_graph else sum_to(ga, a.shape)
+        ad = a.data
+        if ga.shape != ad.shape:
+            ga = apply(OPS["sum_to"], ga, shape=ad.shape) if create_graph else sum_to(ga, ad.shape)
         elif not create_graph and type(ga) is not np.ndarray:
             ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
-        if ga.dtype != a.data.dtype:
-            ga = ga.astype(a.dtype) if not create_graph else apply(_CAST, ga, dtype=a.dtype)
-        result.append((a, node.parents[i], ga))
-    return result
+        if ga.dtype is not ad.dtype and ga.dtype != ad.dtype:  # `is`: the cheap common case
+            ga = ga.astype(ad.dtype) if not create_graph else apply(_CAST, ga, dtype=ad.dtype)
+        prev = pending.get(key)
+        pending[key] = ga if prev is None else prev + ga
 
 
 def _hooked(t, g, create_graph):
@@ -173,8 +167,8 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
     order, handed = _topological(roots), set()
     ctx = enable_grad() if create_graph else no_grad()
     with ctx:
-        for t, node in order:
-            g = pending.pop(id(node) if node is not None else id(t), None)
+        for t, node, key in order:
+            g = pending.pop(key, None)
             if g is None:
                 continue
             current = t.grad_fn is node  # not an older version of an in-place-modified tensor
@@ -188,16 +182,14 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 continue
             if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
-            _check_saved(node)
-            for a, parent, ga in _vjps(node, g, create_graph):
-                key = id(parent) if parent is not None else id(a)
-                prev = pending.get(key)
-                pending[key] = ga if prev is None else prev + ga
+            if node.freed or node.op.saves_any:  # (the call is the cost of a cheap op)
+                _check_saved(node)
+            _vjps(node, g, create_graph, pending)
     if not retain_graph:
-        for _, node in order:
+        for _, node, _ in order:
             if node is not None and node.op.saves_any:
                 node.freed = True
-                node.out = None
+                node.out = node.datas = None
 
 
 def grad(

@@ -223,16 +223,19 @@ def to(x, dtype):
 
 
 def linear(x, weight, bias=None):
-    if x.shape[-1:] != weight.shape[-1:]:
+    """PyTorch's linear; a stacked weight (k, out, in) (and bias (k, out)) takes input
+    (k, ..., in): k micro-batches, each with its own copy of the parameters."""
+    if x.shape[-1:] != weight.shape[-1:] or (weight.ndim == 3 and x.shape[:1] != weight.shape[:1]):
         raise ValueError(
             f"linear: input of shape {tuple(x.shape)} does not fit weight of shape "
-            f"{tuple(weight.shape)} (last sizes must match)"
+            f"{tuple(weight.shape)} (last sizes must match; a stacked weight (k, out, in) "
+            "takes input (k, ..., in))"
         )
-    return (
-        apply(OPS["linear"], x, weight, bias)
-        if bias is not None
-        else apply(OPS["linear"], x, weight)
-    )
+    if weight.ndim == 3 and x.ndim != 3:  # one (n, in) matrix per micro-batch
+        lead = x.shape[:-1]
+        return reshape(linear(reshape(x, lead[0], -1, x.shape[-1]), weight, bias), *lead, -1)
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return apply(OPS["linear"], *args)
 
 
 def _pair(v):
@@ -254,7 +257,11 @@ def _windows(x, kernel, stride, padding, name):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """Convolution as windows (a strided view) times the flattened kernel: one matmul."""
+    """Convolution as windows (a strided view) times the flattened kernel: one matmul.
+    A stacked weight (k, out, C, kh, kw) (and bias (k, out)) takes input (k, N, C, H, W):
+    k micro-batches, one batched matmul."""
+    if weight.ndim == 5 and x.ndim == 5 and x.shape[:3:2] == weight.shape[:3:2]:  # k and C
+        return _conv2d_stacked(x, weight, bias, stride, padding)
     if weight.ndim != 4 or x.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"conv2d: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit: "
@@ -268,6 +275,18 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     if bias is not None:
         out = out + bias
     return permute(reshape(out, n, oh, ow, o), 0, 3, 1, 2)
+
+
+def _conv2d_stacked(x, weight, bias, stride, padding):
+    k, o, c, kh, kw = weight.shape
+    # The windows of all k*N images at once: pure data movement, so no bits depend on k.
+    w = _windows(reshape(x, -1, *x.shape[2:]), (kh, kw), stride, padding, "conv2d")
+    n, oh, ow = x.shape[1], w.shape[2], w.shape[3]
+    cols = reshape(permute(w, 0, 2, 3, 1, 4, 5), k, n * oh * ow, c * kh * kw)
+    out = matmul(cols, reshape(weight, k, o, c * kh * kw).mT)  # (k, N*OH*OW, out)
+    if bias is not None:
+        out = out + unsqueeze(bias, 1)
+    return permute(reshape(out, k, n, oh, ow, o), 0, 1, 4, 2, 3)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
@@ -288,8 +307,13 @@ def dropout(x, p=0.5, training=True, generator=None):
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     rng = generator if generator is not None else np.random.default_rng()
-    keep = rng.random(x.shape) >= p
-    return x * (keep.astype(x.dtype) * (1.0 / (1.0 - p)) if p < 1 else keep.astype(x.dtype))
+    return x * dropout_mask(rng, x.shape, p, x.dtype)
+
+
+def dropout_mask(rng, shape, p, dtype):
+    """The multiplier dropout applies: kept entries scaled by 1 / (1 - p), the rest 0."""
+    keep = rng.random(shape) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p)) if p < 1 else keep.astype(dtype)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -308,14 +332,17 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def embedding(indices, weight):
+    return weight[embedding_indices(indices, weight.shape[0])]
+
+
+def embedding_indices(indices, num):
+    """The indices as an array, checked against a table of `num` embeddings."""
     idx = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
     if idx.dtype.kind not in "iu":
         raise ValueError(f"embedding: indices must be integers, got {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
-        raise ValueError(
-            f"embedding: index {int(idx.max())} out of range for {weight.shape[0]} embeddings"
-        )
-    return weight[idx]
+    if idx.size and (idx.min() < 0 or idx.max() >= num):
+        raise ValueError(f"embedding: index {int(idx.max())} out of range for {num} embeddings")
+    return idx
 
 
 # ---- losses -------------------------------------------------------------------------------
@@ -375,6 +402,79 @@ def nll_loss(input, target, reduction="mean"):
 
 def binary_cross_entropy_with_logits(input, target, reduction="mean"):
     return _reduce(apply(OPS["bce_with_logits"], input, target), reduction)
+
+
+def _slice_sums(x):
+    """(k, ...) -> (k,): each micro-batch's sum, over its elements flattened (a per-row
+    reduction, the same for any k)."""
+    return sum(reshape(x, x.shape[0], -1), dim=1)
+
+
+def _stacked_targets(input, target, name):
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if input.ndim != 3 or t.shape != input.shape[:2]:
+        raise ValueError(
+            f"{name}: expected input (N, classes) and targets (N,) per micro-batch, got "
+            f"{tuple(input.shape[1:])} and {tuple(t.shape[1:])}"
+        )
+    # the unstacked checks (dtype, class range) on all k micro-batches in one go
+    _targets(Tensor._wrap(input.data.reshape(-1, input.shape[-1])), t.reshape(-1), name)
+    return t
+
+
+def _stacked_cross_entropy(input, target):
+    t = _stacked_targets(input, target, "cross_entropy")
+    return apply(OPS["cross_entropy_sum"], input, target=t) * (1.0 / t.shape[1])
+
+
+def _stacked_nll(input, target):
+    t = _stacked_targets(input, target, "nll_loss")
+    picked = apply(OPS["take_along"], input, indices=t[..., None], dim=-1)
+    return _slice_sums(-picked) * (1.0 / t.shape[1])
+
+
+def _stacked_mse(input, target):
+    if input.shape != _t(target).shape:
+        raise ValueError(
+            f"mse_loss: input shape {tuple(input.shape[1:])} and target shape "
+            f"{tuple(_t(target).shape[1:])} differ"
+        )
+    d = input - target
+    return _slice_sums(d * d) * (1.0 / (d.data.size // d.shape[0]))
+
+
+def _stacked_bce(input, target):
+    # Per micro-batch, input and target broadcast as in the unstacked loss: on the right.
+    target = _t(target)
+    gap = input.ndim - target.ndim
+    if gap > 0:
+        target = reshape(target, target.shape[0], *(1,) * gap, *target.shape[1:])
+    elif gap < 0:
+        input = reshape(input, input.shape[0], *(1,) * -gap, *input.shape[1:])
+    loss = apply(OPS["bce_with_logits"], input, target)
+    return _slice_sums(loss) * (1.0 / (loss.data.size // loss.shape[0]))
+
+
+_STACKED_LOSSES = {
+    cross_entropy: _stacked_cross_entropy,
+    nll_loss: _stacked_nll,
+    mse_loss: _stacked_mse,
+    binary_cross_entropy_with_logits: _stacked_bce,
+}
+
+
+def has_stacked_loss(loss_fn):
+    return loss_fn in _STACKED_LOSSES
+
+
+def stacked_loss(loss_fn, input, target):
+    """k micro-batches' losses at once: input (k, m, ...) and target (k, m, ...) give the
+    (k,) tensor whose entry i is loss_fn(input[i], target[i], reduction="mean"), each
+    reduced over its own micro-batch only."""
+    if loss_fn not in _STACKED_LOSSES:
+        name = getattr(loss_fn, "__name__", loss_fn)
+        raise ValueError(f"stacked_loss: {name} has no stacked form; call it per micro-batch")
+    return _STACKED_LOSSES[loss_fn](input, target)
 
 
 def tensor(data, requires_grad=False, dtype=None):

@@ -33,6 +33,50 @@ def _rng(generator):
     return generator if generator is not None else np.random.default_rng()
 
 
+class Stack:
+    """k micro-batches in one forward/backward pass (`Module.stacked`). Each parameter is
+    seen as its own leaf with a leading k axis, a broadcast view of it (no copy), so its
+    gradient comes out per micro-batch, shape (k, *p.shape). `generators[i]` is micro-batch
+    i's random stream (dropout)."""
+
+    def __init__(self, k, generators=None):
+        self.k, self.generators, self.leaves = k, generators, {}
+
+    def __call__(self, p):
+        """Parameter p as seen by the k micro-batches (None stays None)."""
+        if p is None:
+            return None
+        leaf = self.leaves.get(id(p))
+        if leaf is None:
+            leaf = Tensor._wrap(np.broadcast_to(p.data, (self.k, *p.shape)))
+            leaf.requires_grad = True
+            self.leaves[id(p)] = leaf
+        return leaf
+
+    def grad(self, p):
+        """The (k, *p.shape) gradient of p after backward (zeros if p was not used)."""
+        leaf = self.leaves.get(id(p))
+        if leaf is None or leaf.grad is None:
+            return np.zeros((self.k, *p.shape), p.dtype)
+        return leaf.grad.data
+
+
+def stackable(model):
+    """Whether every layer of `model` can run stacked micro-batches (`Module.stacked`)."""
+    return all(_stacks(m) for m in model.modules())
+
+
+def _stacks(m):
+    # stacked() is the k-micro-batch twin of one forward(): a forward replaced on the
+    # instance, or overridden below the class that wrote stacked(), has no known twin.
+    if "forward" in vars(m):
+        return False
+    mro = type(m).__mro__
+    fwd = next(c for c in mro if "forward" in vars(c))
+    stk = next(c for c in mro if "stacked" in vars(c))
+    return stk is not Module and issubclass(stk, fwd)
+
+
 class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -51,6 +95,13 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def stacked(self, x, stack):
+        """forward() of k micro-batches at once: x is (k, m, ...), slice i micro-batch i,
+        parameters taken through `stack` (a Stack). A micro-batch's result must not depend
+        on k or on its place in the stack. Layers that cannot do this leave it undefined
+        and the trainer runs micro-batches one by one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run stacked micro-batches")
 
     def named_parameters(self, prefix=""):
         for name, p in self._parameters.items():
@@ -133,6 +184,14 @@ class Linear(Module):
             )
         return F.linear(x, self.weight, self.bias)
 
+    def stacked(self, x, stack):
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"linear: expected input with {self.in_features} features, "
+                f"got {x.shape[-1]} (input shape {tuple(x.shape[1:])})"
+            )
+        return F.linear(x, stack(self.weight), stack(self.bias))
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
@@ -156,11 +215,22 @@ class Conv2d(Module):
             )
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
+    def stacked(self, x, stack):
+        if x.ndim != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(
+                f"conv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape[1:])}"
+            )
+        w, b = stack(self.weight), stack(self.bias)
+        return F.conv2d(x, w, b, self.stride, self.padding)
+
 
 class _Function(Module):
     fn = None
 
     def forward(self, x):
+        return type(self).fn(x)
+
+    def stacked(self, x, stack):  # elementwise: nothing mixes micro-batches
         return type(self).fn(x)
 
 
@@ -188,6 +258,10 @@ class Flatten(Module):
     def forward(self, x):
         return F.flatten(x, self.start_dim, self.end_dim)
 
+    def stacked(self, x, stack):  # the dims of one micro-batch are one further right
+        s, e = self.start_dim, self.end_dim
+        return F.flatten(x, s + 1 if s >= 0 else s, e + 1 if e >= 0 else e)
+
 
 class MaxPool2d(Module):
     def __init__(self, kernel_size, stride=None):
@@ -197,10 +271,16 @@ class MaxPool2d(Module):
     def forward(self, x):
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
+    def stacked(self, x, stack):  # windows never cross images: pool all k*m images at once
+        out = self.forward(F.reshape(x, -1, *x.shape[2:]))
+        return F.reshape(out, *x.shape[:2], *out.shape[1:])
+
 
 class AvgPool2d(MaxPool2d):
     def forward(self, x):
         return F.avg_pool2d(x, self.kernel_size, self.stride)
+
+    stacked = MaxPool2d.stacked  # it pools through self.forward
 
 
 class Dropout(Module):
@@ -216,6 +296,14 @@ class Dropout(Module):
     def forward(self, x):
         return F.dropout(x, self.p, self.training, self.generator)
 
+    def stacked(self, x, stack):
+        if not self.training or self.p == 0:
+            return x
+        # micro-batch i's mask from its own stream, drawn as the unstacked layer draws it
+        gens = stack.generators or [self.generator] * stack.k
+        masks = [F.dropout_mask(_rng(g), x.shape[1:], self.p, x.dtype) for g in gens]
+        return x * np.stack(masks)
+
 
 class LayerNorm(Module):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
@@ -228,6 +316,15 @@ class LayerNorm(Module):
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    def stacked(self, x, stack):
+        out = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is None:
+            return out
+        # (k, *shape) -> (k, 1, ..., 1, *shape): each micro-batch's own affine parameters
+        lead = (stack.k,) + (1,) * (x.ndim - 1 - len(self.normalized_shape))
+        w = F.reshape(stack(self.weight), *lead, *self.normalized_shape)
+        return out * w + F.reshape(stack(self.bias), *lead, *self.normalized_shape)
+
 
 class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, generator=None):
@@ -238,6 +335,12 @@ class Embedding(Module):
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
+
+    def stacked(self, idx, stack):
+        idx = F.embedding_indices(idx, self.num_embeddings)
+        k = stack.k
+        which = np.arange(k).reshape((k,) + (1,) * (idx.ndim - 1))
+        return stack(self.weight)[which, idx]  # row idx[i, ...] of micro-batch i's copy
 
 
 class Sequential(Module):
@@ -257,6 +360,14 @@ class Sequential(Module):
             try:
                 x = layer(x)
             except ValueError as e:  # name the layer, as the spec's author counts them
+                raise ValueError(f"layer {i} ({type(layer).__name__.lower()}): {e}") from None
+        return x
+
+    def stacked(self, x, stack):
+        for i, layer in enumerate(self._modules.values()):
+            try:
+                x = layer.stacked(x, stack)
+            except ValueError as e:
                 raise ValueError(f"layer {i} ({type(layer).__name__.lower()}): {e}") from None
         return x
 

@@ -142,14 +142,16 @@ def _log_softmax(x, dim):
 
 
 def _cross_entropy_sum(logits, target):
-    """Sum over samples of -log softmax(logits)[target] (fused and stable)."""
+    """Sum over samples of -log softmax(logits)[target] (fused and stable). Logits
+    (..., m, classes) with targets (..., m) give one sum per leading index (micro-batch)."""
     z = _log_softmax(logits, -1)
-    return np.asarray(-np.take_along_axis(z, target[:, None], axis=1).sum(), dtype=logits.dtype)
+    picked = np.take_along_axis(z, target[..., None], axis=-1)[..., 0]
+    return np.asarray(-picked.sum(axis=-1), dtype=logits.dtype)
 
 
 def _onehot(target, like):
     out = np.zeros(like.shape, dtype=like.dtype)
-    np.put_along_axis(out, target[:, None], 1, axis=1)
+    np.put_along_axis(out, target[..., None], 1, axis=-1)
     return out
 
 
@@ -390,14 +392,20 @@ def _matmul_vjp_b(xp, g, o, a, b):
 defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 
 
+# A weight (out, in) is PyTorch's linear. A stacked weight (k, out, in) with x (k, n, in)
+# and bias (k, out) is k micro-batches at once: slice i of everything is micro-batch i, and
+# every product is one batched (3-D) matmul, which computes each slice exactly as it would
+# alone, so a micro-batch's bits do not depend on k (docs/architecture.md).
 def _linear(x, w, b=None):
-    out = np.matmul(x, w.T)
+    out = np.matmul(x, np.swapaxes(w, -1, -2))
     if b is not None:
-        out += b
+        out += b if w.ndim == 2 else b[:, None, :]
     return out
 
 
 def _linear_vjp_w(xp, g, o, x, w, b=None):
+    if w.ndim == 3:  # stacked: one (out, n) @ (n, in) per micro-batch
+        return xp.matmul(xp.mT(g), x)
     # (out, batch) @ (batch, in): the weight's gradient comes out contiguous, like the weight.
     g2 = g if g.ndim == 2 else xp.reshape(g, shape=(-1, g.shape[-1]))
     x2 = x if x.ndim == 2 else xp.reshape(x, shape=(-1, x.shape[-1]))
@@ -409,7 +417,8 @@ defop(
     _linear,
     lambda xp, g, o, x, w, b=None: xp.matmul(g, w),
     _linear_vjp_w,
-    lambda xp, g, o, x, w, b=None: g,
+    # stacked: sum over each micro-batch's own rows (sum_to would align the wrong axes)
+    lambda xp, g, o, x, w, b=None: xp.sum(g, dim=(1,)) if w.ndim == 3 else g,
     saves=("1", "0", ""),
 )
 defop("mT", lambda a: np.swapaxes(a, -1, -2), lambda xp, g, o, a: xp.mT(g), saves=("",))
@@ -464,7 +473,10 @@ defop(
 defop(
     "cross_entropy_sum",
     lambda logits, target: _cross_entropy_sum(logits, target),
-    lambda xp, g, o, a, target: g * (xp.softmax(a, dim=-1) - _onehot(target, xp.raw(a))),
+    lambda xp, g, o, a, target: (
+        (g if g.ndim == 0 else xp.reshape(g, shape=g.shape + (1, 1)))
+        * (xp.softmax(a, dim=-1) - _onehot(target, xp.raw(a)))
+    ),
     saves=("0",),
 )
 

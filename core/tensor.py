@@ -55,18 +55,20 @@ class enable_grad(_SetGrad):
 
 
 class Node:
-    """What backward needs of one op application: its inputs (Tensors or constants), the
-    history each input had then (`parents`), their version counters then (`versions`),
-    its parameters and its output array."""
+    """What backward needs of one op application: its inputs (Tensors or constants) and
+    their arrays then (`datas`), their version counters then (`versions`), its parameters
+    and its output array. `edges` lists the inputs that needed a gradient then: (index,
+    tensor, the history it had then, the key of that vertex of the graph)."""
 
-    __slots__ = ("op", "inputs", "parents", "versions", "params", "out", "out_version", "freed")
+    __slots__ = ("op", "inputs", "datas", "versions", "edges", "params", "out", "out_version")
+    __slots__ += ("freed",)
 
-    def __init__(self, op, inputs, parents, versions, params, out, out_version):
-        self.op, self.inputs, self.params, self.out = op, inputs, params, out
+    def __init__(self, op, inputs, datas, versions, edges, params, out, out_version):
+        self.op, self.inputs, self.datas, self.params, self.out = op, inputs, datas, params, out
         # Edges point at the history an input had when it was used, so an in-place op on
         # that input later (which gives it a new grad_fn) cannot reroute this gradient.
-        self.parents, self.versions, self.out_version = parents, versions, out_version
-        self.freed = False
+        self.versions, self.edges = versions, edges
+        self.out_version, self.freed = out_version, False
 
     def name(self):
         return f"{self.op.name.capitalize()}Backward"
@@ -77,16 +79,16 @@ class Node:
 
 def apply(op, *inputs, **params):
     """Run `op` forward on NumPy data and record it if the result needs a gradient."""
-    datas, parents, versions, need = [], [], [], False
+    datas, versions, edges = [], [], []
     for a in inputs:  # one pass: the hot path of every op
         if isinstance(a, Tensor):
+            fn = a.grad_fn
+            if a.requires_grad:  # the backward walk's edge, its vertex key precomputed
+                edges.append((len(datas), a, fn, id(fn) if fn is not None else id(a)))
             datas.append(a.data)
-            parents.append(a.grad_fn)
             versions.append(a._version[0])
-            need = need or a.requires_grad
         else:
             datas.append(a)
-            parents.append(None)
             versions.append(None)
     try:
         out = op.forward(*datas, **params)
@@ -100,9 +102,9 @@ def apply(op, *inputs, **params):
     t.grad = t.grad_fn = t._hooks = None
     t._version = [0]
     t._retains_grad = False
-    if need and _mode.enabled:
+    if edges and _mode.enabled:
         t.requires_grad = True
-        t.grad_fn = Node(op, inputs, parents, versions, params, t.data, (t._version, 0))
+        t.grad_fn = Node(op, inputs, datas, versions, edges, params, t.data, (t._version, 0))
     else:
         t.requires_grad = False
     return t

@@ -13,11 +13,14 @@ from collections.abc import Callable
 import numpy as np
 
 from .core import from_numpy, nn, optim
+from .core import functional as F
 from .core.sampling import (
+    add_arrays,
     epoch_permutation,
     micro_batch_rng,
     micro_batch_slice,
     split_indices,
+    tree_split,
     tree_sum,
 )
 from .core.tensor import Tensor, no_grad
@@ -25,6 +28,13 @@ from .datasets import check_against_model, load_dataset
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
 from .registry import LOSSES, METRICS, OPTIMIZERS
+
+# Micro-batches per stacked forward/backward: at most STACK_MAX (k gradients of the whole
+# model are alive at once), and about STACK_ROWS samples, past which activations leave the
+# cache and stacking gains nothing. Chunking cannot change bits: a micro-batch's bits do not
+# depend on what it is stacked with (tests/test_batched.py).
+STACK_MAX = 16
+STACK_ROWS = 256
 
 
 class DryRunError(ValueError):
@@ -60,6 +70,12 @@ class JobRuntime:
         self._perm = (None, None)
         self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
 
+    @property
+    def stacked(self) -> bool:
+        """Whether micro-batches run stacked: a property of the model and loss only, never
+        of k, so a micro-batch's bits do not depend on the block (or chunk) it is in."""
+        return nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
+
     # ---- the contract ----------------------------------------------------------------------
     def position(self, round_: int) -> tuple[int, int]:
         """(epoch, step in epoch) of round `round_` (0-based)."""
@@ -73,8 +89,55 @@ class JobRuntime:
         return self.train_idx[self._perm[1][sl]]
 
     def micro_batch_grad(self, round_: int, index: int) -> list[np.ndarray]:
-        """Gradient of micro-batch `index` of round `round_` (its own forward/backward),
-        with the micro-batch's loss sum appended as a float64 array of shape (1,)."""
+        """Gradient of micro-batch `index` of round `round_`, with the micro-batch's loss sum
+        appended as a float64 array of shape (1,); the same bits as inside any block."""
+        return self.block_grad(round_, index, index + 1)
+
+    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree).
+        Stackable models run up to stack_size() micro-batches as one forward/backward."""
+        if not self.stacked:
+            return tree_sum(lambda i: self.unstacked_grad(round_, i), lo, hi)
+        if hi - lo > self.stack_size():  # tree_sum's own recursion: the same additions
+            mid = tree_split(lo, hi)
+            return add_arrays(self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi))
+        grads = self.stacked_grads(round_, lo, hi)
+        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi)
+
+    def stack_size(self) -> int:
+        """How many micro-batches one stacked pass takes at most."""
+        return max(1, min(STACK_MAX, STACK_ROWS // self.micro_batch))
+
+    def stacked_grads(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Micro-batches [lo, hi) in one forward/backward over stacked (k, m, ...) arrays:
+        per parameter its k micro-batch gradients (k, *shape), then the (k, 1) float64 loss
+        sums. Slice i is exactly what micro-batch lo + i gives alone (stacked with k = 1)."""
+        k, m = hi - lo, self.micro_batch
+        idx = np.concatenate([self.sample_indices(round_, i) for i in range(lo, hi)])
+        epoch, step = self.position(round_)
+        rngs = None  # seeding a generator costs tens of µs: only for models that draw
+        if self._dropouts:
+            rngs = [micro_batch_rng(self.spec.seed, epoch, step, i) for i in range(lo, hi)]
+        stack = nn.Stack(k, rngs)
+        self.model.train()
+        try:
+            x, y = np.asarray(self.X[idx]), np.asarray(self.y[idx])  # fresh arrays: no copy
+            out = self.model.stacked(from_numpy(x.reshape(k, m, *x.shape[1:])), stack)
+            y = from_numpy(y.reshape(k, m, *y.shape[1:]))
+            losses = F.stacked_loss(self.loss_fn, out, y) * float(m)
+            losses.backward(np.ones(k, losses.dtype))
+        except Exception as e:
+            if k > 1:  # find the micro-batch that raises, for the FAULT a worker sends
+                for i in range(lo, hi):
+                    self.stacked_grads(round_, i, i + 1)
+            e.micro_batch = lo
+            raise
+        loss_sums = losses.data.astype(np.float64).reshape(k, 1)
+        return [stack.grad(p) for p in self.params] + [loss_sums]
+
+    def unstacked_grad(self, round_: int, index: int) -> list[np.ndarray]:
+        """Micro-batch `index` by its own forward/backward: the path of models with a layer
+        or loss that cannot run stacked."""
         idx = self.sample_indices(round_, index)
         epoch, step = self.position(round_)
         for d in self._dropouts:
@@ -105,10 +168,6 @@ class JobRuntime:
             return
         except Exception as e:  # job code: the spec's model on the spec's data
             raise DryRunError(f"micro-batch 0 of round 0 raised {type(e).__name__}: {e}") from None
-
-    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
-        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree)."""
-        return tree_sum(lambda i: self.micro_batch_grad(round_, i), lo, hi)
 
     # ---- weights and the optimizer step ----------------------------------------------------
     def weights(self) -> list[np.ndarray]:
