@@ -10,7 +10,7 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
   local           `train_local` (the same spec in one process): B / median round time
   floor           the contract's floor: a hand-written NumPy step that keeps the contract
                   (k micro-batches, per-micro-batch weight gradients from one batched
-                  np.matmul, summed by the canonical tree, SGD) — benchmarks/floor.py
+                  np.matmul, summed by the canonical tree, SGD) — benchmarks/contract_floor.py
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from floor import floor_step_seconds  # noqa: E402
+from contract_floor import floor_step  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
@@ -81,6 +81,16 @@ def make_spec(hidden, batch, rounds, n_micro=8):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def floor_step_seconds(hidden, batch, k, reps, warmup=3):
+    step = floor_step((784, *hidden, 10), batch, k)
+    times = []
+    for _ in range(reps + warmup):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return median(times[warmup:])
 
 
 def run_shardgrad(cluster, spec, warmup):

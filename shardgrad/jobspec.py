@@ -332,7 +332,7 @@ MICRO_BATCH_RULE = (
     "leaves micro-batches of at least 64 samples (else the whole batch). k is how many workers "
     "can share a round; the price is the contract's tax, the slower small GEMMs of "
     "micro-batches (measured 1.05-1.35x for k = 2..8 at 1024 samples, up to 2x at 32-sample "
-    "micro-batches: benchmarks/floor.py)."
+    "micro-batches: benchmarks/contract_floor.py)."
 )
 
 
