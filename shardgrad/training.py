@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .core import from_numpy, nn, optim
+from .core.clip import clip_grad_norm_
 from .core.sampling import (
     epoch_permutation,
     micro_batch_rng,
@@ -24,7 +25,7 @@ from .core.tensor import Tensor, no_grad
 from .datasets import check_against_model, load_dataset
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
-from .registry import LOSSES, METRICS, OPTIMIZERS
+from .registry import LOSSES, METRICS, OPTIMIZERS, make_scheduler
 
 
 class DryRunError(ValueError):
@@ -128,10 +129,20 @@ class JobRuntime:
             hyper["betas"] = tuple(hyper["betas"])
         return OPTIMIZERS[self.spec.optimizer["type"]][0](self.params, **hyper)
 
-    def apply_step(self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int) -> float:
-        """Mean gradient = summed gradient / samples; one optimizer step. Returns mean loss."""
-        for p, g in zip(self.params, total[:-1], strict=True):
+    def make_scheduler(self, opt: optim.Optimizer):
+        return make_scheduler(opt, self.spec.scheduler)
+
+    def apply_step(
+        self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int, row=None
+    ) -> float:
+        """Mean gradient = summed gradient / samples; clipped if the spec says so; one
+        optimizer step. Returns mean loss (and puts `grad_norm` in `row` when clipping)."""
+        for p, g in zip(self.params, total[: len(self.params)], strict=True):
             p.grad = Tensor._wrap(np.divide(g, n_samples).astype(p.dtype, copy=False))
+        if self.spec.clip_grad_norm is not None:
+            norm = clip_grad_norm_(self.params, self.spec.clip_grad_norm)
+            if row is not None:
+                row["grad_norm"] = norm
         opt.step()
         opt.zero_grad()
         return float(total[-1][0]) / n_samples
