@@ -352,8 +352,20 @@ class Coordinator:
         """Build a submitted job and dry-run its micro-batch 0, so what can fail at submit
         fails there. Raises SpecError / ValueError / OSError with the reason."""
         rt = JobRuntime(spec, self.data_root)
+        rt.load_init(self.job_weights)
         rt.dry_run(self.cfg.dry_run_seconds)
         return rt
+
+    def job_weights(self, job_id) -> dict:
+        """A done job's final weights, for a spec's `init = "job:ID"`."""
+        row = self.store.job(job_id)
+        if row is None or row["state"] != "done":
+            state = "no such job" if row is None else f"it is {row['state']}"
+            raise ValueError(f"init 'job:{job_id}': {state}; it must name a done job")
+        loaded = self.store.load_result(job_id)
+        if loaded is None:
+            raise ValueError(f"init 'job:{job_id}': its weights file is missing")
+        return loaded[0]
 
     def status(self) -> dict:
         return {"workers": self.members.table(), "counters": dict(self.counters)}
@@ -381,9 +393,10 @@ class Coordinator:
             return  # FIFO: the head of the queue waits for its workers
         try:
             spec = parse_spec(row["spec"], files=False)
-            rt = self.client_handler.prepared.pop(row["id"], None) or JobRuntime(
-                spec, self.data_root
-            )
+            rt = self.client_handler.prepared.pop(row["id"], None)
+            if rt is None:  # queued before a restart
+                rt = JobRuntime(spec, self.data_root)
+                rt.load_init(self.job_weights)  # a checkpoint, if any, overrides it below
         except (SpecError, ValueError, OSError) as e:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return

@@ -22,7 +22,7 @@ from .core.sampling import (
     tree_sum,
 )
 from .core.tensor import Tensor, no_grad
-from .datasets import check_against_model, load_dataset
+from .datasets import check_against_model, load_dataset, resolve_data_path
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
 from .registry import LOSSES, METRICS, OPTIMIZERS, make_scheduler
@@ -37,7 +37,7 @@ class JobRuntime:
     that the contract is made of."""
 
     def __init__(self, spec: JobSpec, data_root: str | None = None, verify_data: bool = True):
-        self.spec = spec
+        self.spec, self.data_root = spec, data_root
         self.model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
         named = list(self.model.named_parameters())
         self.names = [n for n, _ in named]
@@ -123,6 +123,49 @@ class JobRuntime:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {n: p.data.copy() for n, p in zip(self.names, self.params, strict=True)}
 
+    def load_init(self, job_weights: Callable[[str], dict] | None = None) -> None:
+        """Start from the spec's `init` weights, if any: `file:PATH.npz` under the data root,
+        or `job:ID` through `job_weights(ID)` (only the coordinator has finished jobs'
+        weights). Raises ValueError naming every name / shape that does not fit."""
+        init = self.spec.init
+        if init is None:
+            return
+        if init.startswith("file:"):
+            path = resolve_data_path(init[len("file:") :], self.data_root)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as e:
+                raise ValueError(f"init '{init}': cannot read the weights file: {e}") from None
+        elif job_weights is None:
+            raise ValueError(
+                f"init '{init}': a job's weights live on the coordinator; submit the job there, "
+                "or fetch them (shardgrad fetch ID -o w.npz) and use init = 'file:w.npz'"
+            )
+        else:
+            arrays = job_weights(init[len("job:") :])
+        self.load_state(arrays, f"init '{init}'")
+
+    def load_state(self, arrays: dict, what: str) -> None:
+        """Copy a {name: array} state (as `state_dict` gives) into the model, all or nothing."""
+        own = self.state_dict()
+        problems = [f"missing '{n}' {list(a.shape)}" for n, a in own.items() if n not in arrays]
+        problems += [
+            f"unexpected '{n}' (the model has no such tensor)" for n in arrays if n not in own
+        ]
+        for n, a in arrays.items():
+            if n in own and (a.shape != own[n].shape or a.dtype.kind != "f"):
+                problems.append(
+                    f"'{n}': {a.dtype}{list(a.shape)} does not fit the model's "
+                    f"{own[n].dtype}{list(own[n].shape)}"
+                )
+        if problems:
+            raise ValueError(
+                f"{what} does not fit the model (names and shapes as `shardgrad fetch` "
+                "writes them):\n  " + "\n  ".join(problems)
+            )
+        self.set_weights([arrays[n] for n in self.names])
+
     def make_optimizer(self) -> optim.Optimizer:
         hyper = {k: v for k, v in self.spec.optimizer.items() if k != "type"}
         if "betas" in hyper:
@@ -174,7 +217,9 @@ def train_local(
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """The whole job in one process, no sockets: the reference a distributed run must
     equal bit for bit. Returns (final state_dict, per-round metrics)."""
-    engine = run_local(JobRuntime(spec, data_root), on_round)
+    rt = JobRuntime(spec, data_root)
+    rt.load_init()
+    engine = run_local(rt, on_round)
     return engine.rt.state_dict(), engine.metrics
 
 

@@ -33,3 +33,46 @@ def test_schedule_and_clipping_bitwise_for_1_and_3_workers(make_cluster, svc):
             assert status["digest"] == weights_digest(ref_state), what
             got = [(m["lr"], m["grad_norm"]) for m in c.metrics(job) if "loss" in m]
             assert got == [(m["lr"], m["grad_norm"]) for m in steps], what
+
+
+def test_init_from_a_done_job_and_fetch_as_safetensors(make_cluster, svc, tmp_path):
+    """`init = "job:ID"` continues from a done job's weights and ends bitwise equal to
+    train_local started from the same weights as a file; a wrong init is refused at submit
+    naming it; `shardgrad fetch JOB -o x.safetensors` writes torch's names."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from shardgrad.client import ClientError
+    from shardgrad.export import load_safetensors
+    from shardgrad.jobspec import parse_spec
+    from shardgrad.training import train_local
+
+    first = svc.spec_with(svc.SPEC_SGD, name="svc-init-first", epochs=1)
+    cluster = make_cluster(workers=2, data_root=str(tmp_path))
+    with cluster.client(timeout=10) as c:
+        job_a, _, weights_a = svc.run_job(c, first, timeout=90)
+        np.savez(tmp_path / "a.npz", **weights_a)
+        second = svc.spec_with(first, name="svc-init-second", init=f"job:{job_a}", seed=5)
+        job_b, _, weights_b = svc.run_job(c, second, timeout=90)
+        local = svc.spec_with(second, init="file:a.npz")
+        ref, _ = train_local(parse_spec(local), str(tmp_path))
+        svc.assert_bitwise_equal(weights_b, ref, "init job: vs train_local with init file:")
+        for bad, needle in (
+            ("job:nope", "init 'job:nope': no such job"),
+            ("file:missing.npz", "missing.npz"),
+        ):
+            with pytest.raises(ClientError, match="init|missing") as e:
+                c.submit(svc.spec_with(first, init=bad))
+            assert needle in str(e.value), str(e.value)
+        out = tmp_path / "b.safetensors"
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "shardgrad.cli", "fetch", job_b, "-o", str(out)]
+        cmd += ["--coordinator", cluster.client_address]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_safetensors(str(out))
+    svc.assert_bitwise_equal(got, weights_b, "fetch -o .safetensors")
+    assert sorted(got) == ["0.bias", "0.weight", "2.bias", "2.weight"]
