@@ -204,10 +204,37 @@ def stack(tensors, dim=0):
     return apply(OPS["stack"], *tensors, dim=dim)
 
 
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}  # torch: numpy
+
+
 def pad(x, pad, mode="constant", value=0.0):
-    if mode != "constant":
-        raise NotImplementedError(f"pad: only mode='constant' is supported, got {mode!r}")
-    return apply(OPS["pad"], x, pad=tuple(pad), value=value)
+    if mode == "constant":
+        return apply(OPS["pad"], x, pad=tuple(pad), value=value)
+    if mode not in _PAD_MODES:
+        raise ValueError(
+            f"pad: mode must be 'constant', 'reflect', 'replicate' or 'circular', got {mode!r}"
+        )
+    pad = tuple(pad)
+    if len(pad) % 2 or len(pad) // 2 > x.ndim or any(type(p) is not int or p < 0 for p in pad):
+        raise ValueError(
+            f"pad: expected pairs of integers >= 0 for at most {x.ndim} dims, got {pad}"
+        )
+    # One gather per padded dim (numpy's pad of the index range gives torch's indices); its
+    # backward is the scatter-add of getitem, so edge gradients are summed as in torch.
+    for k in range(len(pad) // 2):
+        dim, (lo, hi) = x.ndim - 1 - k, pad[2 * k : 2 * k + 2]
+        n = x.shape[dim]
+        if (mode == "reflect" and (lo >= n or hi >= n)) or (
+            mode == "circular" and (lo > n or hi > n)
+        ):
+            raise ValueError(
+                f"pad: {mode} padding ({lo}, {hi}) must be smaller than dimension {dim} "
+                f"of size {n}" + (" (or equal, for circular)" if mode == "circular" else "")
+            )
+        if lo or hi:
+            idx = np.pad(np.arange(n), (lo, hi), mode=_PAD_MODES[mode])
+            x = x[(slice(None),) * dim + (idx,)]
+    return x
 
 
 def clone(x):
@@ -270,14 +297,25 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     return permute(reshape(out, n, oh, ow, o), 0, 3, 1, 2)
 
 
+def _check_pool_padding(kernel_size, padding, name):
+    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
+    if ph > kh // 2 or pw > kw // 2 or ph < 0 or pw < 0:
+        raise ValueError(f"{name}: padding {padding} must be >= 0 and at most half the kernel")
+    return ph, pw
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    if padding:
-        raise NotImplementedError("max_pool2d: padding is not supported")
+    ph, pw = _check_pool_padding(kernel_size, padding, "max_pool2d")
+    if ph or pw:  # -inf never wins a window (torch's rule keeps a real value in each)
+        if x.ndim != 4:
+            raise ValueError(f"max_pool2d: expected input of shape (N, C, H, W), got {x.shape}")
+        x = pad(x, (pw, pw, ph, ph), value=float("-inf"))
     w = _windows(x, kernel_size, stride or kernel_size, 0, "max_pool2d")
     return max(reshape(w, *w.shape[:4], -1), dim=-1).values
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    _check_pool_padding(kernel_size, padding, "avg_pool2d")
     w = _windows(x, kernel_size, stride or kernel_size, padding, "avg_pool2d")
     return mean(w, dim=(-2, -1))
 

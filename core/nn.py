@@ -190,17 +190,17 @@ class Flatten(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
 class AvgPool2d(MaxPool2d):
     def forward(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
 class Dropout(Module):
@@ -334,8 +334,10 @@ def _conv_shape(shape, a):
 
 def _pool_shape(shape, a):
     _image(shape)
-    k, s = a["kernel"], a["stride"] or a["kernel"]
-    out = (shape[0],) + tuple((n - k) // s + 1 for n in shape[1:])
+    k, s, p = a["kernel"], a["stride"] or a["kernel"], a["padding"]
+    if p > k // 2:
+        raise ValueError(f"padding {p} must be at most half the kernel {k} (as in torch)")
+    out = (shape[0],) + tuple((n + 2 * p - k) // s + 1 for n in shape[1:])
     if min(out) < 1:
         raise ValueError(f"kernel {k} does not fit input {shape}")
     return out, 0
@@ -349,7 +351,7 @@ def _plain(cls, *keys):
     return LayerType({}, {}, _same_shape, lambda shape, a, rng: cls(*(a[k] for k in keys)))
 
 
-_POOL_KEYS = {"kernel": POS, "stride": POS}
+_POOL_KEYS = {"kernel": POS, "stride": POS, "padding": NONNEG}
 LAYERS = {
     "linear": LayerType(
         {"out": POS, "bias": BOOL},
@@ -367,15 +369,15 @@ LAYERS = {
     ),
     "maxpool2d": LayerType(
         _POOL_KEYS,
-        {"stride": None},
+        {"stride": None, "padding": 0},
         _pool_shape,
-        lambda shape, a, rng: MaxPool2d(a["kernel"], a["stride"] or a["kernel"]),
+        lambda shape, a, rng: MaxPool2d(a["kernel"], a["stride"] or a["kernel"], a["padding"]),
     ),
     "avgpool2d": LayerType(
         _POOL_KEYS,
-        {"stride": None},
+        {"stride": None, "padding": 0},
         _pool_shape,
-        lambda shape, a, rng: AvgPool2d(a["kernel"], a["stride"] or a["kernel"]),
+        lambda shape, a, rng: AvgPool2d(a["kernel"], a["stride"] or a["kernel"], a["padding"]),
     ),
     "flatten": LayerType(
         {}, {}, lambda shape, a: ((math.prod(shape),), 0), lambda shape, a, rng: Flatten()
