@@ -72,6 +72,7 @@ class ActiveJob:
     round_times: list = field(default_factory=list)
     state: str = "running"
     gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
+    layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
 
     @property
     def rt(self) -> JobRuntime:
@@ -232,7 +233,7 @@ class Coordinator:
         if block is None:
             return
         if msg.type == wire.GRADS:
-            arrays = check_grads(msg, self.job.rt.params)
+            arrays = check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
         if not self.members.is_live(wid):  # never registered, dead or quarantined
@@ -401,6 +402,7 @@ class Coordinator:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return
         job = ActiveJob(row["id"], RoundEngine(rt), rt.spec.to_dict(), Verifier(spec.verify))
+        job.layout = rt.sum_layout()
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
             arrays, meta = ckpt

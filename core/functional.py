@@ -345,6 +345,52 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return out if bias is None else out + bias
 
 
+def _bn_axes(x):
+    return (0, *range(2, x.ndim)), (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5):
+    """Training-mode batch norm: (output, batch mean, unbiased batch variance); the two
+    statistics as float64 arrays (C,), what torch's CPU kernel updates running stats with."""
+    dims, shape = _bn_axes(x)
+    n = x.data.size // x.shape[1]
+    if n < 2:
+        raise ValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input "
+            f"of shape {tuple(x.shape)} (use a micro_batch > 1)"
+        )
+    d = x - sum(x, dims, keepdim=True) * (1.0 / n)
+    var = sum(d * d, dims, keepdim=True) * (1.0 / n)  # biased: what normalises
+    out = d / sqrt(var + eps)
+    if weight is not None:
+        out = out * reshape(weight, shape)
+    if bias is not None:
+        out = out + reshape(bias, shape)
+    mean64 = x.data.mean(axis=dims, dtype=np.float64)
+    dev = x.data - mean64.reshape(shape)
+    return out, mean64, (dev * dev).sum(axis=dims) / (n - 1)
+
+
+def batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """torch.nn.functional.batch_norm: in training the running statistics (if given) are
+    updated in place with `momentum`; otherwise they normalise."""
+    if training:
+        out, mean, var = batch_norm_train(x, weight, bias, eps)
+        if running_mean is not None:
+            running_mean[...] = momentum * mean + (1 - momentum) * running_mean.astype(np.float64)
+            running_var[...] = momentum * var + (1 - momentum) * running_var.astype(np.float64)
+        return out
+    _, shape = _bn_axes(x)
+    rm = Tensor._wrap(np.asarray(running_mean, x.dtype).reshape(shape))
+    rv = Tensor._wrap(np.asarray(running_var, x.dtype).reshape(shape))
+    out = (x - rm) / sqrt(rv + eps)
+    if weight is not None:
+        out = out * reshape(weight, shape)
+    return out if bias is None else out + reshape(bias, shape)
+
+
 def embedding(indices, weight):
     idx = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
     if idx.dtype.kind not in "iu":

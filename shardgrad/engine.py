@@ -36,6 +36,8 @@ class RoundEngine:
         """Account round `next_round` (its canonical gradient sum, loss last); the new row."""
         rt, r = self.rt, self.next_round
         self.acc = total if self.acc is None else add_arrays(self.acc, total)
+        if rt.norms:
+            rt.update_running_stats(total)  # BatchNorm: once per round, from its micro-batches
         row = {"round": r, "epoch": rt.position(r)[0]}
         row["round_loss"] = float(total[-1][0]) / rt.global_batch
         t0 = time.perf_counter()
@@ -82,6 +84,8 @@ class RoundEngine:
                     scalars[f"{i}.{k}"] = v
         for i, a in enumerate(self.acc or []):
             arrays[f"acc{i}"] = own(a)
+        for name, b in self.rt.buffers.items():
+            arrays[f"buf.{name}"] = np.array(b, copy=True)
         meta = {"round": self.next_round, "opt_scalars": scalars, "metrics": list(self.metrics)}
         if self.sched is not None:  # JSON floats round-trip exactly (repr)
             meta["sched"] = self.sched.state_dict()
@@ -105,7 +109,9 @@ class RoundEngine:
         if self.sched is not None:
             self.sched.load_state_dict(meta["sched"])
             self.opt.param_groups[0]["lr"] = meta["lr"]
-        acc = [np.array(arrays[k]) for i in range(len(rt.params) + 1) if (k := f"acc{i}") in arrays]
+        rt.set_buffers({name: arrays[f"buf.{name}"] for name in rt.buffers})
+        n = len(rt.sum_layout())
+        acc = [np.array(arrays[k]) for i in range(n) if (k := f"acc{i}") in arrays]
         self.acc = acc or None
         self.next_round = meta["round"]
         self.metrics = [row for row in meta["metrics"] if row["round"] < self.next_round]

@@ -74,6 +74,8 @@ TORCH_LAYERS = {
     "gelu": lambda nn, s, a: nn.GELU(),
     "dropout": lambda nn, s, a: nn.Dropout(a["p"]),
     "layernorm": lambda nn, s, a: nn.LayerNorm(s[-1], eps=a["eps"]),
+    "batchnorm1d": lambda nn, s, a: nn.BatchNorm1d(s[0], eps=a["eps"], momentum=a["momentum"]),
+    "batchnorm2d": lambda nn, s, a: nn.BatchNorm2d(s[0], eps=a["eps"], momentum=a["momentum"]),
     "embedding": lambda nn, s, a: nn.Embedding(a["num"], a["dim"]),
 }
 

@@ -44,6 +44,8 @@ class JobRuntime:
         self.params = [p for _, p in named]
         self.loss_fn = LOSSES[spec.loss]
         self.X, self.y = load_dataset(spec.data, data_root, verify=verify_data)
+        if spec.data["source"] == "builtin:digits" and tuple(spec.input_shape) == (1, 8, 8):
+            self.X = self.X.reshape(len(self.X), 1, 8, 8)  # the images, one channel, for CNNs
         out = self.model.output_shape
         n_outputs = out[0] if len(out) == 1 else None
         check_against_model(self.X, self.y, spec.input_shape, spec.loss, n_outputs)
@@ -60,6 +62,12 @@ class JobRuntime:
         self.total_rounds = spec.rounds or spec.epochs * self.steps_per_epoch
         self._perm = (None, None)
         self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        # BatchNorm: each micro-batch normalises with its own statistics and reports them
+        # (mean, unbiased var) after the gradients; the engine updates the running ones.
+        self.norms = [m for m in self.model.modules() if isinstance(m, nn._BatchNorm)]
+        for m in self.norms:
+            m.defer_running_stats = True
+        self.buffers = dict(self.model.named_buffers())
 
     # ---- the contract ----------------------------------------------------------------------
     def position(self, round_: int) -> tuple[int, int]:
@@ -91,9 +99,25 @@ class JobRuntime:
         except Exception as e:
             e.micro_batch = index  # which one, for the FAULT a worker sends
             raise
-        return [
-            p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params
-        ] + [np.array([loss.item()], np.float64)]
+        grads = [p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params]
+        stats = [s for m in self.norms for s in m.batch_stats]
+        return grads + stats + [np.array([loss.item()], np.float64)]
+
+    def sum_layout(self) -> list[tuple[tuple, np.dtype]]:
+        """(shape, dtype) of each array in a block sum: the gradients in parameter order,
+        each BatchNorm's summed batch mean and unbiased variance, the loss last."""
+        f64 = np.dtype(np.float64)
+        stats = [((m.num_features,), f64) for m in self.norms for _ in range(2)]
+        return [(p.shape, p.dtype) for p in self.params] + stats + [((1,), f64)]
+
+    def update_running_stats(self, total: list[np.ndarray]) -> None:
+        """One momentum step per round of every BatchNorm's running statistics, with the
+        mean over the round's micro-batches of their batch means and unbiased variances
+        (summed by the canonical tree, so the same bits for any number of workers)."""
+        k = len(self.params)
+        for j, m in enumerate(self.norms):
+            mean, var = total[k + 2 * j], total[k + 2 * j + 1]
+            m.update_running_stats(mean / self.n_micro, var / self.n_micro)
 
     def dry_run(self, seconds: float) -> None:
         """Forward + backward of micro-batch 0 of round 0, so what would fail on every
@@ -121,7 +145,13 @@ class JobRuntime:
             p._version[0] += 1
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {n: p.data.copy() for n, p in zip(self.names, self.params, strict=True)}
+        """Parameters and buffers (BatchNorm's running statistics), named and ordered as
+        torch's state_dict of the same torch.nn.Sequential."""
+        return {n: np.array(t.data, copy=True) for n, t in self.model.state_dict().items()}
+
+    def set_buffers(self, arrays: dict) -> None:
+        for n, b in self.buffers.items():
+            np.copyto(b, arrays[n], casting="same_kind")
 
     def load_init(self, job_weights: Callable[[str], dict] | None = None) -> None:
         """Start from the spec's `init` weights, if any: `file:PATH.npz` under the data root,
@@ -154,7 +184,10 @@ class JobRuntime:
             f"unexpected '{n}' (the model has no such tensor)" for n in arrays if n not in own
         ]
         for n, a in arrays.items():
-            if n in own and (a.shape != own[n].shape or a.dtype.kind != "f"):
+            if n not in own:
+                continue
+            kinds = "f" if own[n].dtype.kind == "f" else "iu"  # weights / a step counter
+            if a.shape != own[n].shape or a.dtype.kind not in kinds:
                 problems.append(
                     f"'{n}': {a.dtype}{list(a.shape)} does not fit the model's "
                     f"{own[n].dtype}{list(own[n].shape)}"
@@ -165,6 +198,7 @@ class JobRuntime:
                 "writes them):\n  " + "\n  ".join(problems)
             )
         self.set_weights([arrays[n] for n in self.names])
+        self.set_buffers(arrays)
 
     def make_optimizer(self) -> optim.Optimizer:
         hyper = {k: v for k, v in self.spec.optimizer.items() if k != "type"}

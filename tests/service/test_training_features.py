@@ -76,3 +76,47 @@ def test_init_from_a_done_job_and_fetch_as_safetensors(make_cluster, svc, tmp_pa
     got = load_safetensors(str(out))
     svc.assert_bitwise_equal(got, weights_b, "fetch -o .safetensors")
     assert sorted(got) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+BN_CNN = {
+    "name": "svc-bn-cnn",
+    "model": [
+        {"type": "conv2d", "out": 6, "kernel": 3, "padding": 1},
+        {"type": "batchnorm2d"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2},
+        {"type": "flatten"},
+        {"type": "linear", "out": 16},
+        {"type": "batchnorm1d", "momentum": 0.2},
+        {"type": "relu"},
+        {"type": "linear", "out": 10},
+    ],
+    "input_shape": [1, 8, 8],
+    "loss": "cross_entropy",
+    "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9},
+    "data": {"source": "builtin:digits"},
+    "global_batch": 48,
+    "micro_batch": 8,  # 6 micro-batches: a ragged tree, different blocks for 1..4 workers
+    "accumulate_steps": 2,
+    "rounds": 15,
+    "seed": 4,
+    "eval": {"holdout": 0.2},
+    "scheduler": {"type": "exponential", "gamma": 0.95},
+}
+
+
+def test_batchnorm_cnn_bitwise_for_1_to_4_workers(make_cluster, svc):
+    """BatchNorm statistics per micro-batch, running statistics from the canonical tree:
+    weights, running_mean / running_var / num_batches_tracked and the held-out accuracy
+    (evaluated with the running statistics) are bitwise train_local's for 1..4 workers."""
+    ref_state, ref_metrics = svc.local_reference(BN_CNN)
+    assert int(ref_state["1.num_batches_tracked"]) == BN_CNN["rounds"]
+    cluster = make_cluster(workers=1)
+    with cluster.client(timeout=10) as c:
+        for n in (1, 2, 3, 4):
+            svc.grow_to(cluster, n)
+            job, status, weights = svc.run_job(c, BN_CNN, timeout=90)
+            what = f"BatchNorm CNN on {n} worker(s)"
+            svc.assert_bitwise_equal(weights, ref_state, what)
+            assert status["eval"]["accuracy"] == ref_metrics[-1]["accuracy"], what
+            assert {m["workers"] for m in c.metrics(job)} == {n}, what
