@@ -72,7 +72,7 @@ class JobSpec:
     verify: float = 0.05  # fraction of blocks a second worker recomputes and compares
     scheduler: tuple[dict, ...] = ()  # lr schedulers run one after another (defaults filled)
     clip_grad_norm: float | None = None  # max global gradient norm (torch's clip_grad_norm_)
-    init: str | None = None  # "file:PATH.npz" or "job:ID": the weights to start from
+    init: str | None = None  # "file:PATH.npz|.safetensors" or "job:ID": weights to start from
 
     @property
     def n_micro_batches(self) -> int:
@@ -370,11 +370,17 @@ def _scheduler_arg(c: _Checker, key: str, kind: str, v: Any) -> Any:
 
 def _check_init(c: _Checker, value: Any) -> str | None:
     ok = isinstance(value, str) and "\x00" not in value and len(value) <= 1000
-    if ok and value.startswith("file:") and value.endswith(".npz") and len(value) > 9:
+    path = value[len("file:") :] if ok and value.startswith("file:") else ""
+    if path.endswith(".npz") and len(path) > 4 or path.endswith(".safetensors") and len(path) > 12:
         return value
     if ok and value.startswith("job:") and len(value) > 4 and value[4:].isprintable():
         return value
-    c.bad("init", "'file:PATH.npz' (under the data root) or 'job:JOB-ID' (a done job)", value)
+    c.bad(
+        "init",
+        "'file:PATH.npz' or 'file:PATH.safetensors' (under the data root) or 'job:JOB-ID' "
+        "(a done job)",
+        value,
+    )
     return None
 
 

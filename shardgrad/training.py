@@ -154,18 +154,24 @@ class JobRuntime:
             np.copyto(b, arrays[n], casting="same_kind")
 
     def load_init(self, job_weights: Callable[[str], dict] | None = None) -> None:
-        """Start from the spec's `init` weights, if any: `file:PATH.npz` under the data root,
-        or `job:ID` through `job_weights(ID)` (only the coordinator has finished jobs'
-        weights). Raises ValueError naming every name / shape that does not fit."""
+        """Start from the spec's `init` weights, if any: `file:PATH` (.npz or .safetensors)
+        under the data root, or `job:ID` through `job_weights(ID)` (only the coordinator has
+        finished jobs' weights). Raises ValueError naming every name / shape that does not
+        fit."""
         init = self.spec.init
         if init is None:
             return
         if init.startswith("file:"):
             path = resolve_data_path(init[len("file:") :], self.data_root)
             try:
-                with np.load(path, allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-            except (OSError, ValueError) as e:
+                if init.endswith(".safetensors"):  # e.g. a torch model's state_dict
+                    from safetensors.numpy import load_file
+
+                    arrays = load_file(path)
+                else:
+                    with np.load(path, allow_pickle=False) as z:
+                        arrays = {k: z[k] for k in z.files}
+            except Exception as e:  # unreadable or malformed: the job's input, not our bug
                 raise ValueError(f"init '{init}': cannot read the weights file: {e}") from None
         elif job_weights is None:
             raise ValueError(

@@ -120,3 +120,21 @@ def _outputs_match(job_spec, tmp_path):
 @pytest.mark.oracle
 def test_to_torch_mlp_outputs_equal_shardgrads(tmp_path):
     _outputs_match(spec(eval={"holdout": 0.2}), tmp_path)
+
+
+@pytest.mark.oracle
+def test_init_from_a_torch_state_dict_in_safetensors(tmp_path):
+    """A PyTorch user's weights (torch.nn.Sequential of the same layer list, saved with
+    safetensors) are a job's starting point."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    module = to_torch(spec(), JobRuntime(spec()).state_dict())
+    for p in module.parameters():
+        torch.nn.init.normal_(p)
+    save_file(module.state_dict(), str(tmp_path / "torch.safetensors"))
+    rt = JobRuntime(spec(init="file:torch.safetensors"), str(tmp_path))
+    rt.load_init()
+    for name, t in module.state_dict().items():
+        assert np.array_equal(rt.state_dict()[name], t.numpy()), name

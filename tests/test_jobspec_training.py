@@ -91,7 +91,8 @@ T_max = 900
         ({"scheduler": "cosine"}, "scheduler: expected a table [scheduler] or an array"),
         ({"clip_grad_norm": 0}, "clip_grad_norm: expected a number > 0"),
         ({"clip_grad_norm": True}, "clip_grad_norm: expected a number > 0"),
-        ({"init": "weights.npz"}, "init: expected 'file:PATH.npz'"),
+        ({"init": "weights.npz"}, "init: expected 'file:PATH.npz' or 'file:PATH.safetensors'"),
+        ({"init": "file:w.pt"}, "init: expected"),
         ({"init": "job:"}, "init: expected"),
     ],
 )  # fmt: skip

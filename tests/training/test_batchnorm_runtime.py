@@ -2,7 +2,6 @@
 statistics), checkpoints that carry the running statistics, the example BatchNorm CNN
 reaching >= 97 % held-out accuracy, and its export to torch."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -107,4 +106,25 @@ def test_to_torch_bn_cnn_outputs_equal_shardgrads():
         theirs = to_torch(spec, state)(torch.from_numpy(X)).numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (theirs.argmax(1) == ours.argmax(1)).mean() > 0.99
-    assert copy.deepcopy(state)  # plain arrays
+
+
+def test_grads_without_the_statistics_are_refused():
+    """The coordinator's check of a GRADS follows the runtime's layout: a worker that sends
+    gradients but not the BatchNorm statistics (or the wrong dtype) is a bad message."""
+    from types import SimpleNamespace
+
+    from shardgrad.coordinator.workers import check_grads
+    from shardgrad.wire import ProtocolError
+
+    rt = JobRuntime(example())
+    total = rt.block_grad(0, 0, 2)
+    names = [str(i) for i in range(len(total) - 1)] + ["loss"]
+    good = dict(zip(names, total, strict=True))
+    assert len(check_grads(SimpleNamespace(arrays=good), rt.sum_layout())) == len(total)
+    k = len(rt.params)
+    missing = {n: a for n, a in good.items() if n != str(k)}
+    with pytest.raises(ProtocolError, match=f"GRADS array '{k}': expected float64"):
+        check_grads(SimpleNamespace(arrays=missing), rt.sum_layout())
+    wrong = {**good, str(k): good[str(k)].astype(np.float32)}
+    with pytest.raises(ProtocolError, match="got float32"):
+        check_grads(SimpleNamespace(arrays=wrong), rt.sum_layout())
