@@ -1,6 +1,7 @@
-"""A coordinator killed (kill -9) in the middle of a job with an lr schedule and gradient
-clipping resumes from its checkpoint on the same schedule: the final weights are bitwise
-those of train_local, and the lr of every step after the restart is torch's schedule's."""
+"""A coordinator killed (kill -9) in the middle of a job with an lr schedule, gradient
+clipping and BatchNorm resumes from its checkpoint on the same schedule: the final weights
+(and running statistics) are bitwise those of train_local, and the lr of every step after
+the restart is the schedule's."""
 
 import time
 
@@ -21,7 +22,16 @@ SCHEDULE = [
 
 def test_kill9_coordinator_resumes_on_the_same_schedule(make_cluster):
     # 40 rounds, accumulate_steps=2: 20 optimizer steps, the last cosine ones after the kill
-    job_spec = spec(rounds=40, checkpoint_every=4, scheduler=SCHEDULE, clip_grad_norm=1.0)
+    model = [
+        {"type": "linear", "out": 32},
+        {"type": "batchnorm1d"},  # its running statistics are in the checkpoint too
+        {"type": "relu"},
+        {"type": "dropout", "p": 0.1},
+        {"type": "linear", "out": 10},
+    ]
+    job_spec = spec(
+        rounds=40, checkpoint_every=4, scheduler=SCHEDULE, clip_grad_norm=1.0, model=model
+    )
     cl = make_cluster(2).start()
     with cl.client() as c:
         job = c.submit(job_spec.to_dict())
