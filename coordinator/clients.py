@@ -52,6 +52,11 @@ class ClientHandler:
             job_spec = parse_spec(spec, files=False)
         except SpecError as e:
             raise wire.Refused(f"invalid job spec:\n{e}") from None
+        if job_spec.init and job_spec.init.startswith("job:"):
+            # starting from a job's weights reveals them: only who may fetch them may
+            row = self.store.job(job_spec.init[len("job:") :])
+            if row is not None:
+                self.service.authorize(msg, row, "fetch")
         try:
             rt = self.service.prepare(job_spec)  # data, labels and micro-batch 0 checked now
         except (ValueError, OSError) as e:  # DataError, DryRunError, unreadable file

@@ -73,6 +73,7 @@ class ActiveJob:
     round_times: list = field(default_factory=list)
     state: str = "running"
     gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
+    layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
 
     @property
     def rt(self) -> JobRuntime:
@@ -239,7 +240,7 @@ class Coordinator:
         if block is None:
             return
         if msg.type == wire.GRADS:
-            arrays = check_grads(msg, self.job.rt.params)
+            arrays = check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
         known = self.members.workers.get(wid)
@@ -361,8 +362,20 @@ class Coordinator:
         """Build a submitted job and dry-run its micro-batch 0, so what can fail at submit
         fails there. Raises SpecError / ValueError / OSError with the reason."""
         rt = JobRuntime(spec, self.data_root)
+        rt.load_init(self.job_weights)
         rt.dry_run(self.cfg.dry_run_seconds)
         return rt
+
+    def job_weights(self, job_id) -> dict:
+        """A done job's final weights, for a spec's `init = "job:ID"`."""
+        row = self.store.job(job_id)
+        if row is None or row["state"] != "done":
+            state = "no such job" if row is None else f"it is {row['state']}"
+            raise ValueError(f"init 'job:{job_id}': {state}; it must name a done job")
+        loaded = self.store.load_result(job_id)
+        if loaded is None:
+            raise ValueError(f"init 'job:{job_id}': its weights file is missing")
+        return loaded[0]
 
     def status(self) -> dict:
         return {"workers": self.members.table(), "counters": dict(self.counters)}
@@ -390,13 +403,15 @@ class Coordinator:
             return  # FIFO: the head of the queue waits for its workers
         try:
             spec = parse_spec(row["spec"], files=False)
-            rt = self.client_handler.prepared.pop(row["id"], None) or JobRuntime(
-                spec, self.data_root
-            )
+            rt = self.client_handler.prepared.pop(row["id"], None)
+            if rt is None:  # queued before a restart
+                rt = JobRuntime(spec, self.data_root)
+                rt.load_init(self.job_weights)  # a checkpoint, if any, overrides it below
         except (SpecError, ValueError, OSError) as e:
             self.store.update(row["id"], state="failed", error=f"could not start: {e}")
             return
         job = ActiveJob(row["id"], RoundEngine(rt), rt.spec.to_dict(), Verifier(spec.verify))
+        job.layout = rt.sum_layout()
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
             arrays, meta = ckpt

@@ -5,11 +5,12 @@ import numpy as np
 from .. import wire
 
 
-def check_grads(msg, params) -> list[np.ndarray]:
-    """The GRADS arrays in parameter order (loss last), each checked against the model's
-    shape and dtype; ProtocolError naming the first that does not fit."""
-    want = [(p.shape, p.dtype) for p in params] + [((1,), np.dtype(np.float64))]
-    names = [str(i) for i in range(len(params))] + ["loss"]
+def check_grads(msg, layout) -> list[np.ndarray]:
+    """The GRADS arrays (gradients in parameter order, BatchNorm statistics, loss last),
+    each checked against `layout` = JobRuntime.sum_layout(): [(shape, dtype)]; ProtocolError
+    naming the first that does not fit."""
+    want = list(layout)
+    names = [str(i) for i in range(len(want) - 1)] + ["loss"]
     arrays = []
     for name, (shape, dtype) in zip(names, want, strict=True):
         a = msg.arrays.get(name)

@@ -204,10 +204,37 @@ def stack(tensors, dim=0):
     return apply(OPS["stack"], *tensors, dim=dim)
 
 
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}  # torch: numpy
+
+
 def pad(x, pad, mode="constant", value=0.0):
-    if mode != "constant":
-        raise NotImplementedError(f"pad: only mode='constant' is supported, got {mode!r}")
-    return apply(OPS["pad"], x, pad=tuple(pad), value=value)
+    if mode == "constant":
+        return apply(OPS["pad"], x, pad=tuple(pad), value=value)
+    if mode not in _PAD_MODES:
+        raise ValueError(
+            f"pad: mode must be 'constant', 'reflect', 'replicate' or 'circular', got {mode!r}"
+        )
+    pad = tuple(pad)
+    if len(pad) % 2 or len(pad) // 2 > x.ndim or any(type(p) is not int or p < 0 for p in pad):
+        raise ValueError(
+            f"pad: expected pairs of integers >= 0 for at most {x.ndim} dims, got {pad}"
+        )
+    # One gather per padded dim (numpy's pad of the index range gives torch's indices); its
+    # backward is the scatter-add of getitem, so edge gradients are summed as in torch.
+    for k in range(len(pad) // 2):
+        dim, (lo, hi) = x.ndim - 1 - k, pad[2 * k : 2 * k + 2]
+        n = x.shape[dim]
+        if (mode == "reflect" and (lo >= n or hi >= n)) or (
+            mode == "circular" and (lo > n or hi > n)
+        ):
+            raise ValueError(
+                f"pad: {mode} padding ({lo}, {hi}) must be smaller than dimension {dim} "
+                f"of size {n}" + (" (or equal, for circular)" if mode == "circular" else "")
+            )
+        if lo or hi:
+            idx = np.pad(np.arange(n), (lo, hi), mode=_PAD_MODES[mode])
+            x = x[(slice(None),) * dim + (idx,)]
+    return x
 
 
 def clone(x):
@@ -289,14 +316,25 @@ def _conv2d_stacked(x, weight, bias, stride, padding):
     return permute(reshape(out, k, n, oh, ow, o), 0, 1, 4, 2, 3)
 
 
+def _check_pool_padding(kernel_size, padding, name):
+    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
+    if ph > kh // 2 or pw > kw // 2 or ph < 0 or pw < 0:
+        raise ValueError(f"{name}: padding {padding} must be >= 0 and at most half the kernel")
+    return ph, pw
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    if padding:
-        raise NotImplementedError("max_pool2d: padding is not supported")
+    ph, pw = _check_pool_padding(kernel_size, padding, "max_pool2d")
+    if ph or pw:  # -inf never wins a window (torch's rule keeps a real value in each)
+        if x.ndim != 4:
+            raise ValueError(f"max_pool2d: expected input of shape (N, C, H, W), got {x.shape}")
+        x = pad(x, (pw, pw, ph, ph), value=float("-inf"))
     w = _windows(x, kernel_size, stride or kernel_size, 0, "max_pool2d")
     return max(reshape(w, *w.shape[:4], -1), dim=-1).values
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    _check_pool_padding(kernel_size, padding, "avg_pool2d")
     w = _windows(x, kernel_size, stride or kernel_size, padding, "avg_pool2d")
     return mean(w, dim=(-2, -1))
 
@@ -329,6 +367,52 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if weight is not None:
         out = out * weight
     return out if bias is None else out + bias
+
+
+def _bn_axes(x):
+    return (0, *range(2, x.ndim)), (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5):
+    """Training-mode batch norm: (output, batch mean, unbiased batch variance); the two
+    statistics as float64 arrays (C,), what torch's CPU kernel updates running stats with."""
+    dims, shape = _bn_axes(x)
+    n = x.data.size // x.shape[1]
+    if n < 2:
+        raise ValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input "
+            f"of shape {tuple(x.shape)} (use a micro_batch > 1)"
+        )
+    d = x - sum(x, dims, keepdim=True) * (1.0 / n)
+    var = sum(d * d, dims, keepdim=True) * (1.0 / n)  # biased: what normalises
+    out = d / sqrt(var + eps)
+    if weight is not None:
+        out = out * reshape(weight, shape)
+    if bias is not None:
+        out = out + reshape(bias, shape)
+    mean64 = x.data.mean(axis=dims, dtype=np.float64)
+    dev = x.data - mean64.reshape(shape)
+    return out, mean64, (dev * dev).sum(axis=dims) / (n - 1)
+
+
+def batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """torch.nn.functional.batch_norm: in training the running statistics (if given) are
+    updated in place with `momentum`; otherwise they normalise."""
+    if training:
+        out, mean, var = batch_norm_train(x, weight, bias, eps)
+        if running_mean is not None:
+            running_mean[...] = momentum * mean + (1 - momentum) * running_mean.astype(np.float64)
+            running_var[...] = momentum * var + (1 - momentum) * running_var.astype(np.float64)
+        return out
+    _, shape = _bn_axes(x)
+    rm = Tensor._wrap(np.asarray(running_mean, x.dtype).reshape(shape))
+    rv = Tensor._wrap(np.asarray(running_var, x.dtype).reshape(shape))
+    out = (x - rm) / sqrt(rv + eps)
+    if weight is not None:
+        out = out * reshape(weight, shape)
+    return out if bias is None else out + reshape(bias, shape)
 
 
 def embedding(indices, weight):

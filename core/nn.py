@@ -112,6 +112,24 @@ class Module:
     def parameters(self):
         return (p for _, p in self.named_parameters())
 
+    _buffer_names: tuple = ()  # non-trainable state a subclass keeps as arrays (BatchNorm)
+
+    def named_buffers(self, prefix=""):
+        for name in self._buffer_names:
+            yield prefix + name, getattr(self, name)
+        for mname, m in self._modules.items():
+            yield from m.named_buffers(prefix + mname + ".")
+
+    def _named_state(self, prefix=""):
+        """Parameters and buffers in torch's state_dict order: a module's own parameters,
+        then its own buffers, then each child's."""
+        for name, p in self._parameters.items():
+            yield prefix + name, p
+        for name in self._buffer_names:
+            yield prefix + name, getattr(self, name)
+        for mname, m in self._modules.items():
+            yield from m._named_state(prefix + mname + ".")
+
     def children(self):
         return iter(self._modules.values())
 
@@ -121,10 +139,13 @@ class Module:
             yield from m.modules()
 
     def state_dict(self):
-        return OrderedDict((n, p.detach()) for n, p in self.named_parameters())
+        return OrderedDict(
+            (n, v.detach() if isinstance(v, Tensor) else Tensor._wrap(v))
+            for n, v in self._named_state()
+        )
 
     def load_state_dict(self, state, strict=True):
-        own = dict(self.named_parameters())
+        own = dict(self._named_state())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
@@ -141,8 +162,11 @@ class Module:
                     f"size mismatch for {name}: copying a param with shape {tuple(value.shape)}, "
                     f"the shape in the current model is {tuple(p.shape)}"
                 )
-            p.data[...] = value
-            p._version[0] += 1
+            if isinstance(p, Tensor):
+                p.data[...] = value
+                p._version[0] += 1
+            else:  # a buffer
+                p[...] = value
 
     def train(self, mode=True):
         for m in self.modules():
@@ -264,12 +288,12 @@ class Flatten(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def stacked(self, x, stack):  # windows never cross images: pool all k*m images at once
         out = self.forward(F.reshape(x, -1, *x.shape[2:]))
@@ -278,7 +302,7 @@ class MaxPool2d(Module):
 
 class AvgPool2d(MaxPool2d):
     def forward(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     stacked = MaxPool2d.stacked  # it pools through self.forward
 
@@ -324,6 +348,69 @@ class LayerNorm(Module):
         lead = (stack.k,) + (1,) * (x.ndim - 1 - len(self.normalized_shape))
         w = F.reshape(stack(self.weight), *lead, *self.normalized_shape)
         return out * w + F.reshape(stack(self.bias), *lead, *self.normalized_shape)
+
+
+class _BatchNorm(Module):
+    """BatchNorm with torch's semantics: in training, normalise with the batch's mean and
+    biased variance and update running_mean / running_var (unbiased) with `momentum`; in
+    eval, normalise with the running statistics.
+
+    `defer_running_stats = True` (set by the job runtime) leaves the running statistics
+    alone and only records the batch's (mean, unbiased var) in `batch_stats`: the round
+    engine combines those of all micro-batches and calls `update_running_stats` once."""
+
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+    _ndims: tuple = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(np.ones(num_features, np.float32)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, np.float32)) if affine else None
+        self.running_mean = np.zeros(num_features, np.float32)
+        self.running_var = np.ones(num_features, np.float32)
+        self.num_batches_tracked = np.zeros((), np.int64)
+        self.defer_running_stats = False
+        self.batch_stats = None
+
+    def forward(self, x):
+        name = type(self).__name__.lower()
+        if x.ndim not in self._ndims or x.shape[1] != self.num_features:
+            want = " or ".join(f"{n}-d" for n in self._ndims)
+            raise ValueError(
+                f"{name}: expected {want} input with {self.num_features} channels in dim 1, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                self.eps,
+            )  # fmt: skip
+        out, mean, var = F.batch_norm_train(x, self.weight, self.bias, self.eps)
+        self.batch_stats = (mean, var)
+        if not self.defer_running_stats:
+            self.update_running_stats(mean, var)
+        return out
+
+    def update_running_stats(self, mean, var):
+        """running = momentum * batch + (1 - momentum) * running, in float64 as torch's CPU
+        kernel computes it; `var` is the unbiased batch variance."""
+        m = self.momentum
+        rm, rv = self.running_mean, self.running_var
+        rm[...] = m * mean + (1 - m) * rm.astype(np.float64)
+        rv[...] = m * var + (1 - m) * rv.astype(np.float64)
+        self.num_batches_tracked += 1
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    _ndims = (4,)
 
 
 class Embedding(Module):
@@ -445,8 +532,10 @@ def _conv_shape(shape, a):
 
 def _pool_shape(shape, a):
     _image(shape)
-    k, s = a["kernel"], a["stride"] or a["kernel"]
-    out = (shape[0],) + tuple((n - k) // s + 1 for n in shape[1:])
+    k, s, p = a["kernel"], a["stride"] or a["kernel"], a["padding"]
+    if p > k // 2:
+        raise ValueError(f"padding {p} must be at most half the kernel {k} (as in torch)")
+    out = (shape[0],) + tuple((n + 2 * p - k) // s + 1 for n in shape[1:])
     if min(out) < 1:
         raise ValueError(f"kernel {k} does not fit input {shape}")
     return out, 0
@@ -460,7 +549,16 @@ def _plain(cls, *keys):
     return LayerType({}, {}, _same_shape, lambda shape, a, rng: cls(*(a[k] for k in keys)))
 
 
-_POOL_KEYS = {"kernel": POS, "stride": POS}
+_POOL_KEYS = {"kernel": POS, "stride": POS, "padding": NONNEG}
+_BN_KEYS, _BN_DEFAULTS = {"eps": EPS, "momentum": PROB}, {"eps": 1e-5, "momentum": 0.1}
+
+
+def _bn_shape(shape, ndims, what):
+    if len(shape) not in ndims:
+        raise ValueError(f"expects input {what}, got shape {shape}")
+    return shape, 2 * shape[0]
+
+
 LAYERS = {
     "linear": LayerType(
         {"out": POS, "bias": BOOL},
@@ -478,15 +576,15 @@ LAYERS = {
     ),
     "maxpool2d": LayerType(
         _POOL_KEYS,
-        {"stride": None},
+        {"stride": None, "padding": 0},
         _pool_shape,
-        lambda shape, a, rng: MaxPool2d(a["kernel"], a["stride"] or a["kernel"]),
+        lambda shape, a, rng: MaxPool2d(a["kernel"], a["stride"] or a["kernel"], a["padding"]),
     ),
     "avgpool2d": LayerType(
         _POOL_KEYS,
-        {"stride": None},
+        {"stride": None, "padding": 0},
         _pool_shape,
-        lambda shape, a, rng: AvgPool2d(a["kernel"], a["stride"] or a["kernel"]),
+        lambda shape, a, rng: AvgPool2d(a["kernel"], a["stride"] or a["kernel"], a["padding"]),
     ),
     "flatten": LayerType(
         {}, {}, lambda shape, a: ((math.prod(shape),), 0), lambda shape, a, rng: Flatten()
@@ -503,6 +601,18 @@ LAYERS = {
         {"eps": 1e-5},
         lambda shape, a: (shape, 2 * shape[-1]),
         lambda shape, a, rng: LayerNorm(shape[-1], a["eps"]),
+    ),
+    "batchnorm1d": LayerType(
+        _BN_KEYS,
+        _BN_DEFAULTS,
+        lambda shape, a: _bn_shape(shape, (1, 2), "(channels,) or (channels, length)"),
+        lambda shape, a, rng: BatchNorm1d(shape[0], a["eps"], a["momentum"]),
+    ),
+    "batchnorm2d": LayerType(
+        _BN_KEYS,
+        _BN_DEFAULTS,
+        lambda shape, a: _bn_shape(shape, (3,), "(channels, height, width)"),
+        lambda shape, a, rng: BatchNorm2d(shape[0], a["eps"], a["momentum"]),
     ),
     "embedding": LayerType(
         {"num": POS, "dim": POS},

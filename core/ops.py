@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from . import special
+
 OPS: dict[str, "Op"] = {}
 
 
@@ -155,11 +157,8 @@ def _onehot(target, like):
     return out
 
 
-_erf_scalar = np.vectorize(math.erf, otypes=[np.float64])
-
-
 def _erf(x):
-    return _erf_scalar(x).astype(x.dtype, copy=False)
+    return special.erf(x).astype(x.dtype, copy=False)
 
 
 def _mask(cond, dtype):

@@ -2,6 +2,7 @@
 
     shardgrad coordinator | worker | cluster up --workers N
     shardgrad submit SPEC | status [JOB] | watch JOB | cancel JOB | fetch JOB -o model.npz
+    (or -o model.safetensors: the format PyTorch and Hugging Face load)
     shardgrad train SPEC --local | demo | keys generate DIR
 
 Addresses come from flags or the environment (ready for docker-compose):
@@ -143,6 +144,12 @@ def cmd_fetch(a):
 
     with _client(a) as c:
         state = c.fetch(a.job)
+    if a.output.endswith(".safetensors"):  # names are torch.nn.Sequential's already
+        from .export import to_safetensors
+
+        to_safetensors(None, state, a.output)
+        print(f"wrote {len(state)} tensors to {a.output}")
+        return
     # np.savez appends ".npz" to a name without it: report the file that really exists.
     path = a.output if a.output.endswith(".npz") else a.output + ".npz"
     np.savez(path, **state)
@@ -161,8 +168,15 @@ def cmd_train(a):
         spec = parse_spec(a.spec)
     except (SpecError, OSError) as e:
         sys.exit(f"shardgrad train: {a.spec}: invalid job spec:\n{e}")
-    state, metrics = train_local(spec, a.data_root)
-    if a.output:
+    try:
+        state, metrics = train_local(spec, a.data_root)
+    except ValueError as e:  # data, init weights: the reason names the fix
+        sys.exit(f"shardgrad train: {a.spec}: {e}")
+    if a.output and a.output.endswith(".safetensors"):
+        from .export import to_safetensors
+
+        to_safetensors(spec, state, a.output)
+    elif a.output:
         np.savez(a.output, **state)
     last = metrics[-1]
     print(
@@ -303,14 +317,16 @@ def parser():
         s.set_defaults(fn=fn)
     sub.choices["submit"].add_argument("--wait", action="store_true", help="watch it to the end")
     sub.choices["train"].add_argument("--local", action="store_true", help="no cluster, no sockets")
-    sub.choices["train"].add_argument("-o", "--output", help="write the final weights (.npz)")
+    sub.choices["train"].add_argument(
+        "-o", "--output", help="write the final weights (.npz, or .safetensors for PyTorch)"
+    )
     sub.choices["train"].add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
 
     for name, fn, helptext in (
         ("status", cmd_status, "workers and jobs"),
         ("watch", cmd_watch, "a progress bar until the job ends"),
         ("cancel", cmd_cancel, "cancel a job"),
-        ("fetch", cmd_fetch, "a done job's weights (.npz)"),
+        ("fetch", cmd_fetch, "a done job's weights (.npz or .safetensors)"),
     ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("job", nargs="?" if name == "status" else None)

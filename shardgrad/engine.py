@@ -23,6 +23,7 @@ class RoundEngine:
     def __init__(self, rt):  # a training.JobRuntime
         self.rt = rt
         self.opt = rt.make_optimizer()
+        self.sched = rt.make_scheduler(self.opt)  # None without a `scheduler` in the spec
         self.next_round = 0
         self.acc: list | None = None  # summed gradients of the open accumulation group
         self.metrics: list[dict] = []
@@ -35,11 +36,16 @@ class RoundEngine:
         """Account round `next_round` (its canonical gradient sum, loss last); the new row."""
         rt, r = self.rt, self.next_round
         self.acc = total if self.acc is None else add_arrays(self.acc, total)
+        if rt.norms:
+            rt.update_running_stats(total)  # BatchNorm: once per round, from its micro-batches
         row = {"round": r, "epoch": rt.position(r)[0]}
         row["round_loss"] = float(total[-1][0]) / rt.global_batch
         t0 = time.perf_counter()
         if rt.group_end(r):
-            row["loss"] = rt.apply_step(self.opt, self.acc, rt.group_samples(r))
+            row["lr"] = self.opt.param_groups[0]["lr"]  # the one this step uses
+            row["loss"] = rt.apply_step(self.opt, self.acc, rt.group_samples(r), row)
+            if self.sched is not None:
+                self.sched.step()  # once per optimizer step, after it (as in torch)
             self.acc = None
         row["step_s"] = time.perf_counter() - t0
         self.next_round = r + 1
@@ -78,7 +84,12 @@ class RoundEngine:
                     scalars[f"{i}.{k}"] = v
         for i, a in enumerate(self.acc or []):
             arrays[f"acc{i}"] = own(a)
+        for name, b in self.rt.buffers.items():
+            arrays[f"buf.{name}"] = np.array(b, copy=True)
         meta = {"round": self.next_round, "opt_scalars": scalars, "metrics": list(self.metrics)}
+        if self.sched is not None:  # JSON floats round-trip exactly (repr)
+            meta["sched"] = self.sched.state_dict()
+            meta["lr"] = self.opt.param_groups[0]["lr"]
         return arrays, meta
 
     def restore(self, arrays: dict, meta: dict) -> None:
@@ -95,7 +106,12 @@ class RoundEngine:
             state.setdefault(int(i), {})[k] = v
         groups = self.opt.state_dict()["param_groups"]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
-        acc = [np.array(arrays[k]) for i in range(len(rt.params) + 1) if (k := f"acc{i}") in arrays]
+        if self.sched is not None:
+            self.sched.load_state_dict(meta["sched"])
+            self.opt.param_groups[0]["lr"] = meta["lr"]
+        rt.set_buffers({name: arrays[f"buf.{name}"] for name in rt.buffers})
+        n = len(rt.sum_layout())
+        acc = [np.array(arrays[k]) for i in range(n) if (k := f"acc{i}") in arrays]
         self.acc = acc or None
         self.next_round = meta["round"]
         self.metrics = [row for row in meta["metrics"] if row["round"] < self.next_round]

@@ -19,7 +19,7 @@ from typing import Any
 
 from .core.nn import BOOL, EPS, LAYERS, NONNEG, POS, PROB, plan
 from .datasets import SYNTHETIC_DEFAULTS
-from .registry import CLASSIFICATION_LOSSES, LOSSES, METRICS, OPTIMIZERS
+from .registry import CLASSIFICATION_LOSSES, LOSSES, METRICS, OPTIMIZERS, SCHEDULERS
 
 MiB = 1 << 20
 MAX_INT = 2**63 - 1  # everything must fit a msgpack int64 and numpy seeds
@@ -28,7 +28,7 @@ SOURCES = ("builtin:digits", "builtin:synthetic", "file:PATH.npz")
 SYNTHETIC = SYNTHETIC_DEFAULTS  # the parameters of builtin:synthetic and their defaults
 TOP_KEYS = (
     "name model input_shape loss optimizer data global_batch micro_batch accumulate_steps "
-    "epochs rounds seed min_workers checkpoint_every eval verify"
+    "epochs rounds seed min_workers checkpoint_every eval verify scheduler clip_grad_norm init"
 ).split()
 
 
@@ -70,6 +70,9 @@ class JobSpec:
     checkpoint_every: int = 10
     eval: dict | None = None  # holdout, metric
     verify: float = 0.05  # fraction of blocks a second worker recomputes and compares
+    scheduler: tuple[dict, ...] = ()  # lr schedulers run one after another (defaults filled)
+    clip_grad_norm: float | None = None  # max global gradient norm (torch's clip_grad_norm_)
+    init: str | None = None  # "file:PATH.npz|.safetensors" or "job:ID": weights to start from
 
     @property
     def n_micro_batches(self) -> int:
@@ -97,6 +100,13 @@ class JobSpec:
             "verify": self.verify,
         }
         d["epochs" if self.epochs is not None else "rounds"] = self.epochs or self.rounds
+        # the optional training features only when set, so older specs keep their dicts
+        if self.scheduler:
+            d["scheduler"] = copy.deepcopy(list(self.scheduler))
+        if self.clip_grad_norm is not None:
+            d["clip_grad_norm"] = self.clip_grad_norm
+        if self.init is not None:
+            d["init"] = self.init
         return d
 
     @classmethod
@@ -299,6 +309,81 @@ def _is_beta(b: Any) -> bool:
     return isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
 
 
+def _check_scheduler(c: _Checker, value: Any) -> tuple[dict, ...]:
+    """`scheduler`: one table, or an array of tables run one after another (each but the
+    last with `steps`, its length in optimizer steps). Defaults filled in."""
+    tables = [value] if isinstance(value, dict) else value
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        c.bad("scheduler", "a table [scheduler] or an array of tables [[scheduler]]", value)
+        return ()
+    out = []
+    for i, t in enumerate(tables):
+        where = "scheduler" if isinstance(value, dict) else f"scheduler[{i}]"
+        stype = c.choice(f"{where}.type", t.get("type"), tuple(SCHEDULERS))
+        if stype is None:
+            continue
+        args = SCHEDULERS[stype][1]
+        last = i == len(tables) - 1
+        c.unknown(t, {"type", *args, *(() if last else ("steps",))}, f"{where}.")
+        if last and "steps" in t:
+            c.problems.append(
+                f"{where}.steps: the last scheduler runs to the end of the job; remove 'steps'"
+            )
+        row = {"type": stype}
+        if not last:
+            if "steps" not in t:
+                c.problems.append(
+                    f"{where}.steps: missing (every scheduler but the last needs its length "
+                    "in optimizer steps, an integer >= 1)"
+                )
+            else:
+                row["steps"] = c.int_(f"{where}.steps", t["steps"])
+        for key, (kind, default) in args.items():
+            if key not in t:
+                if default is None:
+                    c.problems.append(f"{where}.{key}: missing (required for '{stype}')")
+                row[key] = default
+                continue
+            row[key] = _scheduler_arg(c, f"{where}.{key}", kind, t[key])
+        out.append(row)
+    return tuple(out)
+
+
+def _scheduler_arg(c: _Checker, key: str, kind: str, v: Any) -> Any:
+    if kind == "count":
+        return c.int_(key, v)
+    if kind == "milestones":
+        ok = isinstance(v, list) and v and all(type(m) is int and m >= 1 for m in v)
+        if not (ok and all(a < b for a, b in zip(v, v[1:], strict=False))):
+            c.bad(key, "a list of increasing integers >= 1, like [30, 80]", v)
+            return None
+        return list(v)
+    bounds = {
+        "positive": (0.0, None, True, True, "a number > 0"),
+        "nonneg": (0.0, None, False, True, "a number >= 0"),
+        "factor": (0.0, 1.0, True, False, "a number in (0, 1]"),
+        "fraction": (0.0, 1.0, False, False, "a number in [0, 1]"),
+    }[kind]
+    lo, hi, lo_open, hi_open, what = bounds
+    return c.float_(key, v, lo, hi, lo_open=lo_open, hi_open=hi_open, what=what)
+
+
+def _check_init(c: _Checker, value: Any) -> str | None:
+    ok = isinstance(value, str) and "\x00" not in value and len(value) <= 1000
+    path = value[len("file:") :] if ok and value.startswith("file:") else ""
+    if path.endswith(".npz") and len(path) > 4 or path.endswith(".safetensors") and len(path) > 12:
+        return value
+    if ok and value.startswith("job:") and len(value) > 4 and value[4:].isprintable():
+        return value
+    c.bad(
+        "init",
+        "'file:PATH.npz' or 'file:PATH.safetensors' (under the data root) or 'job:JOB-ID' "
+        "(a done job)",
+        value,
+    )
+    return None
+
+
 def _check_data(c: _Checker, data: dict, limits: SpecLimits) -> dict:
     source = data.get("source")
     if not isinstance(source, str) or not (
@@ -414,6 +499,13 @@ def parse_spec(
     if loss and task and (task == "classification") != (loss in CLASSIFICATION_LOSSES):
         c.problems.append(f"loss: '{loss}' does not fit {task} data from '{data['source']}'")
 
+    scheduler = _check_scheduler(c, raw["scheduler"]) if "scheduler" in raw else ()
+    clip = None
+    if "clip_grad_norm" in raw:
+        clip = c.float_("clip_grad_norm", raw["clip_grad_norm"], 0.0, lo_open=True,
+                        what="a number > 0 (the max global gradient norm)")  # fmt: skip
+    init = _check_init(c, raw["init"]) if "init" in raw else None
+
     if "model" in raw:
         _check_model(c, raw, shape if "input_shape" in raw else None, limits)
     if c.problems:
@@ -430,5 +522,8 @@ def parse_spec(
         seed=seed,
         eval=ev_out,
         verify=float(verify),
+        scheduler=scheduler,
+        clip_grad_norm=clip,
+        init=init,
         **ints,
     )

@@ -14,6 +14,7 @@ import numpy as np
 
 from .core import from_numpy, nn, optim
 from .core import functional as F
+from .core.clip import clip_grad_norm_
 from .core.sampling import (
     add_arrays,
     epoch_permutation,
@@ -24,10 +25,10 @@ from .core.sampling import (
     tree_sum,
 )
 from .core.tensor import Tensor, no_grad
-from .datasets import check_against_model, load_dataset
+from .datasets import check_against_model, load_dataset, resolve_data_path
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
-from .registry import LOSSES, METRICS, OPTIMIZERS
+from .registry import LOSSES, METRICS, OPTIMIZERS, make_scheduler
 
 # Micro-batches per stacked forward/backward: at most STACK_MAX (k gradients of the whole
 # model are alive at once), and about STACK_ROWS samples, past which activations leave the
@@ -46,13 +47,15 @@ class JobRuntime:
     that the contract is made of."""
 
     def __init__(self, spec: JobSpec, data_root: str | None = None, verify_data: bool = True):
-        self.spec = spec
+        self.spec, self.data_root = spec, data_root
         self.model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
         named = list(self.model.named_parameters())
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.loss_fn = LOSSES[spec.loss]
         self.X, self.y = load_dataset(spec.data, data_root, verify=verify_data)
+        if spec.data["source"] == "builtin:digits" and tuple(spec.input_shape) == (1, 8, 8):
+            self.X = self.X.reshape(len(self.X), 1, 8, 8)  # the images, one channel, for CNNs
         out = self.model.output_shape
         n_outputs = out[0] if len(out) == 1 else None
         check_against_model(self.X, self.y, spec.input_shape, spec.loss, n_outputs)
@@ -69,6 +72,12 @@ class JobRuntime:
         self.total_rounds = spec.rounds or spec.epochs * self.steps_per_epoch
         self._perm = (None, None)
         self._dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        # BatchNorm: each micro-batch normalises with its own statistics and reports them
+        # (mean, unbiased var) after the gradients; the engine updates the running ones.
+        self.norms = [m for m in self.model.modules() if isinstance(m, nn._BatchNorm)]
+        for m in self.norms:
+            m.defer_running_stats = True
+        self.buffers = dict(self.model.named_buffers())
 
     @property
     def stacked(self) -> bool:
@@ -153,9 +162,25 @@ class JobRuntime:
         except Exception as e:
             e.micro_batch = index  # which one, for the FAULT a worker sends
             raise
-        return [
-            p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params
-        ] + [np.array([loss.item()], np.float64)]
+        grads = [p.grad.data if p.grad is not None else np.zeros_like(p.data) for p in self.params]
+        stats = [s for m in self.norms for s in m.batch_stats]
+        return grads + stats + [np.array([loss.item()], np.float64)]
+
+    def sum_layout(self) -> list[tuple[tuple, np.dtype]]:
+        """(shape, dtype) of each array in a block sum: the gradients in parameter order,
+        each BatchNorm's summed batch mean and unbiased variance, the loss last."""
+        f64 = np.dtype(np.float64)
+        stats = [((m.num_features,), f64) for m in self.norms for _ in range(2)]
+        return [(p.shape, p.dtype) for p in self.params] + stats + [((1,), f64)]
+
+    def update_running_stats(self, total: list[np.ndarray]) -> None:
+        """One momentum step per round of every BatchNorm's running statistics, with the
+        mean over the round's micro-batches of their batch means and unbiased variances
+        (summed by the canonical tree, so the same bits for any number of workers)."""
+        k = len(self.params)
+        for j, m in enumerate(self.norms):
+            mean, var = total[k + 2 * j], total[k + 2 * j + 1]
+            m.update_running_stats(mean / self.n_micro, var / self.n_micro)
 
     def dry_run(self, seconds: float) -> None:
         """Forward + backward of micro-batch 0 of round 0, so what would fail on every
@@ -179,7 +204,66 @@ class JobRuntime:
             p._version[0] += 1
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {n: p.data.copy() for n, p in zip(self.names, self.params, strict=True)}
+        """Parameters and buffers (BatchNorm's running statistics), named and ordered as
+        torch's state_dict of the same torch.nn.Sequential."""
+        return {n: np.array(t.data, copy=True) for n, t in self.model.state_dict().items()}
+
+    def set_buffers(self, arrays: dict) -> None:
+        for n, b in self.buffers.items():
+            np.copyto(b, arrays[n], casting="same_kind")
+
+    def load_init(self, job_weights: Callable[[str], dict] | None = None) -> None:
+        """Start from the spec's `init` weights, if any: `file:PATH` (.npz or .safetensors)
+        under the data root, or `job:ID` through `job_weights(ID)` (only the coordinator has
+        finished jobs' weights). Raises ValueError naming every name / shape that does not
+        fit."""
+        init = self.spec.init
+        if init is None:
+            return
+        if init.startswith("file:"):
+            path = resolve_data_path(init[len("file:") :], self.data_root)
+            try:
+                if init.endswith(".safetensors"):  # e.g. a torch model's state_dict
+                    from safetensors.numpy import load_file
+
+                    arrays = load_file(path)
+                else:
+                    with np.load(path, allow_pickle=False) as z:
+                        arrays = {k: z[k] for k in z.files}
+            except Exception as e:  # unreadable or malformed: the job's input, not our bug
+                raise ValueError(f"init '{init}': cannot read the weights file: {e}") from None
+        elif job_weights is None:
+            raise ValueError(
+                f"init '{init}': a job's weights live on the coordinator; submit the job there, "
+                "or fetch them (shardgrad fetch ID -o w.npz) and use init = 'file:w.npz'"
+            )
+        else:
+            arrays = job_weights(init[len("job:") :])
+        self.load_state(arrays, f"init '{init}'")
+
+    def load_state(self, arrays: dict, what: str) -> None:
+        """Copy a {name: array} state (as `state_dict` gives) into the model, all or nothing."""
+        own = self.state_dict()
+        problems = [f"missing '{n}' {list(a.shape)}" for n, a in own.items() if n not in arrays]
+        problems += [
+            f"unexpected '{n}' (the model has no such tensor)" for n in arrays if n not in own
+        ]
+        for n, a in arrays.items():
+            if n not in own:
+                continue
+            kinds = "f" if own[n].dtype.kind == "f" else "iu"  # weights / a step counter
+            if a.shape != own[n].shape or a.dtype.kind not in kinds:
+                problems.append(
+                    f"'{n}': {a.dtype}{list(a.shape)} does not fit the model's "
+                    f"{own[n].dtype}{list(own[n].shape)}"
+                )
+        if problems:
+            raise ValueError(
+                f"{what} does not fit the model (names and shapes as `shardgrad fetch` "
+                "writes them):\n  " + "\n  ".join(problems)
+            )
+        self.set_weights([arrays[n] for n in self.names])
+        self.set_buffers(arrays)
 
     def make_optimizer(self) -> optim.Optimizer:
         hyper = {k: v for k, v in self.spec.optimizer.items() if k != "type"}
@@ -187,10 +271,20 @@ class JobRuntime:
             hyper["betas"] = tuple(hyper["betas"])
         return OPTIMIZERS[self.spec.optimizer["type"]][0](self.params, **hyper)
 
-    def apply_step(self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int) -> float:
-        """Mean gradient = summed gradient / samples; one optimizer step. Returns mean loss."""
-        for p, g in zip(self.params, total[:-1], strict=True):
+    def make_scheduler(self, opt: optim.Optimizer):
+        return make_scheduler(opt, self.spec.scheduler)
+
+    def apply_step(
+        self, opt: optim.Optimizer, total: list[np.ndarray], n_samples: int, row=None
+    ) -> float:
+        """Mean gradient = summed gradient / samples; clipped if the spec says so; one
+        optimizer step. Returns mean loss (and puts `grad_norm` in `row` when clipping)."""
+        for p, g in zip(self.params, total[: len(self.params)], strict=True):
             p.grad = Tensor._wrap(np.divide(g, n_samples).astype(p.dtype, copy=False))
+        if self.spec.clip_grad_norm is not None:
+            norm = clip_grad_norm_(self.params, self.spec.clip_grad_norm)
+            if row is not None:
+                row["grad_norm"] = norm
         opt.step()
         opt.zero_grad()
         return float(total[-1][0]) / n_samples
@@ -222,7 +316,9 @@ def train_local(
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """The whole job in one process, no sockets: the reference a distributed run must
     equal bit for bit. Returns (final state_dict, per-round metrics)."""
-    engine = run_local(JobRuntime(spec, data_root), on_round)
+    rt = JobRuntime(spec, data_root)
+    rt.load_init()
+    engine = run_local(rt, on_round)
     return engine.rt.state_dict(), engine.metrics
 
 
