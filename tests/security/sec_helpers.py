@@ -2,6 +2,7 @@
 
 import functools
 import os
+import secrets
 import socket
 import threading
 import time
@@ -47,7 +48,10 @@ def dealer(address, security=None, identity=None, monitor=False):
         s.setsockopt(zmq.IDENTITY, identity)
     if security:
         security.apply(s)
-    mon = s.get_monitor_socket() if monitor else None
+    # pyzmq's default monitor address is derived from the socket's fd, which the OS reuses:
+    # a name of our own never collides with a monitor still bound in the shared context
+    addr = f"inproc://monitor-{secrets.token_hex(8)}"
+    mon = s.get_monitor_socket(addr=addr) if monitor else None
     s.connect(address)
     return (s, mon) if monitor else s
 
