@@ -24,21 +24,10 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
+from shardgrad.demo import demo_spec  # noqa: E402
 
-SPEC = {
-    "name": "http-cost",
-    "model": [{"type": "linear", "out": 128}, {"type": "relu"}, {"type": "linear", "out": 10}],
-    "input_shape": [64],
-    "loss": "cross_entropy",
-    "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
-    "data": {"source": "builtin:digits"},
-    "global_batch": 32,
-    "micro_batch": 8,
-    "seed": 3,
-    "min_workers": 1,
-    "checkpoint_every": 1000,
-    "eval": {"holdout": 0.2},
-}
+# The demo's job (its model, batch and optimizer), with checkpoints out of the way.
+SPEC = {**demo_spec().to_dict(), "name": "http-cost", "checkpoint_every": 1000}
 
 
 def _get(url):
