@@ -467,9 +467,11 @@ class Coordinator:
 
     def reissue(self, blocks, live, among=None):
         """Send `blocks` to live workers other than those who already answered for them."""
-        for b in blocks:
-            r = self.job.round
-            self.send_blocks(r.reissue([b], among or live, avoid=set(r.results.get(b, ()))))
+        r, out = self.job.round, {}
+        for b in blocks:  # each block avoids its own answerers; one TASK (one weights copy) each
+            for wid, got in r.reissue([b], among or live, avoid=set(r.results.get(b, ()))).items():
+                out.setdefault(wid, []).extend(got)
+        self.send_blocks(out)
 
     def repair_round(self):
         """Re-issue what dead (or quarantined) workers held; back up stragglers past the

@@ -181,13 +181,19 @@ class Worker:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
             return
+        rt = setup_error = None
+        try:  # once per TASK, not per block: the weights are the same for all of them
+            rt = self.runtime(job, spec)
+            rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
+        except Exception as e:  # job code (model, data): every block reports it
+            setup_error = e
         for lo, hi in blocks:
             self.drain()
             if self.stopping or self.superseded(job, when):
                 return
             try:
-                rt = self.runtime(job, spec)
-                rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
+                if setup_error is not None:
+                    raise setup_error
                 t0 = time.perf_counter()
                 if self.raise_from is not None and rnd >= int(self.raise_from):
                     raise RuntimeError(f"injected fault (SHARDGRAD_FAULT_RAISE={self.raise_from})")
