@@ -67,8 +67,24 @@ class Membership:
 
     def live(self) -> list[str]:
         """Workers that can take work, in a fixed order (assignment never depends on arrival
-        order, though results would not either)."""
-        return sorted(w.id for w in self.workers.values() if w.state in ("alive", "suspect"))
+        order, though results would not either). An aggregator with no live workers behind
+        it cannot."""
+        return sorted(
+            w.id
+            for w in self.workers.values()
+            if w.state in ("alive", "suspect") and self.capacity(w.id)
+        )
+
+    def capacity(self, wid: str) -> int:
+        """How many workers compute behind this member: 1, or an aggregator's count."""
+        return self.workers[wid].info.get("workers", 1)
+
+    def is_aggregator(self, wid: str) -> bool:
+        w = self.workers.get(wid)
+        return w is not None and w.info.get("role") == "aggregator"
+
+    def capacities(self, wids) -> dict[str, int]:
+        return {w: self.capacity(w) for w in wids}
 
     def is_live(self, wid: str) -> bool:
         w = self.workers.get(wid)

@@ -28,6 +28,8 @@ class Round:
         workers: list[str],
         per_worker: int = 2,
         checked=lambda block: False,
+        capacity: dict | None = None,
+        assignment: dict | None = None,
     ):
         self.index, self.n_micro = index, n_micro
         self.started = time.monotonic()
@@ -39,15 +41,32 @@ class Round:
         self.compute_s: dict[str, float] = {}
         # When half the blocks were in: what the healthy workers take, stragglers aside.
         self.half_time: float | None = None
-        self.assignment = assign_blocks(n_micro, workers, per_worker)
-        for wid, blocks in self.assignment.items():
+        self.checks: set[tuple] = set()
+        self.checked = checked
+        self.assignment: dict[str, list] = {}
+        if assignment is None:
+            assignment = assign_blocks(n_micro, workers, per_worker, capacity)
+        self.add(assignment, workers)
+
+    def add(self, assignment: dict, workers: list[str]) -> dict[str, list]:
+        """Take on new blocks (an aggregator's round grows as its upstream sends more);
+        those drawn for checking also go to a second, different worker. Returns what was
+        added, worker -> blocks."""
+        new = []
+        for wid, blocks in assignment.items():
+            self.assignment.setdefault(wid, []).extend(blocks)
             for b in blocks:
                 self.holders.setdefault(b, set()).add(wid)
+                new.append(b)
+        added = {w: list(b) for w, b in assignment.items()}
         # Checked blocks also go to a second, different worker (needs two workers).
-        self.checks = {b for b in self.holders if len(workers) > 1 and checked(b)}
-        for b in sorted(self.checks):
+        checks = sorted(b for b in new if len(workers) > 1 and self.checked(b))
+        self.checks.update(checks)
+        for b in checks:
             for wid, blocks in self.reissue([b], workers, avoid=set(self.holders[b])).items():
-                self.assignment[wid].extend(blocks)
+                self.assignment.setdefault(wid, []).extend(blocks)
+                added.setdefault(wid, []).extend(blocks)
+        return added
 
     @property
     def blocks(self) -> list[tuple]:
@@ -117,7 +136,16 @@ class Round:
 
     def total(self) -> list:
         """Finish the canonical tree from the accepted block sums."""
-        return tree_sum(_never, 0, self.n_micro, known=self.delivered)
+        return self.node_sum(0, self.n_micro)
+
+    def node_sum(self, lo: int, hi: int) -> list:
+        """Node [lo, hi) of the canonical tree from the accepted blocks inside it."""
+        return tree_sum(_never, lo, hi, known=self.delivered)
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """Every block inside [lo, hi) is accepted (an aggregator can send that node)."""
+        inside = [b for b in self.holders if lo <= b[0] < hi]
+        return bool(inside) and all(b in self.delivered for b in inside)
 
     def orphans(self, live: set[str]) -> list[tuple]:
         """Pending blocks that no live worker is still working on."""

@@ -38,7 +38,7 @@ from .membership import Membership
 from .rounds import Round
 from .store import Store
 from .verify import Verifier
-from .workers import check_grads, worker_info
+from .workers import check_grads, sender_of, worker_info
 
 log = logging.getLogger("shardgrad.coordinator")
 
@@ -218,16 +218,13 @@ class Coordinator:
 
     # ---- workers --------------------------------------------------------------------------
     def on_worker(self, msg):
-        wid = wire.field_of(msg, "worker", str)
-        # The id a worker claims must be the identity of the connection it speaks on (its
-        # heartbeat socket's is id + "#hb"): nobody can speak for another worker.
-        expected = f"{wid}#hb" if msg.type == wire.HEARTBEAT else wid
-        if not msg.envelope or msg.envelope[0] != expected.encode():
-            raise wire.ProtocolError(f"{msg.type} claims worker {wid!r} from another connection")
+        wid = sender_of(msg)
         if msg.type == wire.BYE:
             self.members.leave(wid)
             log.info("worker %s left", wid)
             return
+        if msg.type == wire.RECALL:
+            return self.on_recall(wid, msg)
         if msg.type in (wire.READY, wire.HEARTBEAT):
             # a heartbeat registers too: after a coordinator restart, workers are back
             # without having to notice that anything happened
@@ -336,6 +333,27 @@ class Coordinator:
         if r.complete():
             self.finish_round()
 
+    def on_recall(self, wid, msg):
+        """An aggregator caught one of its workers lying: what it sent since round `since`
+        stood partly on that worker's word. Roll back past it, as for a liar of our own."""
+        job, since = wire.require(msg, "job", "since")
+        if type(since) is not int or not self.members.is_aggregator(wid):
+            raise wire.ProtocolError(f"RECALL from {wid!r}: not an aggregator, or a bad round")
+        if self.job is None or job != self.job.id or since >= self.job.engine.next_round:
+            return  # nothing it said has been stepped into the weights yet
+        self.counters["recalls"] += 1
+        target = self.job.verifier.recall_target(since)
+        reason = str(msg.get("reason", ""))[:200]
+        log.warning("aggregator %s recalls its sums since round %d (%s)", wid, since, reason)
+        if target is None:
+            return self.fail_job(f"aggregator {wid} recalled its sums since round {since} "
+                                 f"({reason}), and no snapshot that old is kept")  # fmt: skip
+        self.rollback(target)
+
+    def capacity(self) -> int:
+        """Live workers, counting those behind aggregators."""
+        return sum(self.members.capacities(self.members.live()).values())
+
     def quarantine(self, wid, reason):
         log.error("worker %s quarantined: %s", wid, reason)
         self.counters["quarantined"] += 1
@@ -399,7 +417,7 @@ class Coordinator:
         row = self.store.next_job()
         if row is None:
             return
-        if row["state"] == "queued" and len(self.members.live()) < row["spec"]["min_workers"]:
+        if row["state"] == "queued" and self.capacity() < row["spec"]["min_workers"]:
             return  # FIFO: the head of the queue waits for its workers
         try:
             spec = parse_spec(row["spec"], files=False)
@@ -430,10 +448,10 @@ class Coordinator:
     def start_round(self):
         job = self.job
         live = self.members.live()
-        if len(live) < job.rt.spec.min_workers:
+        if self.capacity() < job.rt.spec.min_workers:
             if job.state != "paused":
-                log.warning("job %s paused: %d live worker(s), needs %d", job.id, len(live),
-                            job.rt.spec.min_workers)  # fmt: skip
+                log.warning("job %s paused: %d live worker(s), needs %d", job.id,
+                            self.capacity(), job.rt.spec.min_workers)  # fmt: skip
             return self._set_state("paused")
         if job.state == "paused":
             log.info("job %s resumed with %d workers", job.id, len(live))
@@ -442,7 +460,7 @@ class Coordinator:
         if job.verifier.needs_snapshot(index, live):
             job.verifier.keep(index, job.engine.pack(copy=True))
         job.round = Round(index, job.rt.n_micro, live, self.cfg.blocks_per_worker,
-                          checked=job.verifier.draw)  # fmt: skip
+                          job.verifier.draw, self.members.capacities(live))  # fmt: skip
         self.send_blocks(job.round.assignment)
 
     def send_blocks(self, assignment: dict):
@@ -462,6 +480,8 @@ class Coordinator:
                 "blocks": [list(b) for b in blocks],
                 "spec": job.spec,
             }
+            if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
+                fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 

@@ -48,6 +48,10 @@ class Verifier:
             return None
         return max((r for r in self.snapshots if r <= first), default=None)
 
+    def recall_target(self, since: int) -> int | None:
+        """The round to restart from so that nothing said from round `since` on survives."""
+        return max((r for r in self.snapshots if r <= since), default=None)
+
     def rolled_back(self, round_: int) -> None:
         """Contributions from `round_` on were undone."""
         for w in [w for w, r in self.first_unverified.items() if r >= round_]:

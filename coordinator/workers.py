@@ -24,7 +24,8 @@ def check_grads(msg, layout) -> list[np.ndarray]:
 
 
 def worker_info(msg) -> dict:
-    """What a READY may say about its worker, for `status`: host and pid, nothing else."""
+    """What a READY may say about its worker, for `status`: host, pid and (an aggregator's)
+    role and worker count, nothing else."""
     info = msg.get("info")
     info = info if isinstance(info, dict) else {}
     out = {}
@@ -32,4 +33,17 @@ def worker_info(msg) -> dict:
         out["host"] = info["host"][:100]
     if type(info.get("pid")) is int:
         out["pid"] = info["pid"]
+    # An aggregator (coordinator/aggregator.py) says so, and how many workers it has now.
+    if info.get("role") == "aggregator" and type(info.get("workers")) is int:
+        out["role"], out["workers"] = "aggregator", max(0, min(info["workers"], 100_000))
     return out
+
+
+def sender_of(msg) -> str:
+    """The worker a message is from. The id it claims must be the identity of the connection
+    it speaks on (its heartbeat socket's is id + "#hb"): nobody can speak for another."""
+    wid = wire.field_of(msg, "worker", str)
+    expected = f"{wid}#hb" if msg.type == wire.HEARTBEAT else wid
+    if not msg.envelope or msg.envelope[0] != expected.encode():
+        raise wire.ProtocolError(f"{msg.type} claims worker {wid!r} from another connection")
+    return wid

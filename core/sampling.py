@@ -77,15 +77,50 @@ def block_size_for(n: int, workers: int, per_worker: int = 2) -> int:
     return size
 
 
-def assign_blocks(n: int, workers: Sequence[str], per_worker: int = 2) -> dict[str, list]:
+def assign_blocks(
+    n: int, workers: Sequence[str], per_worker: int = 2, capacity: dict | None = None
+) -> dict[str, list]:
     """Deal the aligned blocks of [0, n) out to `workers` as contiguous runs, in the
     order given (callers sort it so assignment does not depend on arrival order), each run
-    merged into the fewest tree nodes (so a worker with a whole subtree sends one sum)."""
-    blocks = aligned_blocks(n, block_size_for(n, len(workers), per_worker))
+    merged into the fewest tree nodes (so a worker with a whole subtree sends one sum).
+    `capacity` (default 1 each) weighs the deal: an aggregator with 4 workers behind it
+    gets the share of 4, as one contiguous run, so its subtree comes back as one sum."""
+    cap = [capacity.get(w, 1) if capacity else 1 for w in workers]
+    total = sum(cap)
+    blocks = aligned_blocks(n, block_size_for(n, total, per_worker))
     out: dict[str, list] = {w: [] for w in workers}
+    bounds = np.cumsum(cap)  # worker j's share ends at bounds[j] (in capacity units)
     for i, blk in enumerate(blocks):
-        out[workers[i * len(workers) // len(blocks)]].append(blk)
+        j = int(np.searchsorted(bounds, i * total // len(blocks), side="right"))
+        out[workers[j]].append(blk)
     return {w: coalesce(run, n) for w, run in out.items()}
+
+
+def split_blocks(
+    blocks: Sequence[tuple[int, int]], n: int, workers: Sequence[str], per_worker: int = 2
+) -> dict[str, list]:
+    """An aggregator's share of its `blocks` (nodes of the tree of [0, n)) among its local
+    `workers`: every block cut into aligned sub-blocks of one power-of-two size, small enough
+    that each worker gets `per_worker`, dealt out as contiguous runs and merged back into
+    the fewest nodes without crossing a block (the aggregator sends each block's sum)."""
+    blocks = sorted(blocks)
+    target = max(1, len(workers) * per_worker)
+    size = 1 << max(0, (max(hi - lo for lo, hi in blocks) - 1).bit_length())
+
+    def pieces(s):
+        return [(a, min(a + s, hi)) for lo, hi in blocks for a in range(lo, hi, s)]
+
+    while size > 1 and len(pieces(size)) < target:
+        size //= 2
+    fine = pieces(size)
+    out: dict[str, list] = {w: [] for w in workers}
+    for i, blk in enumerate(fine):
+        out[workers[i * len(workers) // len(fine)]].append(blk)
+    owner = {b: next(p for p in blocks if p[0] <= b[0] < p[1]) for b in fine}
+    return {
+        w: [m for p in blocks for m in coalesce([b for b in run if owner[b] == p], n)]
+        for w, run in out.items()
+    }
 
 
 def coalesce(run: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:

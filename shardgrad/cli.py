@@ -1,6 +1,6 @@
 """The `shardgrad` command.
 
-    shardgrad coordinator | worker | cluster up --workers N
+    shardgrad coordinator | worker | aggregator | cluster up --workers N
     shardgrad submit SPEC | status [JOB] | watch JOB | cancel JOB | fetch JOB -o model.npz
     (or -o model.safetensors: the format PyTorch and Hugging Face load)
     shardgrad train SPEC --local | demo | keys generate DIR
@@ -62,6 +62,19 @@ def cmd_worker(a):
         _peer_auth(a, "worker"),
         liveness=a.liveness,
     )
+
+
+def cmd_aggregator(a):
+    from .coordinator.aggregator import main
+
+    security = server = None
+    if a.keys:
+        from .security import ServerAuth
+
+        security = _peer_auth(a, "worker")  # upstream it is a worker ...
+        server = ServerAuth(a.keys, pair=security).worker_domain  # ... and serves workers
+    main(a.coordinator_workers, a.bind, a.id, a.data_root, a.heartbeat_interval, a.liveness,
+         security, server)  # fmt: skip
 
 
 def _sigterm_as_interrupt():
@@ -220,7 +233,7 @@ def _peer_auth(a, role):
         return None
     from .security import peer_security
 
-    return peer_security(keys, role, getattr(a, "key_name", None))
+    return peer_security(keys, role, getattr(a, "key_name", None), getattr(a, "server_key", None))
 
 
 HTTP_HELP = (
@@ -298,7 +311,40 @@ def parser():
     s.add_argument("--heartbeat-interval", type=float, default=hb)
     s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
     s.add_argument("--key-name", default=ENV("SHARDGRAD_KEY_NAME"))
+    s.add_argument(
+        "--server-key",
+        default=ENV("SHARDGRAD_SERVER_KEY"),
+        help="public key file of an aggregator this worker connects to (default: the "
+        "coordinator's, DIR/coordinator.key) [SHARDGRAD_SERVER_KEY]",
+    )
     s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser(
+        "aggregator",
+        help="run a host's aggregator: its workers connect here, it speaks to the coordinator",
+    )
+    s.add_argument(
+        "--coordinator-workers",
+        "--coordinator",
+        default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
+        help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
+    )
+    s.add_argument(
+        "--bind",
+        default=ENV("SHARDGRAD_AGGREGATOR_BIND", "tcp://0.0.0.0:5557"),
+        help="where this host's workers connect [SHARDGRAD_AGGREGATOR_BIND]",
+    )
+    s.add_argument("--liveness", type=int, default=int(ENV("SHARDGRAD_LIVENESS", 5)))
+    s.add_argument("--data-root", default=ENV("SHARDGRAD_DATA_ROOT"))
+    s.add_argument("--id", default=ENV("SHARDGRAD_WORKER_ID"), help="aggregator identity")
+    s.add_argument("--heartbeat-interval", type=float, default=hb)
+    s.add_argument("--keys", default=ENV("SHARDGRAD_KEYS"), help="key directory (CURVE)")
+    s.add_argument(
+        "--key-name",
+        default=ENV("SHARDGRAD_KEY_NAME"),
+        help="its worker key pair: upstream it is a worker, and it serves its workers with it",
+    )
+    s.set_defaults(fn=cmd_aggregator)
 
     s = sub.add_parser("cluster", help="run a local cluster: cluster up --workers N")
     s.add_argument("action", choices=["up"])

@@ -30,6 +30,7 @@ class LocalCluster:
         log_dir=None,
         env=None,
         http=None,
+        aggregators=0,
     ):
         self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
         # The temp dir (sockets, and state and logs unless placed elsewhere) goes away on
@@ -48,6 +49,9 @@ class LocalCluster:
         self.coordinator = None
         self.workers: list[subprocess.Popen] = []
         self._spawned = 0
+        # Hierarchical: this many aggregators (as if one per host), workers dealt round-robin.
+        self.n_aggregators = aggregators
+        self.aggregators: list[subprocess.Popen] = []
 
     @property
     def worker_address(self):
@@ -110,21 +114,48 @@ class LocalCluster:
 
         return wait_for(read, "the coordinator's HTTP address", 30.0, 0.05, (OSError,))
 
-    def add_worker(self, env=None):
-        self._spawned += 1
-        args = ["worker", "--coordinator-workers", self.worker_address, *self._common()]
-        if self.liveness:
-            args += ["--liveness", str(self.liveness)]
+    def aggregator_address(self, i):
+        return f"ipc://{self.tmp}/aggregator-{i}"
+
+    def start_aggregator(self, i, env=None):
+        """Aggregator i (0-based; started again after a kill, it binds the same address)."""
+        args = ["aggregator", "--coordinator-workers", self.worker_address, *self._common()]
+        args += ["--bind", self.aggregator_address(i), "--id", f"aggregator-{i}"]
+        args += self._peer_args()
+        proc = self._spawn(f"aggregator-{i}", args, env)
+        if i < len(self.aggregators):
+            self.aggregators[i] = proc
+        else:
+            self.aggregators.append(proc)
+        return proc
+
+    def _peer_args(self):
+        args = ["--liveness", str(self.liveness)] if self.liveness else []
         if self.data_root:
             args += ["--data-root", self.data_root]
         if self.keys:
             args += ["--key-name", "worker"]
+        return args
+
+    def add_worker(self, env=None, aggregator=None):
+        """A worker of the coordinator, or of aggregator `aggregator` (by default the next
+        one round-robin when the cluster has aggregators)."""
+        self._spawned += 1
+        address = self.worker_address
+        if self.n_aggregators:
+            i = (self._spawned - 1) % self.n_aggregators if aggregator is None else aggregator
+            address = self.aggregator_address(i)
+        args = ["worker", "--coordinator-workers", address, *self._common(), *self._peer_args()]
+        if self.keys and address != self.worker_address:  # the aggregator's own key
+            args += ["--server-key", os.path.join(self.keys, "workers", "worker.key")]
         proc = self._spawn(f"worker-{self._spawned}", args, env)
         self.workers.append(proc)
         return proc
 
     def start(self, wait_workers=True):
         self.start_coordinator()
+        for i in range(self.n_aggregators):
+            self.start_aggregator(i)
         for _ in range(self.n_workers):
             self.add_worker()
         if wait_workers:
@@ -154,8 +185,12 @@ class LocalCluster:
     def live_workers(self, c):
         return [w for w in c.status()["workers"] if w["state"] == "alive"]
 
+    def capacity(self, c):
+        """Live workers, counting those behind aggregators (what min_workers counts)."""
+        return sum(w.get("workers", 1) for w in self.live_workers(c))
+
     def wait_workers(self, n, timeout=60.0):
-        self.wait_until(lambda c: len(self.live_workers(c)) >= n, f"{n} live workers", timeout)
+        self.wait_until(lambda c: self.capacity(c) >= n, f"{n} live workers", timeout)
 
     def wait(self):
         """Block until the coordinator exits (Ctrl-C propagates; __exit__ stops all)."""
@@ -165,7 +200,7 @@ class LocalCluster:
     def stop(self, timeout=10.0):
         # Workers first (their BYE still reaches the coordinator), then the coordinator.
         deadline = time.monotonic() + timeout
-        for group in (self.workers, [self.coordinator]):
+        for group in (self.workers, self.aggregators, [self.coordinator]):
             procs = [p for p in group if p is not None]
             for p in procs:
                 if p.poll() is None:

@@ -148,11 +148,15 @@ class PeerSecurity:
         return self.public.decode("ascii")
 
 
-def peer_security(keys_dir, role: str, key_name: str | None = None) -> PeerSecurity:
+def peer_security(
+    keys_dir, role: str, key_name: str | None = None, server_key: str | None = None
+) -> PeerSecurity:
     """The CURVE client settings for `role` ("worker" or "client") from a key directory.
 
     `key_name` picks DIR/private/NAME.key_secret (or is a path to a .key_secret file); when
     None, DIR/private/ROLE.key_secret, else the one private key whose name starts with ROLE.
+    `server_key` is the public key file of what we connect to, when that is not the
+    coordinator (a worker behind an aggregator: DIR/workers/AGGREGATOR-KEY.key).
     """
     keys_dir = os.path.abspath(os.fspath(keys_dir))
     if not os.path.isdir(keys_dir):
@@ -181,7 +185,8 @@ def peer_security(keys_dir, role: str, key_name: str | None = None) -> PeerSecur
     if not os.path.exists(path):
         raise KeyDirError(f"no key pair {path} (shardgrad keys generate DIR makes it)")
     public, secret = _load_pair(path)
-    return PeerSecurity(public, secret, _coordinator_public(keys_dir), os.path.basename(path))
+    server = _load_public(server_key) if server_key else _coordinator_public(keys_dir)
+    return PeerSecurity(public, secret, server, os.path.basename(path))
 
 
 # --- the coordinator's side ----------------------------------------------------------------
@@ -278,16 +283,20 @@ class ServerDomain:
 
 
 class ServerAuth:
-    """The coordinator's keys: `worker_domain` and `client_domain` go on its two sockets."""
+    """The coordinator's keys: `worker_domain` and `client_domain` go on its two sockets
+    (an aggregator's worker port uses `worker_domain` too, with its own key pair)."""
 
-    def __init__(self, keys_dir, reload_interval: float = 1.0):
+    def __init__(self, keys_dir, reload_interval: float = 1.0, pair: PeerSecurity | None = None):
         self.dir = os.path.abspath(os.fspath(keys_dir))
         path = os.path.join(self.dir, f"{COORDINATOR}.key_secret")
-        if not os.path.exists(path):
+        if pair is not None:  # an aggregator serves its workers with its own worker key
+            self.public, self.secret = pair.public, pair.secret
+        elif not os.path.exists(path):
             raise KeyDirError(
                 f"no {COORDINATOR}.key_secret in {self.dir}: run shardgrad keys generate {keys_dir}"
             )
-        self.public, self.secret = _load_pair(path)
+        else:
+            self.public, self.secret = _load_pair(path)
         d = lambda sub: os.path.join(self.dir, sub)
         self.workers = AllowList(d(WORKERS), interval=reload_interval)
         # Admins use the client port, so they are in its allow-list as well.

@@ -36,8 +36,11 @@ HEARTBEAT = "HEARTBEAT"  # liveness, both ways: a worker's beat, the coordinator
 GRADS = "GRADS"  # one block's gradient sum: {"job", "round", "block", "worker"} + arrays
 FAULT = "FAULT"  # job code raised: {"job", "round", "block", "micro_batch", "error"}
 BYE = "BYE"  # clean leave (SIGTERM): its undelivered blocks are re-issued at once
+# an aggregator caught one of its workers lying: what it sent since round "since" is suspect
+RECALL = "RECALL"  # {"job", "since", "reason"}
 # coordinator -> worker
 TASK = "TASK"  # a round's assignment: {"job", "gen", "round", "blocks", "spec"} + weights
+# (to an aggregator also "layout": [[shape, dtype], ...] of a GRADS, to check its workers')
 STOP_JOB = "STOP_JOB"  # job finished / cancelled / failed: drop its state
 # client -> coordinator
 SUBMIT = "SUBMIT"
@@ -51,7 +54,7 @@ OK = "OK"
 ERROR = "ERROR"  # {"message", "kind": "refused" (an ordinary no) | "bad_message" (malformed)}
 
 # What each side accepts: pass as `expect_types` to decode / recv_msg.
-WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE})  # coordinator's worker port
+WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE, RECALL})  # worker port
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, JOBS, CANCEL, METRICS, FETCH})  # client port
 TO_WORKER_TYPES = frozenset({TASK, STOP_JOB, HEARTBEAT})  # worker side
 TO_CLIENT_TYPES = frozenset({OK, ERROR})  # client side

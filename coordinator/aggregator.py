@@ -1,0 +1,380 @@
+"""An aggregator: one per host (or swarm node), between the coordinator and that host's
+workers, so the coordinator's traffic per round does not grow with the number of workers
+(docs/scaling.md, "Hierarchical").
+
+Upstream it is one worker whose capacity is the number of live workers behind it: it
+registers with READY {"role": "aggregator", "workers": n} (again whenever n changes), the
+coordinator deals it a contiguous share of the tree's blocks in one TASK (one weights
+copy), and it sends back one GRADS per block.
+Downstream it is a small coordinator over the same protocol (a worker cannot tell the two
+apart): it cuts its blocks into sub-blocks for its workers (`sampling.split_blocks`),
+forwards the weights, and finishes each block's sum by the canonical tree once every
+sub-block is in. Blocks are nodes of that tree, so where a partial sum is added changes no
+bit: the job's weights stay equal to `train --local`'s.
+
+Faults stay local where they can: a dead worker's sub-blocks go to the others; a sub-block
+whose job code raises is recomputed once on another worker, and a second failure is
+reported upstream as a FAULT for the whole block (the coordinator then decides, as for any
+worker). A sample of sub-blocks (the job's `verify` fraction) is computed by two workers;
+when they differ, the aggregator computes it itself, quarantines whoever was wrong and, if
+that worker had sums accepted on its word alone, sends RECALL {"since": round} so the
+coordinator rolls the job back past them. If the aggregator dies, the coordinator sees a
+dead worker and re-issues its blocks to other members.
+"""
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from .. import wire
+from ..core.sampling import all_finite, split_blocks
+from ..jobspec import parse_spec
+from ..training import JobRuntime
+from ..worker.worker import Heartbeat
+from .membership import Membership
+from .rounds import Round
+from .verify import Verifier
+from .workers import check_grads, sender_of, worker_info
+
+log = logging.getLogger("shardgrad.aggregator")
+
+
+@dataclass
+class Share:
+    """This aggregator's part of one round of one job: what the coordinator gave it."""
+
+    job: str
+    when: tuple  # (gen, round): a newer one replaces this share
+    spec: dict
+    weights: list  # as received, forwarded to the workers as they are
+    layout: list  # [(shape, dtype)] of a GRADS
+    round: Round
+    blocks: list = field(default_factory=list)  # upstream blocks not yet sent up
+    unassigned: list = field(default_factory=list)  # ... and not yet dealt out (no workers)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        upstream,
+        bind,
+        agg_id=None,
+        data_root=None,
+        heartbeat_interval=0.5,
+        liveness=5,
+        security=None,
+        server=None,
+        limits=wire.DEFAULT_LIMITS,
+        per_worker=2,
+    ):
+        self.upstream, self.bind, self.data_root = upstream, bind, data_root
+        self.id = agg_id or f"agg-{socket.gethostname()}-{os.getpid()}"
+        self.interval, self.liveness = heartbeat_interval, liveness
+        self.security, self.server, self.limits = security, server, limits
+        self.per_worker = per_worker
+        self.members = Membership(heartbeat_interval, liveness)
+        self.share: Share | None = None
+        self.verifier: tuple[str, Verifier] | None = None  # (job, its local verifier)
+        self.runtime: tuple[str, JobRuntime] | None = None  # built only to settle a dispute
+        self.announced: int | None = None
+        self.stopping = False
+        self.endpoint = None
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self, ready=None):
+        self.ctx = zmq.Context()
+        self.up = self.ctx.socket(zmq.DEALER)
+        self.up.setsockopt(zmq.IDENTITY, self.id.encode())
+        self.up.setsockopt(zmq.LINGER, 2000)
+        wire.apply_socket_limits(self.up, self.limits)
+        if self.security:
+            self.security.apply(self.up)
+        self.up.connect(self.upstream)
+        self.down = self.ctx.socket(zmq.ROUTER)
+        self.down.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.down.setsockopt(zmq.LINGER, 0)
+        wire.apply_socket_limits(self.down, self.limits)
+        if self.server:
+            self.server.apply(self.down)
+        self.down.bind(self.bind)
+        self.endpoint = self.down.getsockopt_string(zmq.LAST_ENDPOINT)
+        heartbeat = Heartbeat(
+            self.ctx, self.upstream, self.id, self.interval, self.liveness, self.security
+        )
+        heartbeat.start()
+        self.register()
+        log.info("aggregator %s: upstream %s, workers on %s", self.id, self.upstream, self.endpoint)
+        if ready:
+            ready(self)
+        poller = zmq.Poller()
+        poller.register(self.up, zmq.POLLIN)
+        poller.register(self.down, zmq.POLLIN)
+        try:
+            while not self.stopping:
+                poller.poll(timeout=50)
+                if heartbeat.reregister.is_set():
+                    heartbeat.reregister.clear()
+                    self.register()
+                self._drain(self.up, wire.TO_WORKER_TYPES, self.on_upstream)
+                self._drain(self.down, wire.WORKER_TYPES, self.on_worker)
+                self.tick()
+        finally:
+            wire.send_msg(self.up, wire.BYE, {"worker": self.id})
+            heartbeat.stop.set()
+            heartbeat.join(2)
+            if self.server is not None:
+                self.server.auth.stop()
+            self.up.close()
+            self.down.close(0)
+            self.ctx.term()
+
+    def _drain(self, sock, types, handler, budget=256):
+        for _ in range(budget):
+            try:
+                _, msg = wire.recv_msg(
+                    sock, self.limits, router=sock is self.down, expect_types=types,
+                    flags=zmq.NOBLOCK,
+                )  # fmt: skip
+            except zmq.Again:
+                return
+            except wire.ProtocolError as e:
+                log.warning("dropped a bad message: %s", e)
+                continue
+            try:
+                handler(msg)
+            except (wire.ProtocolError, ValueError, TypeError, KeyError) as e:
+                log.warning("dropped a bad %s message: %s", msg.type, e)
+            except Exception:  # a bug must cost one message, never the aggregator
+                log.exception("error handling %s", msg.type)
+
+    def register(self):
+        """READY upstream with our capacity: the coordinator deals blocks by it."""
+        n = len(self.members.live())
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "role": "aggregator"}
+        wire.send_msg(self.up, wire.READY, {"worker": self.id, "info": {**info, "workers": n}})
+        self.announced = n
+
+    def send_up(self, msg_type, fields, arrays=None):
+        wire.send_msg(self.up, msg_type, {"worker": self.id, **fields}, arrays)
+
+    def send_down(self, wid, msg_type, fields, arrays=None) -> bool:
+        try:
+            wire.send_msg(self.down, msg_type, fields, arrays, identity=wid.encode(),
+                          flags=zmq.NOBLOCK)  # fmt: skip
+            return True
+        except zmq.ZMQError as e:  # gone, or its queue is full
+            log.info("could not send %s to %s: %s", msg_type, wid, e)
+            self.members.leave(wid)
+            return False
+
+    def tick(self):
+        for wid in self.members.sweep():
+            log.warning("worker %s is dead", wid)
+        if len(self.members.live()) != self.announced:
+            self.register()
+        if self.share is not None:
+            self.repair()
+
+    # ---- upstream: the coordinator ----------------------------------------------------------
+    def on_upstream(self, msg):
+        if msg.type == wire.HEARTBEAT:
+            return
+        if msg.type == wire.STOP_JOB:
+            for wid in self.members.live():
+                self.send_down(wid, wire.STOP_JOB, {"job": msg.get("job")})
+            if self.share is not None and self.share.job == msg.get("job"):
+                self.share = None
+            self.verifier = self.runtime = None
+            return
+        job, rnd, blocks, spec, layout = wire.require(msg, "job", "round", "blocks", "spec",
+                                                      "layout")  # fmt: skip
+        when = (msg.get("gen", 0), rnd)
+        blocks = [(int(lo), int(hi)) for lo, hi in blocks]
+        s = self.share
+        if s is None or s.job != job or s.when != when:
+            if s is not None and s.job == job and when < s.when:
+                return  # a TASK of a round we are past
+            s = self.share = self.new_share(job, when, spec, layout, msg)
+        for b in blocks:  # a block sent again (it failed here once) starts afresh
+            self.forget(b)
+        s.blocks += blocks
+        s.unassigned += blocks
+        self.deal()
+
+    def new_share(self, job, when, spec, layout, msg) -> Share:
+        if self.verifier is None or self.verifier[0] != job:
+            self.verifier = (job, Verifier(float(spec.get("verify", 0.0))))
+        elif self.share is not None and self.share.job == job and when[0] != self.share.when[0]:
+            self.verifier[1].rolled_back(when[1])  # the coordinator rolled the job back
+        n_micro = int(spec["global_batch"]) // int(spec["micro_batch"])
+        weights = [msg.arrays[str(i)] for i in range(len(msg.arrays))]
+        layout = [(tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in layout]
+        r = Round(when[1], n_micro, [], self.per_worker, self.verifier[1].draw, assignment={})
+        return Share(job, when, spec, weights, layout, r)
+
+    def forget(self, block):
+        """Drop what we hold inside `block`: it is (re)assigned to us whole."""
+        r = self.share.round
+        for sub in [b for b in r.holders if block[0] <= b[0] < block[1]]:
+            for d in (r.holders, r.delivered, r.results, r.failures):
+                d.pop(sub, None)
+            r.checks.discard(sub)
+        self.share.blocks = [b for b in self.share.blocks if b != block]
+        self.share.unassigned = [b for b in self.share.unassigned if b != block]
+
+    def deal(self):
+        s, live = self.share, self.members.live()
+        if not s.unassigned or not live:
+            return  # no workers yet: we said so upstream, which re-issues if it must
+        assignment = split_blocks(s.unassigned, s.round.n_micro, live, self.per_worker)
+        s.unassigned = []
+        self.send_blocks(s.round.add(assignment, live))
+
+    def send_blocks(self, assignment):
+        s = self.share
+        fields = {"job": s.job, "gen": s.when[0], "round": s.when[1], "spec": s.spec}
+        arrays = [(str(i), w) for i, w in enumerate(s.weights)]
+        for wid, blocks in assignment.items():
+            if blocks:
+                self.send_down(wid, wire.TASK, {**fields, "blocks": [list(b) for b in blocks]},
+                               arrays)  # fmt: skip
+
+    # ---- downstream: our workers -----------------------------------------------------------
+    def on_worker(self, msg):
+        wid = sender_of(msg)
+        if msg.type == wire.BYE:
+            return self.members.leave(wid)
+        if msg.type in (wire.READY, wire.HEARTBEAT):
+            if self.members.heard(wid, worker_info(msg) if msg.type == wire.READY else None):
+                log.info("worker %s joined", wid)
+            if msg.type == wire.HEARTBEAT:
+                self.send_down(msg.envelope[0].decode(), wire.HEARTBEAT, {})
+            return
+        if msg.type == wire.RECALL:
+            raise wire.ProtocolError("RECALL comes from aggregators, not workers")
+        s = self.share
+        job, rnd, block = wire.require(msg, "job", "round", "block")
+        if s is None or job != s.job or rnd != s.when[1] or not isinstance(block, list):
+            return  # late: an earlier round, or a stopped job
+        block = tuple(block)
+        r = s.round
+        known = self.members.workers.get(wid)
+        if block not in r.holders or block in r.delivered or known is None:
+            return
+        if known.state == "quarantined" or wid in r.results.get(block, ()):
+            return
+        self.members.heard(wid)
+        if msg.type == wire.FAULT:
+            return self.failed(wid, block, wire.field_of(msg, "error", str)[:2000], msg)
+        arrays = check_grads(msg, s.layout)
+        if not all_finite(arrays):
+            return self.failed(wid, block, "the gradient has NaN/Inf", msg)
+        verdict = r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))
+        if verdict == "mismatch":
+            self.settle(block)
+        self.flush()
+
+    def failed(self, wid, block, error, msg):
+        """Once: recompute elsewhere here. Twice: the whole block fails upstream."""
+        r, s = self.share.round, self.share
+        r.failures.setdefault(block, []).append(wid)
+        r.holders[block].discard(wid)
+        live = self.members.live()
+        if len(r.failures[block]) < 2 and set(live) - {wid}:
+            return self.send_blocks(r.reissue([block], live, avoid={wid}))
+        up = next(b for b in s.blocks if b[0] <= block[0] < b[1])
+        fields = {"job": s.job, "round": s.when[1], "block": list(up), "error": error}
+        if type(msg.get("micro_batch")) is int:
+            fields["micro_batch"] = msg.get("micro_batch")
+        self.send_up(wire.FAULT, fields)
+        self.forget(up)
+
+    def settle(self, block):
+        """Two of our workers differ on a checked sub-block: compute it ourselves."""
+        s, r = self.share, self.share.round
+        liars = r.settle(block, self.compute(block))
+        verifier = self.verifier[1]
+        for wid in liars:
+            log.error("worker %s quarantined: round %d, micro-batches %d..%d differed from "
+                      "the aggregator's recomputation", wid, r.index, block[0], block[1] - 1)  # fmt: skip
+            self.members.quarantine(wid, f"round {r.index}: its gradient differed from the "
+                                    "aggregator's recomputation")  # fmt: skip
+            r.discard(wid)
+            since = verifier.first_unverified.pop(wid, None)
+            if since is not None:  # it had sums taken on its word: undo them upstream
+                self.send_up(wire.RECALL, {"job": s.job, "since": since,
+                                           "reason": f"worker {wid} was caught lying"})  # fmt: skip
+
+    def compute(self, block):
+        s = self.share
+        if self.runtime is None or self.runtime[0] != s.job:
+            rt = JobRuntime(parse_spec(s.spec, files=False), self.data_root, verify_data=False)
+            self.runtime = (s.job, rt)
+        rt = self.runtime[1]
+        rt.set_weights(s.weights)
+        return rt.block_grad(s.when[1], *block)
+
+    def flush(self):
+        """Send up every block whose sub-blocks are all in."""
+        s = self.share
+        for b in [b for b in s.blocks if b not in s.unassigned and s.round.covers(*b)]:
+            r = s.round
+            unverified = [w for w, blocks in r.unverified.items() if blocks]
+            self.verifier[1].contributed(r.index, unverified)
+            fields = {"job": s.job, "round": r.index, "block": list(b)}
+            fields["compute_s"] = max(r.compute_s.values(), default=0.0)
+            sums = r.node_sum(*b)
+            names = [str(i) for i in range(len(sums) - 1)] + ["loss"]
+            self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
+            s.blocks.remove(b)
+
+    def repair(self):
+        """Deal what waited for workers; re-issue what dead workers held."""
+        s, live = self.share, self.members.live()
+        if not live:
+            return
+        if s.unassigned:
+            self.deal()
+        r = s.round
+        orphans = r.orphans(set(live))
+        for b in orphans:  # a checked sub-block whose checker is gone: take the one answer
+            if b in r.checks and r.results.get(b) and not set(live) - set(r.results[b]):
+                r.accept_unchecked(b)
+        orphans = [b for b in orphans if b not in r.delivered]
+        if orphans:
+            log.info("round %d: re-issuing %d sub-block(s) of lost workers", r.index, len(orphans))
+            out = {}
+            for b in orphans:
+                for wid, got in r.reissue([b], live, avoid=set(r.results.get(b, ()))).items():
+                    out.setdefault(wid, []).extend(got)
+            self.send_blocks(out)
+        self.flush()
+
+
+def main(
+    upstream,
+    bind,
+    agg_id=None,
+    data_root=None,
+    heartbeat_interval=0.5,
+    liveness=5,
+    security=None,
+    server=None,
+):
+    """Run an aggregator until SIGTERM / SIGINT."""
+    import signal
+
+    agg = Aggregator(upstream, bind, agg_id, data_root, heartbeat_interval, liveness, security,
+                     server)  # fmt: skip
+
+    def stop(*_):
+        agg.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agg.run()
+
