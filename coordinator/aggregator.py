@@ -299,10 +299,12 @@ class Aggregator:
         liars = r.settle(block, self.compute(block))
         verifier = self.verifier[1]
         for wid in liars:
-            log.error("worker %s quarantined: round %d, micro-batches %d..%d differed from "
-                      "the aggregator's recomputation", wid, r.index, block[0], block[1] - 1)  # fmt: skip
-            self.members.quarantine(wid, f"round {r.index}: its gradient differed from the "
-                                    "aggregator's recomputation")  # fmt: skip
+            why = (
+                f"round {r.index}, micro-batches {block[0]}..{block[1] - 1}: its gradient "
+                "differed from the aggregator's recomputation"
+            )
+            log.error("worker %s quarantined: %s", wid, why)
+            self.members.quarantine(wid, why)
             r.discard(wid)
             since = verifier.first_unverified.pop(wid, None)
             if since is not None:  # it had sums taken on its word: undo them upstream
@@ -377,4 +379,3 @@ def main(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agg.run()
-
