@@ -25,6 +25,8 @@ dead worker and re-issues its blocks to other members.
 import logging
 import os
 import socket
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,17 +72,20 @@ class Aggregator:
         server=None,
         limits=wire.DEFAULT_LIMITS,
         per_worker=2,
+        min_deadline=5.0,
     ):
         self.upstream, self.bind, self.data_root = upstream, bind, data_root
         self.id = agg_id or f"agg-{socket.gethostname()}-{os.getpid()}"
         self.interval, self.liveness = heartbeat_interval, liveness
         self.security, self.server, self.limits = security, server, limits
         self.per_worker = per_worker
+        self.min_deadline, self.round_times = min_deadline, []  # straggler backups, as upstream
         self.members = Membership(heartbeat_interval, liveness)
         self.share: Share | None = None
         self.verifier: tuple[str, Verifier] | None = None  # (job, its local verifier)
         self.runtime: tuple[str, JobRuntime] | None = None  # built only to settle a dispute
         self.announced: int | None = None
+        self.info = {"role": "aggregator", "workers": 0}
         self.stopping = False
         self.endpoint = None
 
@@ -103,8 +108,9 @@ class Aggregator:
         self.down.bind(self.bind)
         self.endpoint = self.down.getsockopt_string(zmq.LAST_ENDPOINT)
         heartbeat = Heartbeat(
-            self.ctx, self.upstream, self.id, self.interval, self.liveness, self.security
-        )
+            self.ctx, self.upstream, self.id, self.interval, self.liveness, self.security,
+            info=lambda: self.info,
+        )  # fmt: skip
         heartbeat.start()
         self.register()
         log.info("aggregator %s: upstream %s, workers on %s", self.id, self.upstream, self.endpoint)
@@ -123,7 +129,10 @@ class Aggregator:
                 self._drain(self.down, wire.WORKER_TYPES, self.on_worker)
                 self.tick()
         finally:
-            wire.send_msg(self.up, wire.BYE, {"worker": self.id})
+            try:  # never connected: nobody to say it to
+                wire.send_msg(self.up, wire.BYE, {"worker": self.id}, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
             heartbeat.stop.set()
             heartbeat.join(2)
             if self.server is not None:
@@ -155,7 +164,8 @@ class Aggregator:
         """READY upstream with our capacity: the coordinator deals blocks by it."""
         n = len(self.members.live())
         info = {"host": socket.gethostname(), "pid": os.getpid(), "role": "aggregator"}
-        wire.send_msg(self.up, wire.READY, {"worker": self.id, "info": {**info, "workers": n}})
+        self.info = {**info, "workers": n}  # the heartbeat thread sends it too
+        wire.send_msg(self.up, wire.READY, {"worker": self.id, "info": self.info})
         self.announced = n
 
     def send_up(self, msg_type, fields, arrays=None):
@@ -190,14 +200,17 @@ class Aggregator:
                 self.share = None
             self.verifier = self.runtime = None
             return
+        if "layout" not in msg:  # a restarted coordinator met our heartbeat before our READY
+            log.warning("the coordinator does not know we aggregate: registering again")
+            return self.register()
         job, rnd, blocks, spec, layout = wire.require(msg, "job", "round", "blocks", "spec",
                                                       "layout")  # fmt: skip
         when = (msg.get("gen", 0), rnd)
         blocks = [(int(lo), int(hi)) for lo, hi in blocks]
         s = self.share
+        # Another round replaces the share, even an earlier one: a restarted coordinator
+        # resumes from its checkpoint (one connection delivers in order, so never stale).
         if s is None or s.job != job or s.when != when:
-            if s is not None and s.job == job and when < s.when:
-                return  # a TASK of a round we are past
             s = self.share = self.new_share(job, when, spec, layout, msg)
         for b in blocks:  # a block sent again (it failed here once) starts afresh
             self.forget(b)
@@ -246,6 +259,10 @@ class Aggregator:
     # ---- downstream: our workers -----------------------------------------------------------
     def on_worker(self, msg):
         wid = sender_of(msg)
+        # ZAP checks a key only at connect: a revoked worker's open connection is cut here
+        if self.server is not None and (msg.user is None or msg.user not in self.server.allow):
+            log.warning("refused %s from %s: its key is not (or no longer) allowed", msg.type, wid)
+            return self.members.leave(wid)
         if msg.type == wire.BYE:
             return self.members.leave(wid)
         if msg.type in (wire.READY, wire.HEARTBEAT):
@@ -333,6 +350,9 @@ class Aggregator:
             names = [str(i) for i in range(len(sums) - 1)] + ["loss"]
             self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
             s.blocks.remove(b)
+            if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
+                took = r.half_time if r.half_time is not None else time.monotonic() - r.started
+                self.round_times = [*self.round_times[-19:], took]
 
     def repair(self):
         """Deal what waited for workers; re-issue what dead workers held."""
@@ -354,7 +374,18 @@ class Aggregator:
                 for wid, got in r.reissue([b], live, avoid=set(r.results.get(b, ()))).items():
                     out.setdefault(wid, []).extend(got)
             self.send_blocks(out)
+        if s.blocks and time.monotonic() - r.started > self.deadline():
+            idle = r.idle(live)
+            slow = [b for b in r.pending() if len(r.waiting_on(b)) == 1]
+            if idle and slow:
+                log.info("round %d: backing up %d straggling sub-block(s)", r.index,
+                         min(len(idle), len(slow)))  # fmt: skip
+                self.send_blocks(r.reissue(slow[: len(idle)], idle))
         self.flush()
+
+    def deadline(self):
+        median = statistics.median(self.round_times) if self.round_times else 0.0
+        return max(self.min_deadline, 3.0 * median)
 
 
 def main(
@@ -366,12 +397,13 @@ def main(
     liveness=5,
     security=None,
     server=None,
+    min_deadline=5.0,
 ):
     """Run an aggregator until SIGTERM / SIGINT."""
     import signal
 
     agg = Aggregator(upstream, bind, agg_id, data_root, heartbeat_interval, liveness, security,
-                     server)  # fmt: skip
+                     server, min_deadline=min_deadline)  # fmt: skip
 
     def stop(*_):
         agg.stopping = True

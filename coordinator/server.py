@@ -228,10 +228,16 @@ class Coordinator:
         if msg.type in (wire.READY, wire.HEARTBEAT):
             # a heartbeat registers too: after a coordinator restart, workers are back
             # without having to notice that anything happened
-            if self.members.heard(wid, worker_info(msg) if msg.type == wire.READY else None):
+            if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:  # answered, so a worker can tell we are alive
                 self._send(self.workers, msg.envelope[0], wire.HEARTBEAT, {})
+            elif self.job is not None and self.job.round is not None:
+                # READY says it holds nothing (restarted, or re-registering): what this round
+                # still waits for from it goes out again (a result is accepted once).
+                owed = self.job.round.owed_by(wid)
+                if owed and self.members.is_live(wid):
+                    self.send_blocks({wid: owed})
             return
         block = self._block_of(msg)  # checked (and drops counted) before who sent it
         if block is None:

@@ -74,7 +74,7 @@ def cmd_aggregator(a):
         security = _peer_auth(a, "worker")  # upstream it is a worker ...
         server = ServerAuth(a.keys, pair=security).worker_domain  # ... and serves workers
     main(a.coordinator_workers, a.bind, a.id, a.data_root, a.heartbeat_interval, a.liveness,
-         security, server)  # fmt: skip
+         security, server, a.min_deadline)  # fmt: skip
 
 
 def _sigterm_as_interrupt():
@@ -343,6 +343,12 @@ def parser():
         "--key-name",
         default=ENV("SHARDGRAD_KEY_NAME"),
         help="its worker key pair: upstream it is a worker, and it serves its workers with it",
+    )
+    s.add_argument(
+        "--min-deadline",
+        type=float,
+        default=_env_float("SHARDGRAD_MIN_DEADLINE", 5.0),
+        help="seconds before its stragglers' sub-blocks get backups (at least; it adapts)",
     )
     s.set_defaults(fn=cmd_aggregator)
 

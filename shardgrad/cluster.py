@@ -129,15 +129,15 @@ class LocalCluster:
             self.aggregators.append(proc)
         return proc
 
-    def _peer_args(self):
+    def _peer_args(self, key_name="worker"):
         args = ["--liveness", str(self.liveness)] if self.liveness else []
         if self.data_root:
             args += ["--data-root", self.data_root]
         if self.keys:
-            args += ["--key-name", "worker"]
+            args += ["--key-name", key_name]
         return args
 
-    def add_worker(self, env=None, aggregator=None):
+    def add_worker(self, env=None, aggregator=None, key_name="worker"):
         """A worker of the coordinator, or of aggregator `aggregator` (by default the next
         one round-robin when the cluster has aggregators)."""
         self._spawned += 1
@@ -145,7 +145,11 @@ class LocalCluster:
         if self.n_aggregators:
             i = (self._spawned - 1) % self.n_aggregators if aggregator is None else aggregator
             address = self.aggregator_address(i)
-        args = ["worker", "--coordinator-workers", address, *self._common(), *self._peer_args()]
+            if i >= len(self.aggregators):  # started with the first worker that needs it
+                for j in range(len(self.aggregators), i + 1):
+                    self.start_aggregator(j)
+        args = ["worker", "--coordinator-workers", address, *self._common()]
+        args += self._peer_args(key_name)
         if self.keys and address != self.worker_address:  # the aggregator's own key
             args += ["--server-key", os.path.join(self.keys, "workers", "worker.key")]
         proc = self._spawn(f"worker-{self._spawned}", args, env)
@@ -154,7 +158,7 @@ class LocalCluster:
 
     def start(self, wait_workers=True):
         self.start_coordinator()
-        for i in range(self.n_aggregators):
+        for i in range(len(self.aggregators), self.n_aggregators):
             self.start_aggregator(i)
         for _ in range(self.n_workers):
             self.add_worker()

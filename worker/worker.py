@@ -33,10 +33,13 @@ class Heartbeat(threading.Thread):
     like death (and a stopped or killed process does); and listens for the coordinator's
     answers, so a silent coordinator is noticed here too (Paranoid Pirate, both ways)."""
 
-    def __init__(self, ctx, address, worker_id, interval, liveness=5, security=None):
+    def __init__(self, ctx, address, worker_id, interval, liveness=5, security=None, info=None):
         super().__init__(daemon=True, name="heartbeat")
         self.ctx, self.address, self.worker_id, self.interval = ctx, address, worker_id, interval
         self.liveness, self.security = liveness, security
+        # An aggregator's beats carry its role and worker count, so a restarted coordinator
+        # that hears a beat before a READY still deals it the right share.
+        self.info = info
         self.stop = threading.Event()
         self.reregister = threading.Event()  # set when the coordinator answers again
 
@@ -52,9 +55,10 @@ class Heartbeat(threading.Thread):
         try:
             while not self.stop.is_set():
                 try:
-                    wire.send_msg(
-                        sock, wire.HEARTBEAT, {"worker": self.worker_id}, flags=zmq.NOBLOCK
-                    )
+                    beat = {"worker": self.worker_id}
+                    if self.info is not None:
+                        beat["info"] = self.info()
+                    wire.send_msg(sock, wire.HEARTBEAT, beat, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 deadline = time.monotonic() + self.interval
@@ -134,7 +138,10 @@ class Worker:
                 elif msg.type == wire.STOP_JOB:
                     self.runtimes.pop(msg.get("job"), None)
         finally:
-            self.send(wire.BYE, {})
+            try:  # never connected (wrong key, no coordinator): nobody to say it to
+                wire.send_msg(self.sock, wire.BYE, {"worker": self.id}, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
             heartbeat.stop.set()
             heartbeat.join(2)
             self.sock.close()

@@ -1,5 +1,7 @@
 """Fixtures for the fault tests (helpers live in fault_helpers.py)."""
 
+import os
+
 import pytest
 from fault_helpers import DELAY, HB
 
@@ -13,6 +15,8 @@ def make_cluster(tmp_path):
     def make(workers, **kw):
         kw.setdefault("heartbeat_interval", HB)
         kw.setdefault("env", {"SHARDGRAD_FAULT_DELAY": DELAY})
+        # SHARDGRAD_TEST_AGGREGATORS=k: the same tests with the hierarchical path on
+        kw.setdefault("aggregators", int(os.environ.get("SHARDGRAD_TEST_AGGREGATORS", "0")))
         cl = LocalCluster(workers, state_dir=str(tmp_path / "state"), **kw)
         clusters.append(cl)
         return cl

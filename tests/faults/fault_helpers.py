@@ -51,6 +51,26 @@ def reference_digest(job_spec):
     return _reference(json.dumps(job_spec.to_dict(), sort_keys=True))
 
 
+def log_has(cluster, name, text):
+    with open(os.path.join(cluster.log_dir, f"{name}.log"), errors="replace") as f:
+        return text in f.read()
+
+
+def upstream_of(cluster, i):
+    """The log name of the process that speaks to the coordinator for worker i (0-based):
+    the worker itself, or its aggregator when the hierarchical path is on."""
+    n = cluster.n_aggregators
+    return f"aggregator-{i % n}" if n else f"worker-{i + 1}"
+
+
+def deaths_seen(cluster, client):
+    """Has a worker's death been noticed (by the coordinator, or by an aggregator)?"""
+    if cluster.n_aggregators:
+        names = [f"aggregator-{i}" for i in range(cluster.n_aggregators)]
+        return any(log_has(cluster, n, "is dead") for n in names)
+    return any(w["state"] == "dead" for w in client.status()["workers"])
+
+
 def job_status(client, job):
     return client.status(job)["job"]
 

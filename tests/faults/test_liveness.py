@@ -5,16 +5,11 @@ import os
 import signal
 
 import pytest
-from fault_helpers import reference_digest, round_of, spec, wait_for
+from fault_helpers import log_has, reference_digest, round_of, spec, upstream_of, wait_for
 
 from shardgrad.training import weights_digest
 
 pytestmark = pytest.mark.slow
-
-
-def log_has(cluster, name, text):
-    with open(os.path.join(cluster.log_dir, f"{name}.log"), errors="replace") as f:
-        return text in f.read()
 
 
 def test_worker_notices_a_stopped_coordinator_and_registers_again(make_cluster):
@@ -28,10 +23,11 @@ def test_worker_notices_a_stopped_coordinator_and_registers_again(make_cluster):
             wait_for(lambda: round_of(c, job) >= 3, "round 3")
             os.kill(coord.pid, signal.SIGSTOP)
             stopped = True
-            wait_for(lambda: log_has(cl, "worker-1", "coordinator silent"), "the worker to notice")
+            who = upstream_of(cl, 0)  # the worker, or its aggregator
+            wait_for(lambda: log_has(cl, who, "coordinator silent"), "the worker to notice")
             os.kill(coord.pid, signal.SIGCONT)
             stopped = False
-            wait_for(lambda: log_has(cl, "worker-1", "registering anew"), "re-registration")
+            wait_for(lambda: log_has(cl, who, "registering anew"), "re-registration")
             c.wait(job, timeout=120)
             assert weights_digest(c.fetch(job)) == reference_digest(job_spec)
     finally:

@@ -1,0 +1,138 @@
+"""Hierarchical reduction (issue 13): aggregators between the coordinator and the workers.
+Whatever the layout, whoever dies (a worker or a whole aggregator, kill -9 mid-round),
+lies or raises, the job's weights equal train --local's bit for bit."""
+
+import os
+import signal
+
+import pytest
+from fault_helpers import FAULT_SPEC, job_status, kill, reference_digest, round_of, spec, wait_for
+
+from shardgrad.training import weights_digest
+
+pytestmark = pytest.mark.slow
+
+
+def finish(c, job, timeout=180):
+    c.wait(job, timeout=timeout)
+    return weights_digest(c.fetch(job))
+
+
+def log_of(cl, name):
+    with open(os.path.join(cl.log_dir, f"{name}.log"), errors="replace") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("aggregators,workers", [(1, 1), (1, 3), (2, 2), (2, 5)])
+def test_any_layout_gives_the_same_bits(make_cluster, aggregators, workers):
+    job_spec = spec(rounds=16)
+    cl = make_cluster(workers, aggregators=aggregators, liveness=25).start()
+    with cl.client() as c:
+        members = c.status()["workers"]
+        assert sorted(m["id"] for m in members) == [f"aggregator-{i}" for i in range(aggregators)]
+        assert sum(m["workers"] for m in members) == workers
+        job = c.submit(job_spec)
+        assert finish(c, job) == reference_digest(job_spec)
+        # the coordinator heard one sum per aggregator block, never one per worker
+        assert {r["workers"] for r in c.metrics(job)} <= set(range(1, aggregators + 1))
+
+
+def test_workers_behind_an_aggregator_killed_mid_round(make_cluster):
+    """kill -9 workers behind the aggregators at random points in rounds (replacements
+    join): the aggregator re-issues their sub-blocks to its other workers."""
+    job_spec = spec(rounds=40)
+    cl = make_cluster(4, aggregators=2).start()
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        for target, victim in ((6, 0), (14, 1), (22, 2)):
+            wait_for(lambda t=target: round_of(c, job) >= t, f"round {target}")
+            kill(cl.workers[victim])
+            cl.add_worker(aggregator=victim % 2)
+        assert finish(c, job) == reference_digest(job_spec)
+    assert "is dead" in log_of(cl, "aggregator-0") + log_of(cl, "aggregator-1")
+
+
+def test_an_aggregator_killed_mid_round_and_restarted(make_cluster):
+    """kill -9 a whole aggregator mid-round: the coordinator re-issues its blocks to the
+    other one; restarted, it gets its workers back (they re-register) and work again."""
+    job_spec = spec(rounds=48)
+    cl = make_cluster(4, aggregators=2).start()
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        wait_for(lambda: round_of(c, job) >= 6, "round 6")
+        kill(cl.aggregators[0])
+        wait_for(lambda: c.status()["counters"].get("workers_died", 0) >= 1, "the death seen")
+        killed_at = round_of(c, job)
+        wait_for(lambda: round_of(c, job) >= killed_at + 3, "the job to go on without it")
+        assert job_status(c, job)["state"] == "running"
+        cl.start_aggregator(0)
+        cl.wait_workers(4)  # its two workers are back behind it
+        assert finish(c, job) == reference_digest(job_spec)
+        rows = c.metrics(job)
+    assert any(r["workers"] == 2 for r in rows[-5:]), "the restarted aggregator took work"
+
+
+def test_a_lying_worker_behind_an_aggregator_is_caught_there(make_cluster):
+    """One of an aggregator's three workers turns liar after round 6; the aggregator's own
+    check catches it, quarantines it, and recalls what it sent unchecked: the coordinator
+    rolls back and the weights are right."""
+    job_spec = spec(rounds=24, verify=0.5)
+    cl = make_cluster(0, aggregators=1)
+    cl.start_coordinator()
+    cl.start_aggregator(0)
+    env = {"SHARDGRAD_FAULT_CORRUPT": "1.0", "SHARDGRAD_FAULT_CORRUPT_AFTER": "6"}
+    liar = cl.add_worker(env=env)
+    cl.add_worker()
+    cl.add_worker()
+    cl.wait_workers(3)
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        assert finish(c, job) == reference_digest(job_spec)
+        counters = c.status()["counters"]
+    log = log_of(cl, "aggregator-0")
+    assert "quarantined" in log and "differed from the aggregator's recomputation" in log
+    assert counters.get("recalls", 0) >= 1 and counters.get("rollbacks", 0) >= 1, counters
+    assert liar.poll() is None, "a quarantined worker is left running, just never used"
+
+
+def test_every_block_checked_catches_an_occasional_liar_without_rollback(make_cluster):
+    job_spec = spec(rounds=16, verify=1.0)
+    cl = make_cluster(0, aggregators=1)
+    cl.start_coordinator()
+    cl.start_aggregator(0)
+    cl.add_worker(env={"SHARDGRAD_FAULT_CORRUPT": "0.3"})
+    cl.add_worker()
+    cl.add_worker()
+    cl.wait_workers(3)
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        assert finish(c, job) == reference_digest(job_spec)
+        assert c.status()["counters"].get("rollbacks", 0) == 0
+    assert "quarantined" in log_of(cl, "aggregator-0")
+
+
+def test_a_job_that_raises_behind_aggregators_fails_alone(make_cluster):
+    """Job code raises on every worker from round 3: the job ends failed naming the round
+    and every process stays up; with honest workers, the next job is bitwise right."""
+    digits = {**FAULT_SPEC, "rounds": 10, "verify": 0.0}
+    cl = make_cluster(0, aggregators=2)
+    cl.start_coordinator()
+    for i in range(2):
+        cl.start_aggregator(i)
+    for _ in range(2):
+        cl.add_worker(env={"SHARDGRAD_FAULT_RAISE": "3"})
+    cl.wait_workers(2)
+    with cl.client() as c:
+        bad = c.submit({**digits, "name": "raises"})
+        failed = wait_for(
+            lambda: (s := job_status(c, bad))["state"] == "failed" and s, "the job to fail", 120
+        )
+        assert "round 3" in failed["error"] and "injected fault" in failed["error"], failed
+        assert all(p.poll() is None for p in [cl.coordinator, *cl.aggregators, *cl.workers])
+        for p in cl.workers:
+            kill(p, signal.SIGTERM)
+        for _ in range(2):
+            cl.add_worker()
+        good = spec(**digits)
+        job = c.submit(good)
+        assert finish(c, job) == reference_digest(good)
