@@ -63,7 +63,9 @@ def sum_to(x, shape):
     if x.shape == shape:
         return x
     lead = x.ndim - len(shape)
-    kept = tuple(i + lead for i, n in enumerate(shape) if n == 1 and x.shape[i + lead] != 1)
+    kept = ()  # the size-1 axes of `shape` that broadcasting stretched (a bias has none)
+    if 1 in shape:
+        kept = tuple(i + lead for i, n in enumerate(shape) if n == 1 and x.shape[i + lead] != 1)
     if lead and not kept:  # leading axes only (a bias): no reshape, so .grad needs no copy
         return np.asarray(x.sum(axis=tuple(range(lead))))
     out = x.sum(axis=tuple(range(lead)) + kept, keepdims=True)
@@ -403,7 +405,7 @@ defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 # every product is one batched (3-D) matmul, which computes each slice exactly as it would
 # alone, so a micro-batch's bits do not depend on k (docs/architecture.md).
 def _linear(x, w, b=None):
-    out = np.matmul(x, np.swapaxes(w, -1, -2))
+    out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
     if b is not None:
         out += b if w.ndim == 2 else b[:, None, :]
     return out
