@@ -28,23 +28,28 @@ def _key(t, fn):
 
 def _topological(roots):
     """(tensor, grad_fn, key) vertices that need a gradient, each after all computed from
-    it."""
+    it. A depth-first walk whose stack holds edges (index, tensor, grad_fn, key), the
+    nodes' own tuples, to visit, and vertices (tensor, grad_fn, key), whose inputs are all
+    visited, to emit: no tuple is built per edge."""
     order, seen = [], set()
-    stack = [(r, r.grad_fn, _key(r, r.grad_fn), False) for r in roots]
-    pop, push = stack.pop, stack.append
+    stack = [(None, r, r.grad_fn, _key(r, r.grad_fn)) for r in roots]
+    pop, push, emit = stack.pop, stack.append, order.append
     while stack:
-        t, fn, key, done = pop()
-        if done:
-            order.append((t, fn, key))
+        entry = pop()
+        if len(entry) == 3:
+            emit(entry)
             continue
+        _, t, fn, key = entry
         if key in seen:
             continue
         seen.add(key)
-        push((t, fn, key, True))
-        if fn is not None:
-            for _, a, parent, akey in fn.edges:
-                if akey not in seen:
-                    push((a, parent, akey, False))
+        if fn is None:  # a leaf: emitted at once, as if pushed and popped
+            emit((t, None, key))
+            continue
+        push((t, fn, key))
+        for edge in fn.edges:
+            if edge[3] not in seen:
+                push(edge)
     order.reverse()
     return order
 
@@ -57,13 +62,13 @@ def _check_saved(node):
     op = node.op
     if not op.saves_any:
         return
-    inputs = node.inputs
-    for i, *_ in node.edges:
-        for j in op.saves[0 if op.variadic else i]:
+    versions = node.versions  # None for an input that is no Tensor (nothing to check)
+    for edge in node.edges:
+        for j in op.saves[0 if op.variadic else edge[0]]:
             if j < 0:
                 counter, version = node.out_version
-            elif j < len(inputs) and isinstance(inputs[j], Tensor):
-                counter, version = inputs[j]._version, node.versions[j]
+            elif j < len(versions) and versions[j] is not None:
+                counter, version = node.inputs[j]._version, versions[j]
             else:
                 continue
             if counter[0] != version:

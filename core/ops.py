@@ -63,10 +63,12 @@ def sum_to(x, shape):
     if x.shape == shape:
         return x
     lead = x.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        i + lead for i, n in enumerate(shape) if n == 1 and x.shape[i + lead] != 1
-    )
-    out = x.sum(axis=axes, keepdims=True) if axes else x
+    kept = ()  # the size-1 axes of `shape` that broadcasting stretched (a bias has none)
+    if 1 in shape:
+        kept = tuple(i + lead for i, n in enumerate(shape) if n == 1 and x.shape[i + lead] != 1)
+    if lead and not kept:  # leading axes only (a bias): no reshape, so .grad needs no copy
+        return np.asarray(x.sum(axis=tuple(range(lead))))
+    out = x.sum(axis=tuple(range(lead)) + kept, keepdims=True)
     return np.asarray(out.reshape(shape) if lead else out)
 
 
@@ -147,14 +149,21 @@ def _cross_entropy_sum(logits, target):
     """Sum over samples of -log softmax(logits)[target] (fused and stable). Logits
     (..., m, classes) with targets (..., m) give one sum per leading index (micro-batch)."""
     z = _log_softmax(logits, -1)
-    picked = np.take_along_axis(z, target[..., None], axis=-1)[..., 0]
+    picked = _rows(z)[np.arange(target.size), target.reshape(-1)].reshape(target.shape)
     return np.asarray(-picked.sum(axis=-1), dtype=logits.dtype)
 
 
 def _onehot(target, like):
     out = np.zeros(like.shape, dtype=like.dtype)
-    np.put_along_axis(out, target[..., None], 1, axis=-1)
+    _rows(out)[np.arange(target.size), target.reshape(-1)] = 1
     return out
+
+
+def _rows(x):
+    """x as (rows, classes), a view: one row per target. Indexing it with (row, class)
+    pairs picks what take_along_axis / put_along_axis would, without the index arrays those
+    build in Python (a few µs per call, at every step)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def _erf(x):
@@ -396,7 +405,7 @@ defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 # every product is one batched (3-D) matmul, which computes each slice exactly as it would
 # alone, so a micro-batch's bits do not depend on k (docs/architecture.md).
 def _linear(x, w, b=None):
-    out = np.matmul(x, np.swapaxes(w, -1, -2))
+    out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
     if b is not None:
         out += b if w.ndim == 2 else b[:, None, :]
     return out

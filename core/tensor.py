@@ -110,6 +110,22 @@ def apply(op, *inputs, **params):
     return t
 
 
+def _operator(name, reflected=False):
+    """The Tensor method `self <op> o` (`o <op> self` if reflected). An integer tensor
+    meeting a Python float becomes float32 first (PyTorch promotes to its default float
+    dtype; NumPy would pick float64). A function per operator rather than one shared
+    helper: the hot path of every arithmetic op is a call shorter."""
+    op, cast = OPS[name], OPS["cast"]
+
+    def method(self, o):
+        if type(o) is float and self.data.dtype.kind in "biu":
+            self = apply(cast, self, dtype=_DEFAULT_FLOAT)
+        return apply(op, o, self) if reflected else apply(op, self, o)
+
+    method.__name__ = f"__{'r' if reflected else ''}{name}__"
+    return method
+
+
 def _as_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
@@ -306,35 +322,11 @@ class Tensor:
     __itruediv__ = div_
 
     # ---- operators ------------------------------------------------------------------------
-    def __add__(self, o):
-        return _binary(_ADD, self, o)
-
-    def __radd__(self, o):
-        return _binary(_ADD, o, self)
-
-    def __sub__(self, o):
-        return _binary(_SUB, self, o)
-
-    def __rsub__(self, o):
-        return _binary(_SUB, o, self)
-
-    def __mul__(self, o):
-        return _binary(_MUL, self, o)
-
-    def __rmul__(self, o):
-        return _binary(_MUL, o, self)
-
-    def __truediv__(self, o):
-        return _binary(_DIV, self, o)
-
-    def __rtruediv__(self, o):
-        return _binary(_DIV, o, self)
-
-    def __pow__(self, o):
-        return _binary(OPS["pow"], self, o)
-
-    def __rpow__(self, o):
-        return _binary(OPS["pow"], o, self)
+    __add__, __radd__ = _operator("add"), _operator("add", reflected=True)
+    __sub__, __rsub__ = _operator("sub"), _operator("sub", reflected=True)
+    __mul__, __rmul__ = _operator("mul"), _operator("mul", reflected=True)
+    __truediv__, __rtruediv__ = _operator("div"), _operator("div", reflected=True)
+    __pow__, __rpow__ = _operator("pow"), _operator("pow", reflected=True)
 
     def __neg__(self):
         return apply(OPS["neg"], self)
@@ -385,19 +377,6 @@ def _index(index):
     if isinstance(index, list):
         return np.asarray(index)
     return index
-
-
-_ADD, _SUB, _MUL, _DIV = OPS["add"], OPS["sub"], OPS["mul"], OPS["div"]
-
-
-def _binary(op, a, b):
-    """Apply a binary op; an integer tensor meeting a Python float becomes float32 first
-    (PyTorch promotes to its default float dtype; NumPy would pick float64)."""
-    if type(b) is float and isinstance(a, Tensor) and a.data.dtype.kind in "biu":
-        a = apply(OPS["cast"], a, dtype=_DEFAULT_FLOAT)
-    elif type(a) is float and isinstance(b, Tensor) and b.data.dtype.kind in "biu":
-        b = apply(OPS["cast"], b, dtype=_DEFAULT_FLOAT)
-    return apply(op, a, b)
 
 
 def matmul(a, b):
