@@ -14,8 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,oracle,demo]'
 	touch $@
 
+# Then the fault, determinism, gradient and security tests again with the hierarchical path
+# on (two aggregators between the coordinator and the workers; issue 13).
+HIERARCHICAL_TESTS := tests/faults tests/security tests/service/test_end_to_end.py \
+                      tests/service/test_gradients.py
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -n auto -q
+	SHARDGRAD_TEST_AGGREGATORS=2 $(PY) -m pytest -n auto -q $(HIERARCHICAL_TESTS) -k "not aggregator"
 
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n auto -q -m fuzz

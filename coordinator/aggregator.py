@@ -85,7 +85,7 @@ class Aggregator:
         self.verifier: tuple[str, Verifier] | None = None  # (job, its local verifier)
         self.runtime: tuple[str, JobRuntime] | None = None  # built only to settle a dispute
         self.announced: int | None = None
-        self.info = {"role": "aggregator", "workers": 0}
+        self.info = {"role": "aggregator", "workers": 0, "seq": 0}
         self.stopping = False
         self.endpoint = None
 
@@ -164,7 +164,8 @@ class Aggregator:
         """READY upstream with our capacity: the coordinator deals blocks by it."""
         n = len(self.members.live())
         info = {"host": socket.gethostname(), "pid": os.getpid(), "role": "aggregator"}
-        self.info = {**info, "workers": n}  # the heartbeat thread sends it too
+        seq = self.info.get("seq", 0) + 1
+        self.info = {**info, "workers": n, "seq": seq}  # the heartbeat thread sends it too
         wire.send_msg(self.up, wire.READY, {"worker": self.id, "info": self.info})
         self.announced = n
 
@@ -177,13 +178,13 @@ class Aggregator:
                           flags=zmq.NOBLOCK)  # fmt: skip
             return True
         except zmq.ZMQError as e:  # gone, or its queue is full
-            log.info("could not send %s to %s: %s", msg_type, wid, e)
+            log.warning("worker %s is gone (could not send %s: %s)", wid, msg_type, e)
             self.members.leave(wid)
             return False
 
     def tick(self):
         for wid in self.members.sweep():
-            log.warning("worker %s is dead", wid)
+            log.warning("worker %s is gone (no heartbeat)", wid)
         if len(self.members.live()) != self.announced:
             self.register()
         if self.share is not None:

@@ -32,8 +32,10 @@ class Membership:
         w.last_seen = now
         if w.state != "quarantined":  # caught lying: it stays out until it is restarted
             w.state = "alive"
-        if info:
-            w.info.update(info)
+        if info and (
+            info.get("pid") != w.info.get("pid") or info.get("seq", 0) >= w.info.get("seq", 0)
+        ):
+            w.info.update(info)  # never an older count from the same process
         return False
 
     def quarantine(self, wid: str, reason: str) -> None:

@@ -546,7 +546,11 @@ class Coordinator:
             reduce_s=t1 - t0,
             overhead_s=round_s - compute,
             transfer_s=round_s - compute - (t2 - t0),  # messaging and waiting, the rest
-            workers=len(r.compute_s),
+            workers=sum(
+                self.members.capacities(
+                    w for w in r.compute_s if w in self.members.workers
+                ).values()
+            ),
             blocks=len(r.holders),
             checked=len(r.checks),  # of which a second worker recomputed (verify)
             samples_per_s=job.rt.global_batch / max(round_s, 1e-9),

@@ -36,6 +36,9 @@ def worker_info(msg) -> dict:
     # An aggregator (coordinator/aggregator.py) says so, and how many workers it has now.
     if info.get("role") == "aggregator" and type(info.get("workers")) is int:
         out["role"], out["workers"] = "aggregator", max(0, min(info["workers"], 100_000))
+        # READY and heartbeats travel on two connections, unordered between them: the
+        # count's sequence number lets the newer one win.
+        out["seq"] = info["seq"] if type(info.get("seq")) is int else 0
     return out
 
 

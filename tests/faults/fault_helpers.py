@@ -67,7 +67,7 @@ def deaths_seen(cluster, client):
     """Has a worker's death been noticed (by the coordinator, or by an aggregator)?"""
     if cluster.n_aggregators:
         names = [f"aggregator-{i}" for i in range(cluster.n_aggregators)]
-        return any(log_has(cluster, n, "is dead") for n in names)
+        return any(log_has(cluster, n, "is gone") for n in names)
     return any(w["state"] == "dead" for w in client.status()["workers"])
 
 

@@ -1,5 +1,7 @@
 """Fixtures for the security tests: a fresh key directory and clusters stopped at the end."""
 
+import os
+
 import pytest
 
 from shardgrad.cluster import LocalCluster
@@ -19,6 +21,8 @@ def make_cluster(tmp_path):
 
     def make(workers=2, **kw):
         kw.setdefault("heartbeat_interval", 0.2)
+        # SHARDGRAD_TEST_AGGREGATORS=k: the same tests with the hierarchical path on
+        kw.setdefault("aggregators", int(os.environ.get("SHARDGRAD_TEST_AGGREGATORS", "0")))
         cl = LocalCluster(workers, state_dir=str(tmp_path / f"state{len(clusters)}"), **kw)
         clusters.append(cl)
         return cl.start()

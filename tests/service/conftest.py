@@ -157,6 +157,8 @@ def make_cluster(request):
     clusters: list[LocalCluster] = []
 
     def make(workers=2, **kw):
+        # SHARDGRAD_TEST_AGGREGATORS=k: the same tests with the hierarchical path on
+        kw.setdefault("aggregators", int(os.environ.get("SHARDGRAD_TEST_AGGREGATORS", "0")))
         cluster = LocalCluster(workers=workers, **kw)
         clusters.append(cluster)
         cluster.start()
