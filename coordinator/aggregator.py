@@ -160,9 +160,13 @@ class Aggregator:
             except Exception:  # a bug must cost one message, never the aggregator
                 log.exception("error handling %s", msg.type)
 
+    def capacity(self) -> int:
+        """Our live workers, counting those behind aggregators below us (a tree of them)."""
+        return sum(self.members.capacities(self.members.live()).values())
+
     def register(self):
         """READY upstream with our capacity: the coordinator deals blocks by it."""
-        n = len(self.members.live())
+        n = self.capacity()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "role": "aggregator"}
         seq = self.info.get("seq", 0) + 1
         self.info = {**info, "workers": n, "seq": seq}  # the heartbeat thread sends it too
@@ -185,7 +189,7 @@ class Aggregator:
     def tick(self):
         for wid in self.members.sweep():
             log.warning("worker %s is gone (no heartbeat)", wid)
-        if len(self.members.live()) != self.announced:
+        if self.capacity() != self.announced:
             self.register()
         if self.share is not None:
             self.repair()
@@ -244,7 +248,8 @@ class Aggregator:
         s, live = self.share, self.members.live()
         if not s.unassigned or not live:
             return  # no workers yet: we said so upstream, which re-issues if it must
-        assignment = split_blocks(s.unassigned, s.round.n_micro, live, self.per_worker)
+        capacity = self.members.capacities(live)
+        assignment = split_blocks(s.unassigned, s.round.n_micro, live, self.per_worker, capacity)
         s.unassigned = []
         self.send_blocks(s.round.add(assignment, live))
 
@@ -252,10 +257,13 @@ class Aggregator:
         s = self.share
         fields = {"job": s.job, "gen": s.when[0], "round": s.when[1], "spec": s.spec}
         arrays = [(str(i), w) for i, w in enumerate(s.weights)]
+        layout = [[list(shape), str(dtype)] for shape, dtype in s.layout]
         for wid, blocks in assignment.items():
             if blocks:
-                self.send_down(wid, wire.TASK, {**fields, "blocks": [list(b) for b in blocks]},
-                               arrays)  # fmt: skip
+                task = {**fields, "blocks": [list(b) for b in blocks]}
+                if self.members.is_aggregator(wid):  # an aggregator below us
+                    task["layout"] = layout
+                self.send_down(wid, wire.TASK, task, arrays)
 
     # ---- downstream: our workers -----------------------------------------------------------
     def on_worker(self, msg):
@@ -267,13 +275,19 @@ class Aggregator:
         if msg.type == wire.BYE:
             return self.members.leave(wid)
         if msg.type in (wire.READY, wire.HEARTBEAT):
-            if self.members.heard(wid, worker_info(msg) if msg.type == wire.READY else None):
+            if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:
                 self.send_down(msg.envelope[0].decode(), wire.HEARTBEAT, {})
+            elif self.share is not None and (owed := self.share.round.owed_by(wid)):
+                self.send_blocks({wid: owed})  # it holds nothing now: what it owes, again
             return
-        if msg.type == wire.RECALL:
-            raise wire.ProtocolError("RECALL comes from aggregators, not workers")
+        if msg.type == wire.RECALL:  # from an aggregator below us: pass it up
+            if not self.members.is_aggregator(wid):
+                raise wire.ProtocolError("RECALL comes from aggregators, not workers")
+            job, since = wire.require(msg, "job", "since")
+            reason = str(msg.get("reason", ""))[:200]
+            return self.send_up(wire.RECALL, {"job": job, "since": since, "reason": reason})
         s = self.share
         job, rnd, block = wire.require(msg, "job", "round", "block")
         if s is None or job != s.job or rnd != s.when[1] or not isinstance(block, list):

@@ -85,26 +85,37 @@ def assign_blocks(
     merged into the fewest tree nodes (so a worker with a whole subtree sends one sum).
     `capacity` (default 1 each) weighs the deal: an aggregator with 4 workers behind it
     gets the share of 4, as one contiguous run, so its subtree comes back as one sum."""
-    cap = [capacity.get(w, 1) if capacity else 1 for w in workers]
-    total = sum(cap)
+    total = sum(capacity.get(w, 1) if capacity else 1 for w in workers)
     blocks = aligned_blocks(n, block_size_for(n, total, per_worker))
+    return {w: coalesce(run, n) for w, run in deal(blocks, workers, capacity).items()}
+
+
+def deal(blocks: Sequence, workers: Sequence[str], capacity: dict | None = None) -> dict:
+    """Contiguous runs of `blocks`, one per worker in order, sized by capacity (default 1)."""
+    cap = [capacity.get(w, 1) if capacity else 1 for w in workers]
+    total, bounds = sum(cap), np.cumsum(cap)  # worker j's share ends at bounds[j]
     out: dict[str, list] = {w: [] for w in workers}
-    bounds = np.cumsum(cap)  # worker j's share ends at bounds[j] (in capacity units)
     for i, blk in enumerate(blocks):
         j = int(np.searchsorted(bounds, i * total // len(blocks), side="right"))
         out[workers[j]].append(blk)
-    return {w: coalesce(run, n) for w, run in out.items()}
+    return out
 
 
 def split_blocks(
-    blocks: Sequence[tuple[int, int]], n: int, workers: Sequence[str], per_worker: int = 2
+    blocks: Sequence[tuple[int, int]],
+    n: int,
+    workers: Sequence[str],
+    per_worker: int = 2,
+    capacity: dict | None = None,
 ) -> dict[str, list]:
     """An aggregator's share of its `blocks` (nodes of the tree of [0, n)) among its local
     `workers`: every block cut into aligned sub-blocks of one power-of-two size, small enough
-    that each worker gets `per_worker`, dealt out as contiguous runs and merged back into
-    the fewest nodes without crossing a block (the aggregator sends each block's sum)."""
+    that each worker gets `per_worker`, dealt out as contiguous runs (weighed by `capacity`,
+    as in assign_blocks: a member may be an aggregator itself) and merged back into the
+    fewest nodes without crossing a block (the aggregator sends each block's sum)."""
     blocks = sorted(blocks)
-    target = max(1, len(workers) * per_worker)
+    total = sum(capacity.get(w, 1) if capacity else 1 for w in workers)
+    target = max(1, total * per_worker)
     size = 1 << max(0, (max(hi - lo for lo, hi in blocks) - 1).bit_length())
 
     def pieces(s):
@@ -113,9 +124,7 @@ def split_blocks(
     while size > 1 and len(pieces(size)) < target:
         size //= 2
     fine = pieces(size)
-    out: dict[str, list] = {w: [] for w in workers}
-    for i, blk in enumerate(fine):
-        out[workers[i * len(workers) // len(fine)]].append(blk)
+    out = deal(fine, workers, capacity)
     owner = {b: next(p for p in blocks if p[0] <= b[0] < p[1]) for b in fine}
     return {
         w: [m for p in blocks for m in coalesce([b for b in run if owner[b] == p], n)]

@@ -345,6 +345,12 @@ def parser():
         help="its worker key pair: upstream it is a worker, and it serves its workers with it",
     )
     s.add_argument(
+        "--server-key",
+        default=ENV("SHARDGRAD_SERVER_KEY"),
+        help="public key file of the aggregator above this one, if any (default: the "
+        "coordinator's) [SHARDGRAD_SERVER_KEY]",
+    )
+    s.add_argument(
         "--min-deadline",
         type=float,
         default=_env_float("SHARDGRAD_MIN_DEADLINE", 5.0),

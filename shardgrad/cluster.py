@@ -31,6 +31,7 @@ class LocalCluster:
         env=None,
         http=None,
         aggregators=0,
+        root_aggregator=False,
     ):
         self.tmp = tempfile.mkdtemp(prefix="shardgrad-cluster-")
         # The temp dir (sockets, and state and logs unless placed elsewhere) goes away on
@@ -52,6 +53,10 @@ class LocalCluster:
         # Hierarchical: this many aggregators (as if one per host), workers dealt round-robin.
         self.n_aggregators = aggregators
         self.aggregators: list[subprocess.Popen] = []
+        # ... and with root_aggregator, those connect to one more above them (a two-level
+        # tree: the coordinator then hears a single member whatever the number of hosts).
+        self.root = None
+        self.root_aggregator = root_aggregator
 
     @property
     def worker_address(self):
@@ -119,10 +124,19 @@ class LocalCluster:
 
     def start_aggregator(self, i, env=None):
         """Aggregator i (0-based; started again after a kill, it binds the same address)."""
-        args = ["aggregator", "--coordinator-workers", self.worker_address, *self._common()]
+        upstream = self.worker_address
+        if self.root_aggregator and i != "root":
+            if self.root is None:
+                self.root = self.start_aggregator("root")
+            upstream = self.aggregator_address("root")
+        args = ["aggregator", "--coordinator-workers", upstream, *self._common()]
         args += ["--bind", self.aggregator_address(i), "--id", f"aggregator-{i}"]
         args += self._peer_args()
+        if self.keys and upstream != self.worker_address:
+            args += ["--server-key", os.path.join(self.keys, "workers", "worker.key")]
         proc = self._spawn(f"aggregator-{i}", args, env)
+        if i == "root":
+            return proc
         if i < len(self.aggregators):
             self.aggregators[i] = proc
         else:
@@ -204,7 +218,7 @@ class LocalCluster:
     def stop(self, timeout=10.0):
         # Workers first (their BYE still reaches the coordinator), then the coordinator.
         deadline = time.monotonic() + timeout
-        for group in (self.workers, self.aggregators, [self.coordinator]):
+        for group in (self.workers, self.aggregators, [self.root], [self.coordinator]):
             procs = [p for p in group if p is not None]
             for p in procs:
                 if p.poll() is None:

@@ -140,3 +140,23 @@ def test_a_job_that_raises_behind_aggregators_fails_alone(make_cluster):
         good = spec(**digits)
         job = c.submit(good)
         assert finish(c, job) == reference_digest(good)
+
+
+def test_a_tree_of_aggregators(make_cluster):
+    """Two host aggregators under a root one: the coordinator hears one member, one sum
+    per round. One host aggregator is killed mid-round; the root re-issues its blocks to
+    the other; the weights are right."""
+    job_spec = spec(rounds=40)
+    cl = make_cluster(4, aggregators=2, root_aggregator=True).start()
+    with cl.client() as c:
+        (root,) = c.status()["workers"]
+        assert root["id"] == "aggregator-root" and root["workers"] == 4
+        job = c.submit(job_spec)
+        wait_for(lambda: round_of(c, job) >= 8, "round 8")
+        kill(cl.aggregators[1])
+        wait_for(lambda: cl.capacity(c) == 2, "the root to see it gone")
+        assert finish(c, job) == reference_digest(job_spec)
+        rows = c.metrics(job)
+    assert {r["blocks"] for r in rows} == {1}, "one sum per round reached the coordinator"
+    assert "is gone" in log_of(cl, "aggregator-root")
+
