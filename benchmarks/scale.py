@@ -44,10 +44,13 @@ measured round, and extrapolated to 1-256 hosts on 10 GbE for the performance be
 two MLPs (their per-micro-batch compute is measured here, with 256 micro-batches per round
 so that 256 hosts each get one). docs/scaling.md explains the model.
 
-Modes: `star` is the coordinator as it is. `hierarchical` (issue 13 part 2) is a column
-ready for the tree reduction: MODES below maps it to None (not implemented yet), and every
-cell of it prints "n/a". Once it exists, set its entry to the coordinator's extra
-environment / flags that turn it on; the measured byte counts then apply as they are.
+Modes: `star` is every worker speaking to the coordinator. `hierarchical` (issue 13 part
+2) puts aggregators in between (coordinator/aggregator.py): 4 host aggregators (as if 4
+hosts; workers dealt round-robin) under one root aggregator, so the coordinator hears one
+member and exchanges one weights copy and one sum per round whatever N. Its bytes are the
+kernel's count (the "computed" column is the star's formula, n/a here); on this one machine
+every extra hop is another process on the same 2 cores, so its round time measures the
+cost of the hops, not what a network of hosts would see (the extrapolation models that).
 """
 
 import os
@@ -76,8 +79,9 @@ from shardgrad.core.sampling import assign_blocks  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
 
-# mode -> extra environment for the coordinator (None: not available yet, printed as n/a).
-MODES = {"star": {}, "hierarchical": None}
+# mode -> LocalCluster arguments. Hierarchical: a root aggregator above 4 host aggregators
+# (as if 4 hosts; workers dealt round-robin), so the coordinator hears one member.
+MODES = {"star": {}, "hierarchical": {"aggregators": 4, "root_aggregator": True}}
 
 HIDDEN = 1250
 N_FEATURES = 784
@@ -190,11 +194,11 @@ def step_of(row):
     return row["round_s"] - row["compute_s"] - row["transfer_s"] - row["reduce_s"]
 
 
-def run_mode(mode_env, ns, rounds, warmup, log, hidden=HIDDEN):
+def run_mode(mode, ns, rounds, warmup, log, hidden=HIDDEN):
     """{N: result} for one coordinator mode and model, one growing cluster."""
     results = {}
     cluster = LocalCluster(
-        workers=ns[0], worker_bind=f"tcp://127.0.0.1:{free_port()}", env=mode_env
+        workers=ns[0], worker_bind=f"tcp://127.0.0.1:{free_port()}", **mode
     ).start()
     try:
         for n in ns:
@@ -314,14 +318,18 @@ def model_star(n, s_bytes, t_comp, k, link, t_step, n_micro):
     return t_comp + k["c0"] + msgs * k["c_msg"] + move + (nb - 1) * s_bytes / k["add_rate"] + t_step
 
 
-def model_tree(n, s_bytes, t_comp, k, link, t_step):
-    """Predicted hierarchical round: a binary reduction tree over the workers, ceil(log2 N)
-    levels up (each a message of S, received and added) and the new weights the same
-    levels down, store-and-forward; the coordinator sends and receives one S."""
-    levels = int(np.ceil(np.log2(n))) if n > 1 else 0
-    hop = s_bytes / link + k["c_msg"]
+FAN_OUT = 4  # aggregators (or workers) under each aggregator in the extrapolated tree
+
+
+def model_tree(n, s_bytes, t_comp, k, link, t_step, f=FAN_OUT):
+    """Predicted hierarchical round: a tree of aggregators of fan-out f over the hosts,
+    ceil(log_f N) levels. At each level an aggregator sends f weight copies down and takes
+    f sums up over its own link (store and forward), and adds f - 1 of them; the
+    coordinator sends and receives one S."""
+    levels = int(np.ceil(np.log(n) / np.log(f) - 1e-9)) if n > 1 else 0
+    level = 2 * f * (s_bytes / link + k["c_msg"]) + (f - 1) * s_bytes / k["add_rate"]
     own = 2 * (s_bytes / k["bw"] + k["c_msg"])  # the root's exchange with the coordinator
-    return t_comp + k["c0"] + own + 2 * levels * hop + levels * s_bytes / k["add_rate"] + t_step
+    return t_comp + k["c0"] + own + levels * level + t_step
 
 
 def micro_batch_compute(hidden, batch, micro, repeats=7):
@@ -518,7 +526,8 @@ def main():
 
         print(
             f"\n### Extrapolation: {MICRO_256} micro-batches per round, 10 GbE "
-            f"({LINK_10GBE / 1e9:.2f} GB/s payload each way), this machine's constants "
+            f"({LINK_10GBE / 1e9:.2f} GB/s payload each way), this machine's constants; "
+            f"hierarchical: a tree of aggregators of fan-out {FAN_OUT} over the hosts "
             "(ms per round; coordinator MB in per round)\n"
         )
         print(
