@@ -58,7 +58,12 @@ def format_status(status: dict) -> str:
     parts = []
     if workers:
         rows = [
-            [w["id"], w["state"], _age(w.get("last_heartbeat_s")), str(w.get("blocks_done", 0))]
+            [
+                w["id"] + (f" (aggregator of {w['workers']})" if "workers" in w else ""),
+                w["state"],
+                _age(w.get("last_heartbeat_s")),
+                str(w.get("blocks_done", 0)),
+            ]
             for w in workers
         ]
         parts.append(_table(["WORKER", "STATE", "HEARTBEAT", "BLOCKS"], rows))
