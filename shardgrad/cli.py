@@ -293,13 +293,17 @@ def parser():
     )
     s.set_defaults(fn=cmd_coordinator)
 
+    def upstream_arg(s):
+        s.add_argument(
+            "--coordinator-workers",
+            "--coordinator",
+            default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
+            help="coordinator worker address, or this host's aggregator's "
+            "[SHARDGRAD_COORDINATOR_WORKERS]",
+        )
+
     s = sub.add_parser("worker", help="run a worker")
-    s.add_argument(
-        "--coordinator-workers",
-        "--coordinator",
-        default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
-        help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
-    )
+    upstream_arg(s)
     s.add_argument(
         "--liveness",
         type=int,
@@ -323,12 +327,7 @@ def parser():
         "aggregator",
         help="run a host's aggregator: its workers connect here, it speaks to the coordinator",
     )
-    s.add_argument(
-        "--coordinator-workers",
-        "--coordinator",
-        default=ENV("SHARDGRAD_COORDINATOR_WORKERS", "tcp://127.0.0.1:5555"),
-        help="coordinator worker address [SHARDGRAD_COORDINATOR_WORKERS]",
-    )
+    upstream_arg(s)
     s.add_argument(
         "--bind",
         default=ENV("SHARDGRAD_AGGREGATOR_BIND", "tcp://0.0.0.0:5557"),

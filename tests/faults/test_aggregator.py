@@ -76,19 +76,24 @@ def test_an_aggregator_killed_mid_round_and_restarted(make_cluster):
     assert rows[-1]["workers"] == 4, "the restarted aggregator took work"
 
 
+def a_liar_among_three(make_cluster, corrupt, after=0):
+    """One aggregator, three workers, the first of them adding noise to its sums."""
+    cl = make_cluster(0, aggregators=1)
+    cl.start_coordinator()
+    env = {"SHARDGRAD_FAULT_CORRUPT": corrupt, "SHARDGRAD_FAULT_CORRUPT_AFTER": str(after)}
+    liar = cl.add_worker(env=env)
+    cl.add_worker()
+    cl.add_worker()
+    cl.wait_workers(3)
+    return cl, liar
+
+
 def test_a_lying_worker_behind_an_aggregator_is_caught_there(make_cluster):
     """One of an aggregator's three workers turns liar after round 6; the aggregator's own
     check catches it, quarantines it, and recalls what it sent unchecked: the coordinator
     rolls back and the weights are right."""
     job_spec = spec(rounds=24, verify=0.5)
-    cl = make_cluster(0, aggregators=1)
-    cl.start_coordinator()
-    cl.start_aggregator(0)
-    env = {"SHARDGRAD_FAULT_CORRUPT": "1.0", "SHARDGRAD_FAULT_CORRUPT_AFTER": "6"}
-    liar = cl.add_worker(env=env)
-    cl.add_worker()
-    cl.add_worker()
-    cl.wait_workers(3)
+    cl, liar = a_liar_among_three(make_cluster, "1.0", after=6)
     with cl.client() as c:
         job = c.submit(job_spec)
         assert finish(c, job) == reference_digest(job_spec)
@@ -101,13 +106,7 @@ def test_a_lying_worker_behind_an_aggregator_is_caught_there(make_cluster):
 
 def test_every_block_checked_catches_an_occasional_liar_without_rollback(make_cluster):
     job_spec = spec(rounds=16, verify=1.0)
-    cl = make_cluster(0, aggregators=1)
-    cl.start_coordinator()
-    cl.start_aggregator(0)
-    cl.add_worker(env={"SHARDGRAD_FAULT_CORRUPT": "0.3"})
-    cl.add_worker()
-    cl.add_worker()
-    cl.wait_workers(3)
+    cl, _ = a_liar_among_three(make_cluster, "0.3")
     with cl.client() as c:
         job = c.submit(job_spec)
         assert finish(c, job) == reference_digest(job_spec)
@@ -159,4 +158,3 @@ def test_a_tree_of_aggregators(make_cluster):
         rows = c.metrics(job)
     assert {r["blocks"] for r in rows} == {1}, "one sum per round reached the coordinator"
     assert "is gone" in log_of(cl, "aggregator-root")
-
