@@ -114,7 +114,10 @@ def test_fifo_queue_and_cancel(make_cluster, svc):
         seen = []
 
         def both_final():
-            s1, s2, s3 = (c.status(j)["job"] for j in (j1, j2, j3))
+            # one JOBS request: a snapshot of all three (three STATUS requests could see
+            # job 1 running and then, after it ends between them, job 2 running too)
+            rows = {j["id"]: j for j in c.jobs()}
+            s1, s2, s3 = (rows[j] for j in (j1, j2, j3))
             seen.append((s1["state"], s2["state"], s3["state"]))
             assert s3["state"] == "cancelled" and s3["round"] == 0, s3
             if s1["state"] != "done":
