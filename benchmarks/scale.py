@@ -318,10 +318,10 @@ def model_star(n, s_bytes, t_comp, k, link, t_step, n_micro):
     return t_comp + k["c0"] + msgs * k["c_msg"] + move + (nb - 1) * s_bytes / k["add_rate"] + t_step
 
 
-FAN_OUT = 4  # aggregators (or workers) under each aggregator in the extrapolated tree
+FANS = (2, 4, 8, 16)  # fan-outs (members per aggregator) tried in the extrapolation
 
 
-def model_tree(n, s_bytes, t_comp, k, link, t_step, f=FAN_OUT):
+def model_tree(n, s_bytes, t_comp, k, link, t_step, f):
     """Predicted hierarchical round: a tree of aggregators of fan-out f over the hosts,
     ceil(log_f N) levels. At each level an aggregator sends f weight copies down and takes
     f sums up over its own link (store and forward), and adds f - 1 of them; the
@@ -527,7 +527,8 @@ def main():
         print(
             f"\n### Extrapolation: {MICRO_256} micro-batches per round, 10 GbE "
             f"({LINK_10GBE / 1e9:.2f} GB/s payload each way), this machine's constants; "
-            f"hierarchical: a tree of aggregators of fan-out {FAN_OUT} over the hosts "
+            "hierarchical: a tree of aggregators over the hosts, with the best fan-out f of "
+            f"{', '.join(map(str, FANS))} "
             "(ms per round; coordinator MB in per round)\n"
         )
         print(
@@ -547,11 +548,16 @@ def main():
                 t_comp = t_mb * -(-MICRO_256 // n)  # the busiest host's micro-batches
                 t_step = s_bytes / step_rate
                 st = model_star(n, s_bytes, t_comp, f, LINK_10GBE, t_step, MICRO_256)
-                tr = model_tree(n, s_bytes, t_comp, f, LINK_10GBE, t_step)
+                # a deployment picks its tree's fan-out (hosts per aggregator): the best one
+                fan, tr = min(
+                    ((k, model_tree(n, s_bytes, t_comp, f, LINK_10GBE, t_step, k)) for k in FANS),
+                    key=lambda kv: kv[1],
+                )
                 nb = n_blocks(MICRO_256, n)
                 print(
                     f"| {label} | {n_params:,} | {n} | {t_comp * 1e3:.1f} | {st * 1e3:.0f} "
-                    f"| {nb * s_bytes / 1e6:,.0f} | {tr * 1e3:.0f} | {s_bytes / 1e6:.1f} |"
+                    f"| {nb * s_bytes / 1e6:,.0f} | {tr * 1e3:.0f} (f = {fan}) "
+                    f"| {s_bytes / 1e6:.1f} |"
                 )
 
 
