@@ -35,14 +35,17 @@ import zmq
 from .. import wire
 from ..core.sampling import all_finite, split_blocks
 from ..jobspec import parse_spec
+from ..security import RateLimit
 from ..training import JobRuntime
 from ..worker.worker import Heartbeat
 from .membership import Membership
 from .rounds import Round
+from .server import Config
 from .verify import Verifier
 from .workers import check_grads, sender_of, worker_info
 
 log = logging.getLogger("shardgrad.aggregator")
+MAX_MEMBERS_SHOWN = 256  # rows of our table that travel upstream for `status`
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Aggregator:
         self.security, self.server, self.limits = security, server, limits
         self.per_worker = per_worker
         self.min_deadline, self.round_times = min_deadline, []  # straggler backups, as upstream
+        self.rate = RateLimit(Config.worker_rate, Config.worker_burst)  # as upstream's port
         self.members = Membership(heartbeat_interval, liveness)
         self.share: Share | None = None
         self.verifier: tuple[str, Verifier] | None = None  # (job, its local verifier)
@@ -169,9 +173,15 @@ class Aggregator:
         n = self.capacity()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "role": "aggregator"}
         seq = self.info.get("seq", 0) + 1
-        self.info = {**info, "workers": n, "seq": seq}  # the heartbeat thread sends it too
+        self.info = {**info, "workers": n, "seq": seq, "members": self.table()}
+        # (the heartbeat thread sends it too)
         wire.send_msg(self.up, wire.READY, {"worker": self.id, "info": self.info})
         self.announced = n
+
+    def table(self) -> list[dict]:
+        """Our members for the coordinator's `status`: id, state, why if quarantined."""
+        rows = self.members.table()[:MAX_MEMBERS_SHOWN]
+        return [{k: r[k] for k in ("id", "state", "reason", "workers") if k in r} for r in rows]
 
     def send_up(self, msg_type, fields, arrays=None):
         wire.send_msg(self.up, msg_type, {"worker": self.id, **fields}, arrays)
@@ -189,8 +199,9 @@ class Aggregator:
     def tick(self):
         for wid in self.members.sweep():
             log.warning("worker %s is gone (no heartbeat)", wid)
-        if self.capacity() != self.announced:
-            self.register()
+        table = self.table()
+        if self.capacity() != self.announced or table != self.info.get("members"):
+            self.register()  # a count or a state changed: say so (READY, then heartbeats)
         if self.share is not None:
             self.repair()
 
@@ -268,6 +279,8 @@ class Aggregator:
     # ---- downstream: our workers -----------------------------------------------------------
     def on_worker(self, msg):
         wid = sender_of(msg)
+        if self.rate.refused(msg.envelope[0], time.monotonic()) is not None:
+            return  # a flooding connection: as on the coordinator's worker port, dropped
         # ZAP checks a key only at connect: a revoked worker's open connection is cut here
         if self.server is not None and (msg.user is None or msg.user not in self.server.allow):
             log.warning("refused %s from %s: its key is not (or no longer) allowed", msg.type, wid)

@@ -39,6 +39,13 @@ def worker_info(msg) -> dict:
         # READY and heartbeats travel on two connections, unordered between them: the
         # count's sequence number lets the newer one win.
         out["seq"] = info["seq"] if type(info.get("seq")) is int else 0
+        members = info.get("members")
+        if isinstance(members, list):  # its own workers, for `status`: strings, bounded
+            out["members"] = [
+                {k: m[k][:200] for k in ("id", "state", "reason") if isinstance(m.get(k), str)}
+                for m in members[:256]
+                if isinstance(m, dict)
+            ]
     return out
 
 

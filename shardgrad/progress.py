@@ -51,21 +51,23 @@ def _one_line(text) -> str:
     return " / ".join(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
+def _with_members(w: dict) -> list[list[str]]:
+    """A worker's row; an aggregator's, then one indented row per worker behind it."""
+    name = w["id"] + (f" (aggregator of {w['workers']})" if "workers" in w else "")
+    rows = [[name, w["state"], _age(w.get("last_heartbeat_s")), str(w.get("blocks_done", 0))]]
+    for m in w.get("members", []):
+        state = m.get("state", "?") + (f": {m['reason']}" if m.get("reason") else "")
+        rows.append([f"  └ {m.get('id', '?')}", state, "", ""])
+    return rows
+
+
 def format_status(status: dict) -> str:
     """The STATUS reply as text: a workers table, then the job (or jobs) table."""
     workers = status.get("workers", [])
     jobs = [status["job"]] if status.get("job") else status.get("jobs", [])
     parts = []
     if workers:
-        rows = [
-            [
-                w["id"] + (f" (aggregator of {w['workers']})" if "workers" in w else ""),
-                w["state"],
-                _age(w.get("last_heartbeat_s")),
-                str(w.get("blocks_done", 0)),
-            ]
-            for w in workers
-        ]
+        rows = [row for w in workers for row in _with_members(w)]
         parts.append(_table(["WORKER", "STATE", "HEARTBEAT", "BLOCKS"], rows))
     else:
         parts.append("no workers connected")

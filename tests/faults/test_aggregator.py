@@ -98,6 +98,13 @@ def test_a_lying_worker_behind_an_aggregator_is_caught_there(make_cluster):
         job = c.submit(job_spec)
         assert finish(c, job) == reference_digest(job_spec)
         counters = c.status()["counters"]
+
+        def quarantined_below():  # the aggregator's table reaches the coordinator's status
+            (agg,) = c.status()["workers"]
+            return [m for m in agg.get("members", []) if m["state"] == "quarantined"]
+
+        (caught,) = wait_for(quarantined_below, "the liar in status", 10)
+        assert "differed from the aggregator's recomputation" in caught["reason"]
     log = log_of(cl, "aggregator-0")
     assert "quarantined" in log and "differed from the aggregator's recomputation" in log
     assert counters.get("recalls", 0) >= 1 and counters.get("rollbacks", 0) >= 1, counters
