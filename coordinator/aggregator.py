@@ -25,7 +25,6 @@ dead worker and re-issues its blocks to other members.
 import logging
 import os
 import socket
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from ..security import RateLimit
 from ..training import JobRuntime
 from ..worker.worker import Heartbeat
 from .membership import Membership
-from .rounds import Round
+from .rounds import Round, straggler_deadline
 from .server import Config
 from .verify import Verifier
 from .workers import check_grads, sender_of, worker_info
@@ -83,6 +82,7 @@ class Aggregator:
         self.security, self.server, self.limits = security, server, limits
         self.per_worker = per_worker
         self.min_deadline, self.round_times = min_deadline, []  # straggler backups, as upstream
+        self.warm = None  # the job whose first share (the one that loads it) is done
         self.rate = RateLimit(Config.worker_rate, Config.worker_burst)  # as upstream's port
         self.members = Membership(heartbeat_interval, liveness)
         self.share: Share | None = None
@@ -380,7 +380,9 @@ class Aggregator:
             s.blocks.remove(b)
             if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
                 took = r.half_time if r.half_time is not None else time.monotonic() - r.started
-                self.round_times = [*self.round_times[-19:], took]
+                if self.warm == s.job:  # not the job's first share: that one loads the job
+                    self.round_times = [*self.round_times[-19:], took]
+                self.warm = s.job
 
     def repair(self):
         """Deal what waited for workers; re-issue what dead workers held."""
@@ -403,17 +405,15 @@ class Aggregator:
                     out.setdefault(wid, []).extend(got)
             self.send_blocks(out)
         if s.blocks and time.monotonic() - r.started > self.deadline():
-            idle = r.idle(live)
-            slow = [b for b in r.pending() if len(r.waiting_on(b)) == 1]
-            if idle and slow:
+            backups = r.backups(live)
+            if backups:
                 log.info("round %d: backing up %d straggling sub-block(s)", r.index,
-                         min(len(idle), len(slow)))  # fmt: skip
-                self.send_blocks(r.reissue(slow[: len(idle)], idle))
+                         len(backups))  # fmt: skip
+                self.send_blocks(backups)
         self.flush()
 
     def deadline(self):
-        median = statistics.median(self.round_times) if self.round_times else 0.0
-        return max(self.min_deadline, 3.0 * median)
+        return straggler_deadline(self.round_times, self.min_deadline)
 
 
 def main(

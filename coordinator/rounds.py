@@ -7,11 +7,22 @@ duplicate results can never change the sum (docs/architecture.md, failure handli
 A checked block is accepted only when two different workers sent the same bits.
 """
 
+import statistics
 import time
 
 import numpy as np
 
 from ..core.sampling import assign_blocks, tree_sum
+
+
+def straggler_deadline(times: list, floor: float, factor: float = 3.0) -> float:
+    """Seconds before a round's stragglers get backups: `factor` × the median of how long
+    recent rounds took to get half their blocks in, never below `floor`. Fewer than three
+    rounds are no pace yet (one slowed by a backup would hold the next ones hostage)."""
+    recent = times[-20:]
+    if len(recent) < 3:
+        return floor
+    return max(floor, factor * statistics.median(recent))
 
 
 def same_bits(a: list, b: list) -> bool:
@@ -166,6 +177,21 @@ class Round:
 
     def idle(self, live: list[str]) -> list[str]:
         return [w for w in live if not self.owed_by(w)]
+
+    def backups(self, live: list[str]) -> dict[str, list]:
+        """Straggling blocks (one holder still owes them) for idle workers, one each. A
+        worker that already answered for a block never backs it up (its second answer would
+        be dropped, and a checked block needs a different worker). Worker -> blocks."""
+        idle, out = self.idle(live), {}
+        for b in self.pending():
+            if len(self.waiting_on(b)) != 1:
+                continue
+            free = [w for w in idle if w not in out and w not in self.holders[b]]
+            free = [w for w in free if w not in self.results.get(b, ())]
+            if free:
+                self.holders[b].add(free[0])
+                out[free[0]] = [b]
+        return out
 
 
 def _never(i):

@@ -19,7 +19,6 @@ The training state itself (optimizer, accumulation, metrics, checkpoints) is the
 
 import logging
 import signal
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
 from .membership import Membership
-from .rounds import Round
+from .rounds import Round, straggler_deadline
 from .store import Store
 from .verify import Verifier
 from .workers import check_grads, sender_of, worker_info
@@ -71,6 +70,7 @@ class ActiveJob:
     verifier: Verifier
     round: Round | None = None
     round_times: list = field(default_factory=list)
+    warm: bool = False  # a round has finished since this job (re)started here
     state: str = "running"
     gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
     layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
@@ -491,11 +491,11 @@ class Coordinator:
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
-    def reissue(self, blocks, live, among=None):
+    def reissue(self, blocks, live):
         """Send `blocks` to live workers other than those who already answered for them."""
         r, out = self.job.round, {}
         for b in blocks:  # each block avoids its own answerers; one TASK (one weights copy) each
-            for wid, got in r.reissue([b], among or live, avoid=set(r.results.get(b, ()))).items():
+            for wid, got in r.reissue([b], live, avoid=set(r.results.get(b, ()))).items():
                 out.setdefault(wid, []).extend(got)
         self.send_blocks(out)
 
@@ -517,18 +517,15 @@ class Coordinator:
             self.reissue(orphans, live)
         self._set_state("paused" if orphans and not live else "running")
         if time.monotonic() - r.started > self.deadline():
-            idle = r.idle(live)
-            slow = [b for b in r.pending() if len(r.waiting_on(b)) == 1]
-            if idle and slow:
-                backups = slow[: len(idle)]
+            backups = r.backups(live)
+            if backups:
                 log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
                 self.counters["backup_blocks"] += len(backups)
-                self.reissue(backups, live, among=idle)
+                self.send_blocks(backups)
 
     def deadline(self):
-        recent = self.job.round_times[-20:]
-        median = statistics.median(recent) if recent else 0.0
-        return max(self.cfg.min_deadline, self.cfg.deadline_factor * median)
+        cfg = self.cfg
+        return straggler_deadline(self.job.round_times, cfg.min_deadline, cfg.deadline_factor)
 
     def finish_round(self):
         job, r, engine = self.job, self.job.round, self.job.engine
@@ -556,8 +553,11 @@ class Coordinator:
             samples_per_s=job.rt.global_batch / max(round_s, 1e-9),
         )
         # The deadline adapts to how long the healthy half of a round takes, so a
-        # persistent straggler cannot stretch it to its own pace.
-        job.round_times.append(r.half_time if r.half_time is not None else round_s)
+        # persistent straggler cannot stretch it to its own pace. The first round of a run
+        # also loads the job on every worker: it says nothing about the pace.
+        if job.warm:
+            job.round_times.append(r.half_time if r.half_time is not None else round_s)
+        job.warm = True
         job.round = None
         if not engine.done:
             # The next round goes out first: workers compute while we evaluate and write
