@@ -392,18 +392,11 @@ class Aggregator:
         if s.unassigned:
             self.deal()
         r = s.round
-        orphans = r.orphans(set(live))
-        for b in orphans:  # a checked sub-block whose checker is gone: take the one answer
-            if b in r.checks and r.results.get(b) and not set(live) - set(r.results[b]):
-                r.accept_unchecked(b)
-        orphans = [b for b in orphans if b not in r.delivered]
-        if orphans:
-            log.info("round %d: re-issuing %d sub-block(s) of lost workers", r.index, len(orphans))
-            out = {}
-            for b in orphans:
-                for wid, got in r.reissue([b], live, avoid=set(r.results.get(b, ()))).items():
-                    out.setdefault(wid, []).extend(got)
-            self.send_blocks(out)
+        lost, _ = r.lost(live)
+        if lost:
+            log.info("round %d: re-issuing %d sub-block(s) of lost workers", r.index,
+                     sum(map(len, lost.values())))  # fmt: skip
+            self.send_blocks(lost)
         if s.blocks and time.monotonic() - r.started > self.deadline():
             backups = r.backups(live)
             if backups:

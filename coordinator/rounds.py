@@ -175,6 +175,27 @@ class Round:
             out.setdefault(w, []).append(b)
         return out
 
+    def lost(self, live: list[str]) -> tuple[dict[str, list], int]:
+        """What dead workers held: a checked block whose checker is gone with nobody else to
+        ask is taken on its one answer (counted); the rest go to live workers other than
+        those who already answered for them. (worker -> blocks to send, checks skipped)"""
+        orphans = self.orphans(set(live))
+        skipped = 0
+        for b in orphans:
+            if b in self.checks and self.results.get(b) and not set(live) - set(self.results[b]):
+                self.accept_unchecked(b)
+                skipped += 1
+        orphans = [b for b in orphans if b not in self.delivered]
+        return (self.reissue_avoiding_answerers(orphans, live) if live else {}), skipped
+
+    def reissue_avoiding_answerers(self, blocks: list[tuple], live: list[str]) -> dict:
+        """`blocks` to live workers other than those who already answered for each."""
+        out: dict[str, list] = {}
+        for b in blocks:
+            for wid, got in self.reissue([b], live, avoid=set(self.results.get(b, ()))).items():
+                out.setdefault(wid, []).extend(got)
+        return out
+
     def idle(self, live: list[str]) -> list[str]:
         return [w for w in live if not self.owed_by(w)]
 

@@ -491,30 +491,21 @@ class Coordinator:
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
-    def reissue(self, blocks, live):
-        """Send `blocks` to live workers other than those who already answered for them."""
-        r, out = self.job.round, {}
-        for b in blocks:  # each block avoids its own answerers; one TASK (one weights copy) each
-            for wid, got in r.reissue([b], live, avoid=set(r.results.get(b, ()))).items():
-                out.setdefault(wid, []).extend(got)
-        self.send_blocks(out)
-
     def repair_round(self):
         """Re-issue what dead (or quarantined) workers held; back up stragglers past the
         deadline."""
         r = self.job.round
         live = self.members.live()
-        orphans = r.orphans(set(live))
-        for b in orphans:
-            if b in r.checks and r.results.get(b) and not set(live) - set(r.results[b]):
-                r.accept_unchecked(b)  # its checker is gone and nobody else can check
-                self.counters["verify_skipped"] += 1
-        orphans = [b for b in orphans if b not in r.delivered]
+        lost, skipped = r.lost(live)
+        if skipped:
+            self.counters["verify_skipped"] += skipped
         if r.complete():
             return self.finish_round()
-        if orphans and live:
-            log.info("round %d: re-issuing %d block(s) of lost workers", r.index, len(orphans))
-            self.reissue(orphans, live)
+        if lost:
+            log.info("round %d: re-issuing %d block(s) of lost workers", r.index,
+                     sum(map(len, lost.values())))  # fmt: skip
+            self.send_blocks(lost)
+        orphans = r.orphans(set(live))
         self._set_state("paused" if orphans and not live else "running")
         if time.monotonic() - r.started > self.deadline():
             backups = r.backups(live)
