@@ -300,7 +300,13 @@ class Aggregator:
                 raise wire.ProtocolError("RECALL comes from aggregators, not workers")
             job, since = wire.require(msg, "job", "since")
             reason = str(msg.get("reason", ""))[:200]
-            return self.send_up(wire.RECALL, {"job": job, "since": since, "reason": reason})
+            self.send_up(wire.RECALL, {"job": job, "since": since, "reason": reason})
+            if self.share is not None and self.share.job == job:
+                # what it sent this round and we have not passed up yet may stand on the
+                # liar's word too: dropped, and re-issued (the coordinator drops the rest)
+                self.share.round.discard(wid)
+                self.repair()
+            return
         s = self.share
         job, rnd, block = wire.require(msg, "job", "round", "block")
         if s is None or job != s.job or rnd != s.when[1] or not isinstance(block, list):

@@ -345,12 +345,21 @@ class Coordinator:
         job, since = wire.require(msg, "job", "since")
         if type(since) is not int or not self.members.is_aggregator(wid):
             raise wire.ProtocolError(f"RECALL from {wid!r}: not an aggregator, or a bad round")
-        if self.job is None or job != self.job.id or since >= self.job.engine.next_round:
-            return  # nothing it said has been stepped into the weights yet
+        if self.job is None or job != self.job.id:
+            return
         self.counters["recalls"] += 1
-        target = self.job.verifier.recall_target(since)
         reason = str(msg.get("reason", ""))[:200]
         log.warning("aggregator %s recalls its sums since round %d (%s)", wid, since, reason)
+        r = self.job.round
+        if since >= self.job.engine.next_round:
+            # Nothing it said is in the weights yet, but what it sent this round may stand
+            # on the liar's word: drop it, and the round re-issues those blocks (to it too:
+            # it recomputes them without the liar).
+            if r is not None:
+                r.discard(wid)
+                self.repair_round()
+            return
+        target = self.job.verifier.recall_target(since)
         if target is None:
             return self.fail_job(f"aggregator {wid} recalled its sums since round {since} "
                                  f"({reason}), and no snapshot that old is kept")  # fmt: skip
@@ -523,7 +532,7 @@ class Coordinator:
         t0 = time.monotonic()
         total = r.total()
         t1 = time.monotonic()
-        job.verifier.contributed(r.index, [w for w, blocks in r.unverified.items() if blocks])
+        job.verifier.contributed(r.index, self.unchecked_contributors(r))
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started
@@ -560,6 +569,14 @@ class Coordinator:
             return self.finish_job()
         if engine.next_round % job.rt.spec.checkpoint_every == 0:
             self.checkpoint()  # also records the round in the queue database
+
+    def unchecked_contributors(self, r):
+        """Who had sums in round `r` accepted on its word alone. An aggregator counts even
+        when we checked its sums: they may stand on its workers' unchecked word, which it
+        can RECALL, and the rollback then needs a snapshot from before its first round."""
+        answered = {w for res in r.results.values() for w in res}
+        below = {w for w in answered if self.members.is_aggregator(w)}
+        return sorted(below | {w for w, blocks in r.unverified.items() if blocks})
 
     def checkpoint(self):
         arrays, meta = self.job.engine.pack()

@@ -4,9 +4,19 @@ lies or raises, the job's weights equal train --local's bit for bit."""
 
 import os
 import signal
+import time
 
 import pytest
-from fault_helpers import FAULT_SPEC, job_status, kill, reference_digest, round_of, spec, wait_for
+from fault_helpers import (
+    FAULT_SPEC,
+    HB,
+    job_status,
+    kill,
+    reference_digest,
+    round_of,
+    spec,
+    wait_for,
+)
 
 from shardgrad.training import weights_digest
 
@@ -165,3 +175,71 @@ def test_a_tree_of_aggregators(make_cluster):
         rows = c.metrics(job)
     assert {r["blocks"] for r in rows} == {1}, "one sum per round reached the coordinator"
     assert "is gone" in log_of(cl, "aggregator-root")
+
+
+def test_a_recall_of_the_running_round_drops_what_that_aggregator_sent(make_cluster):
+    """An aggregator that catches a liar in the round still running may already have passed
+    up a sum built on the liar's word. Its RECALL for that round makes the coordinator drop
+    what it sent this round and ask again. Here the test itself is the aggregator, speaking
+    the protocol: in round 1 it sends one noisy block sum, then the RECALL, then answers
+    the re-issued blocks honestly; the weights must equal train --local's."""
+    import numpy as np
+    import zmq
+
+    from shardgrad import wire
+    from shardgrad.training import JobRuntime
+    from shardgrad.worker.worker import Heartbeat
+
+    job_spec = spec(rounds=4, verify=0.0)
+    cl = make_cluster(0, aggregators=0)
+    cl.start_coordinator()
+    ctx = zmq.Context()
+    info = {"role": "aggregator", "workers": 3}
+    beat = Heartbeat(ctx, cl.worker_address, "fake-aggregator", HB, info=lambda: info)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"fake-aggregator")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cl.worker_address)
+    me = {"worker": "fake-aggregator"}
+    try:
+        # as if three workers were behind it: beside one real worker, its share of the
+        # round is two tree nodes, so the round is still running after its first sum
+        wire.send_msg(sock, wire.READY, {**me, "info": info})
+        beat.start()
+        cl.add_worker()
+        cl.wait_workers(4)
+        rt = JobRuntime(job_spec, verify_data=False)
+        with cl.client() as c:
+            job = c.submit(job_spec)
+            recalled, deadline = False, time.monotonic() + 120
+            while job_status(c, job)["state"] not in ("done", "failed"):
+                assert time.monotonic() < deadline, "the job did not finish"
+                if not sock.poll(200):
+                    continue
+                _, task = wire.recv_msg(sock, expect_types=wire.TO_WORKER_TYPES)
+                if task.type != wire.TASK:
+                    continue
+                rnd = task["round"]
+                rt.set_weights([task.arrays[str(i)] for i in range(len(rt.params))])
+                for lo, hi in task["blocks"]:
+                    sums = rt.block_grad(rnd, lo, hi)
+                    if rnd == 1 and not recalled:
+                        sums[0] = sums[0] + np.float32(1e-3)  # a liar's word, passed up
+                    fields = {**me, "job": job, "round": rnd, "block": [lo, hi]}
+                    names = [str(i) for i in range(len(sums) - 1)] + ["loss"]
+                    wire.send_msg(sock, wire.GRADS, fields, list(zip(names, sums, strict=True)))
+                    if rnd == 1 and not recalled:
+                        assert len(task["blocks"]) > 1, task["blocks"]
+                        recalled = True  # caught below: recall this round, answer no more
+                        reason = "worker w was caught lying"
+                        recall = {**me, "job": job, "since": 1, "reason": reason}
+                        wire.send_msg(sock, wire.RECALL, recall)
+                        break
+            assert job_status(c, job)["state"] == "done"
+            assert weights_digest(c.fetch(job)) == reference_digest(job_spec)
+            assert c.status()["counters"].get("recalls") == 1
+    finally:
+        beat.stop.set()
+        beat.join(5)
+        sock.close(0)
+        ctx.term()
