@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fault_helpers import job_status, kill, reference_digest, round_of, spec, wait_for
 
-from coordinator.store import atomic_save, load
+from shardgrad.coordinator.store import atomic_save, load
 from shardgrad.training import weights_digest
 
 pytestmark = pytest.mark.slow
