@@ -15,6 +15,7 @@ import numpy as np
 from .core import from_numpy, nn, optim
 from .core import functional as F
 from .core.clip import clip_grad_norm_
+from .core.memory import keep_freed_memory
 from .core.sampling import (
     add_arrays,
     epoch_permutation,
@@ -47,6 +48,7 @@ class JobRuntime:
     that the contract is made of."""
 
     def __init__(self, spec: JobSpec, data_root: str | None = None, verify_data: bool = True):
+        keep_freed_memory()  # a step's big temporaries reuse pages (core/memory.py)
         self.spec, self.data_root = spec, data_root
         self.model = nn.build(list(spec.model), list(spec.input_shape), spec.seed)
         named = list(self.model.named_parameters())
