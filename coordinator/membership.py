@@ -81,6 +81,11 @@ class Membership:
         """How many workers compute behind this member: 1, or an aggregator's count."""
         return self.workers[wid].info.get("workers", 1)
 
+    def on_this_host(self, wid: str) -> bool:
+        """It said it reaches us over ipc:// and can read the weights from shared memory."""
+        w = self.workers.get(wid)
+        return w is not None and w.info.get("shm") is True
+
     def is_aggregator(self, wid: str) -> bool:
         w = self.workers.get(wid)
         return w is not None and w.info.get("role") == "aggregator"

@@ -30,6 +30,7 @@ from ..core.sampling import all_finite
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
+from ..shm import WeightsBoard
 from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
@@ -88,6 +89,7 @@ class Coordinator:
         self.data_root = data_root
         self.store = Store(state_dir)
         self.members = Membership(self.cfg.heartbeat_interval, self.cfg.liveness)
+        self.board = WeightsBoard()  # the round's weights for workers on this host
         self.counters: Counter = Counter()
         self.job: ActiveJob | None = None
         self.stopping = False
@@ -488,6 +490,7 @@ class Coordinator:
         for wid, blocks in assignment.items():
             if not blocks:
                 continue
+            here = self.members.on_this_host(wid)  # the weights through shared memory
             fields = {
                 "job": job.id,
                 "gen": job.gen,
@@ -497,7 +500,11 @@ class Coordinator:
             }
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
-            if not self._send(self.workers, wid.encode(), wire.TASK, fields, arrays):
+            if here:
+                fields.update(self.board.publish(job.rt.weights(), (job.id, job.gen, r.index)))
+            if not self._send(
+                self.workers, wid.encode(), wire.TASK, fields, None if here else arrays
+            ):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
     def repair_round(self):
@@ -602,6 +609,7 @@ class Coordinator:
         for wid in self.members.live():
             self._send(self.workers, wid.encode(), wire.STOP_JOB, {"job": self.job.id})
         self.job = None
+        self.board.close()
 
     # ---- shutdown -------------------------------------------------------------------------
     def request_stop(self, *_):
@@ -612,6 +620,7 @@ class Coordinator:
             self.checkpoint()  # the last completed round; the partial one is redone
             log.info("checkpointed job %s at round %d", self.job.id, self.job.engine.next_round)
             self.job = None
+        self.board.close()
         self.workers.close(0)
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()

@@ -33,6 +33,8 @@ def worker_info(msg) -> dict:
         out["host"] = info["host"][:100]
     if type(info.get("pid")) is int:
         out["pid"] = info["pid"]
+    if info.get("shm") is True:  # on our host (ipc://): the weights via shared memory
+        out["shm"] = True
     # An aggregator (coordinator/aggregator.py) says so, and how many workers it has now.
     if info.get("role") == "aggregator" and type(info.get("workers")) is int:
         out["role"], out["workers"] = "aggregator", max(0, min(info["workers"], 100_000))

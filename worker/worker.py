@@ -23,6 +23,7 @@ import zmq
 from .. import wire
 from ..core.sampling import all_finite
 from ..jobspec import parse_spec
+from ..shm import WeightsReader, usable
 from ..training import JobRuntime
 
 log = logging.getLogger("shardgrad.worker")
@@ -97,6 +98,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.interval, self.security, self.liveness = heartbeat_interval, security, liveness
         self.runtimes: dict[str, JobRuntime] = {}
+        self.shm = WeightsReader(limits) if usable(address) else None  # on the coordinator's host
         self.queue: deque = deque()
         self.stopping = False
         self.dropped = 0
@@ -148,7 +150,8 @@ class Worker:
             self.ctx.term()
 
     def register(self):
-        self.send(wire.READY, {"info": {"host": socket.gethostname(), "pid": os.getpid()}})
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None}
+        self.send(wire.READY, {"info": info})
 
     def send(self, msg_type, fields, arrays=None):
         wire.send_msg(self.sock, msg_type, {"worker": self.id, **fields}, arrays)
@@ -184,6 +187,7 @@ class Worker:
             job, rnd, blocks, spec = wire.require(msg, "job", "round", "blocks", "spec")
             blocks = [(int(lo), int(hi)) for lo, hi in blocks]
             when = _when(msg)
+            weights = self.weights_of(msg)
         except (wire.ProtocolError, ValueError, TypeError) as e:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
@@ -191,7 +195,7 @@ class Worker:
         rt = setup_error = None
         try:  # once per TASK, not per block: the weights are the same for all of them
             rt = self.runtime(job, spec)
-            rt.set_weights([msg.arrays[str(i)] for i in range(len(rt.params))])
+            rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
         except Exception as e:  # job code (model, data): every block reports it
             setup_error = e
         for lo, hi in blocks:
@@ -218,6 +222,20 @@ class Worker:
                 self.maybe_corrupt(grads)
             names = [str(i) for i in range(len(grads) - 1)] + ["loss"]
             self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
+
+    def weights_of(self, msg) -> list | None:
+        """The weights a TASK points at in shared memory (None: they came as frames). If
+        they cannot be read here, ask for frames from now on: READY re-sends what we owe."""
+        if "shm" not in msg:
+            return None
+        if self.shm is not None:
+            try:
+                return self.shm.arrays(msg)
+            except wire.ProtocolError as e:
+                log.warning("cannot read the weights from shared memory (%s): using frames", e)
+                self.shm = None
+        self.register()
+        raise wire.ProtocolError("the TASK's weights are in shared memory we cannot read")
 
     def fault(self, job, rnd, block, exc):
         micro = getattr(exc, "micro_batch", None)

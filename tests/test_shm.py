@@ -1,0 +1,113 @@
+"""shardgrad/shm.py: the round's weights through shared memory for workers on the
+coordinator's host. Bits are unchanged; a TASK that points outside the segment, or at a
+segment that is not ours, is a ProtocolError; a worker that cannot read the segment asks for
+the weights as frames instead (and then computes as usual)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zmq
+
+from shardgrad import shm, wire
+
+
+def task(fields):
+    return wire.Message(wire.TASK, fields)
+
+
+@pytest.fixture
+def board():
+    b = shm.WeightsBoard()
+    yield b
+    b.close()
+
+
+def test_weights_read_back_bit_for_bit(board):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in [(64, 8), (64,), (3, 64)]]
+    weights[1][0] = -0.0
+    reader = shm.WeightsReader()
+    try:
+        got = reader.arrays(task(board.publish(weights, ("job", 0, 0))))
+        for a, b in zip(weights, got, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()
+            assert not b.flags.writeable
+        weights[0] += 1  # the next round: the same segment, rewritten
+        got = reader.arrays(task(board.publish(weights, ("job", 0, 1))))
+        assert got[0].tobytes() == weights[0].tobytes()
+    finally:
+        reader.drop()
+
+
+def test_the_segment_is_written_once_per_round(board):
+    w = [np.ones(4, np.float32)]
+    fields = board.publish(w, ("job", 0, 3))
+    w[0][:] = 2  # changed in place, but the same (job, gen, round): not written again
+    assert board.publish(w, ("job", 0, 3)) == fields
+    view = np.ndarray((4,), np.float32, buffer=board.seg.buf)
+    assert view.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"shm": "psm_1234"}, "not ours"),
+        ({"shm": "sg_" + "0" * 16}, "shared memory"),  # ours in form, but no such segment
+        ({"shm_layout": [["float32", [1 << 20], 0]]}, "past the segment"),
+        ({"shm_layout": [["float32", [4], -8]]}, "past the segment"),
+        ({"shm_layout": [["object", [4], 0]]}, "bad dtype"),
+        ({"shm_layout": [["float32", [4.0], 0]]}, "must be ints"),
+        ({"shm_layout": [["float32", [4]]]}, "must be [dtype, shape, offset]"),
+        ({"shm_layout": "all of it"}, "must be list"),
+    ],
+)
+def test_a_task_that_points_anywhere_else_is_refused(board, change, error):
+    fields = {**board.publish([np.ones(4, np.float32)], ("job", 0, 0)), **change}
+    reader = shm.WeightsReader()
+    with pytest.raises(wire.ProtocolError, match=error.replace("[", r"\[")):
+        reader.arrays(task(fields))
+    reader.drop()
+
+
+def test_only_ipc_workers_use_it():
+    assert shm.usable("ipc:///tmp/x/workers")
+    assert not shm.usable("tcp://10.0.0.2:5555")
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_read_the_segment_asks_for_frames(tmp_path):
+    """A fake coordinator (this test) sends a TASK pointing at a segment that does not
+    exist: the worker registers again without shared memory instead of failing."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    address = f"ipc://{tmp_path}/workers"
+    router.bind(address)
+    cmd = [sys.executable, "-m", "shardgrad.cli", "worker", "--coordinator-workers", address]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+
+        def next_ready():
+            while True:
+                assert router.poll(30_000), "no READY from the worker"
+                _, msg = wire.recv_msg(router, router=True)
+                if msg.type == wire.READY:
+                    return msg
+
+        first = next_ready()
+        assert first["info"]["shm"] is True  # it reaches us over ipc://
+        fields = {"job": "j", "gen": 0, "round": 0, "blocks": [[0, 1]], "spec": {}}
+        fields.update(shm="sg_" + "f" * 16, shm_layout=[["float32", [4], 0]])
+        wire.send_msg(router, wire.TASK, fields, identity=first.envelope[0])
+        again = next_ready()
+        assert again["info"]["shm"] is False
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        router.close(0)
+        ctx.term()
