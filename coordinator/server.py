@@ -30,7 +30,7 @@ from ..core.sampling import all_finite
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
-from ..shm import WeightsBoard
+from ..shm import GradsReader, WeightsBoard
 from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
@@ -90,6 +90,7 @@ class Coordinator:
         self.store = Store(state_dir)
         self.members = Membership(self.cfg.heartbeat_interval, self.cfg.liveness)
         self.board = WeightsBoard()  # the round's weights for workers on this host
+        self.grads_shm = GradsReader(self.cfg.limits)  # and their block sums
         self.counters: Counter = Counter()
         self.job: ActiveJob | None = None
         self.stopping = False
@@ -210,6 +211,7 @@ class Coordinator:
                 self.cfg.heartbeat_interval * self.cfg.liveness,
             )
             self.counters["workers_died"] += 1
+            self.grads_shm.forget(wid)
         job = self.job
         if job is None:
             self.start_next_job()
@@ -223,8 +225,11 @@ class Coordinator:
         wid = sender_of(msg)
         if msg.type == wire.BYE:
             self.members.leave(wid)
+            self.grads_shm.forget(wid)
             log.info("worker %s left", wid)
             return
+        if msg.type == wire.GRADS:  # whatever becomes of it, its shared-memory slot is free
+            self.grads_shm.taken(wid, msg)
         if msg.type == wire.RECALL:
             return self.on_recall(wid, msg)
         if msg.type in (wire.READY, wire.HEARTBEAT):
@@ -245,6 +250,8 @@ class Coordinator:
         if block is None:
             return
         if msg.type == wire.GRADS:
+            if "shm" in msg:  # a worker on our host: its sum is in its ring, copied out here
+                self.grads_shm.load(wid, msg)
             arrays = check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
@@ -502,6 +509,7 @@ class Coordinator:
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             if here:
                 fields.update(self.board.publish(job.rt.weights(), (job.id, job.gen, r.index)))
+                fields["grads_ack"] = self.grads_shm.read.get(wid, 0)
             if not self._send(
                 self.workers, wid.encode(), wire.TASK, fields, None if here else arrays
             ):

@@ -1,4 +1,4 @@
-"""Weights through shared memory, for workers on the coordinator's host.
+"""Weights and gradients through shared memory, for workers on the coordinator's host.
 
 A worker that reaches the coordinator over ipc:// shares its host (and /dev/shm), so the
 round's weights need not travel through the socket to it: the coordinator writes them once
@@ -11,8 +11,17 @@ before the next TASKs go out), and a TASK is only worth anything while its round
 worker that reads the segment late, while the next round's weights go in, computes a result
 for a finished round, which the coordinator drops as late whatever it holds.
 
+The other way, a worker writes each block sum into a slot of a small ring in its own
+segment, and the GRADS carries the segment's name, the layout and a sequence number
+(`{"shm", "shm_layout", "seq"}`). The coordinator copies the sum out when it takes the
+message, and every TASK it sends that worker says how far it has read (`grads_ack`: the
+newest seq it has taken or dropped). A slot is written again only after that: every
+hand-off between the two processes goes through a socket, so there is no race and no
+memory-ordering subtlety. With no free slot, a block sum goes as frames, as it does to an
+aggregator (which sends no `grads_ack`).
+
 Nothing a peer says is trusted: the name must be one this module makes, and every array
-must fit inside the segment with an allowed dtype, or the TASK is a ProtocolError.
+must fit inside the segment with an allowed dtype, or the message is a ProtocolError.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import numpy as np
 from . import wire
 
 _NAME = re.compile(r"^sg_[0-9a-f]{16}$")
+_MADE_HERE: set[str] = set()  # segments this process created (and will unlink)
 
 
 def usable(address: str) -> bool:
@@ -45,20 +55,12 @@ class WeightsBoard:
     def publish(self, arrays: list[np.ndarray], version) -> dict:
         """Write `arrays` (unless `version` is already there); the TASK fields that say
         where they are."""
-        layout, offset = [], 0
-        for a in arrays:
-            layout.append([a.dtype.name, list(a.shape), offset])
-            offset += -(-a.nbytes // 64) * 64  # each array cache-line aligned
-        if self.seg is None or self.seg.size < offset or layout != self.layout:
+        layout, size = _layout(arrays)
+        if self.seg is None or self.seg.size < size or layout != self.layout:
             self.close()
-            self.seg = shared_memory.SharedMemory(
-                name=f"sg_{secrets.token_hex(8)}", create=True, size=max(offset, 1)
-            )
-            self.layout, self.version = layout, None
+            self.seg, self.layout, self.version = _create(size), layout, None
         if version != self.version:
-            for a, (_, _, off) in zip(arrays, layout, strict=True):
-                view = np.ndarray(a.shape, a.dtype, buffer=self.seg.buf, offset=off)
-                np.copyto(view, a)
+            _write(self.seg, arrays, layout)
             self.version = version
         return {"shm": self.seg.name, "shm_layout": layout}
 
@@ -69,20 +71,39 @@ class WeightsBoard:
             self.seg = None
 
 
-class WeightsReader:
-    """The worker's side: segments attached by name (once each), arrays read out."""
+def _layout(arrays) -> tuple[list, int]:
+    """[[dtype, shape, offset], ...] with each array cache-line aligned, and the bytes."""
+    layout, offset = [], 0
+    for a in arrays:
+        layout.append([a.dtype.name, list(a.shape), offset])
+        offset += -(-a.nbytes // 64) * 64
+    return layout, offset
+
+
+def _write(seg, arrays, layout, base=0):
+    for a, (_, _, off) in zip(arrays, layout, strict=True):
+        np.copyto(np.ndarray(a.shape, a.dtype, buffer=seg.buf, offset=base + off), a)
+
+
+def _create(size):
+    seg = shared_memory.SharedMemory(
+        name=f"sg_{secrets.token_hex(8)}", create=True, size=max(size, 1)
+    )
+    _MADE_HERE.add(seg.name)
+    return seg
+
+
+class Attached:
+    """Segments another process made, attached by name (once each) and read with a layout
+    from a message, every size checked against the segment."""
 
     def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
         self.limits = limits
         self.segs: dict[str, shared_memory.SharedMemory] = {}
 
-    def arrays(self, msg: wire.Message) -> list[np.ndarray]:
-        """Read-only views of the weights a TASK points at (copy them before the round
-        ends). ProtocolError if the name or layout is not one the coordinator could send."""
-        name = wire.field_of(msg, "shm", str)
-        layout = wire.field_of(msg, "shm_layout", list)
-        if not _NAME.match(name):
-            raise wire.ProtocolError(f"TASK names shared memory {name[:40]!r}: not ours")
+    def attach(self, name) -> shared_memory.SharedMemory:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise wire.ProtocolError(f"shared memory {str(name)[:40]!r}: not a name of ours")
         seg = self.segs.get(name)
         if seg is None:
             try:
@@ -90,10 +111,19 @@ class WeightsReader:
             except OSError as e:
                 raise wire.ProtocolError(f"shared memory {name}: {e}") from None
             # Attaching registers it with this process's resource tracker, which would
-            # unlink the coordinator's segment when we exit (Python < 3.13): we do not own it.
-            resource_tracker.unregister(seg._name, "shared_memory")
-            self.drop()  # the coordinator's previous segment, if any, is gone for good
+            # unlink the owner's segment when we exit (Python < 3.13): we do not own it.
+            if name not in _MADE_HERE:
+                resource_tracker.unregister(seg._name, "shared_memory")
             self.segs[name] = seg
+        return seg
+
+    def views(self, msg: wire.Message) -> list[np.ndarray]:
+        """Read-only views of the arrays `msg` points at. ProtocolError if the name or the
+        layout is not one a peer of ours could send."""
+        seg = self.attach(wire.field_of(msg, "shm", str))
+        layout = wire.field_of(msg, "shm_layout", list)
+        if len(layout) > self.limits.max_arrays:
+            raise wire.ProtocolError(f"shm_layout has {len(layout)} arrays, above the limit")
         out = []
         for i, entry in enumerate(layout):
             if not (isinstance(entry, list) and len(entry) == 3):
@@ -111,10 +141,95 @@ class WeightsReader:
             out.append(arr)
         return out
 
-    def drop(self):
-        for seg in self.segs.values():
+    def close(self, name=None):
+        for n in [name] if name is not None else list(self.segs):
+            seg = self.segs.pop(n, None)
             try:
-                seg.close()
+                if seg is not None:
+                    seg.close()
             except BufferError:  # a view of it is still alive: the mapping goes with it
                 pass
-        self.segs.clear()
+
+
+class WeightsReader(Attached):
+    """The worker's side of the weights: only the newest segment is kept attached."""
+
+    def arrays(self, msg: wire.Message) -> list[np.ndarray]:
+        """Views of the weights a TASK points at (copy them before the round ends)."""
+        name = msg.get("shm")
+        if name not in self.segs:
+            self.close()  # the coordinator's previous segment, if any, is gone for good
+        return self.views(msg)
+
+
+class GradsRing:
+    """The worker's side of the gradients: `slots` slots in its own segment."""
+
+    def __init__(self, slots: int = 4, max_bytes: int = 256 << 20):
+        self.slots, self.max_bytes = slots, max_bytes
+        self.seg, self.layout, self.size = None, None, 0
+        self.seq = self.acked = 0
+
+    def ack(self, seq) -> None:
+        if type(seq) is int:
+            self.acked = max(self.acked, min(seq, self.seq))
+
+    def put(self, arrays: list[np.ndarray]) -> dict | None:
+        """Write a block sum into a free slot: the GRADS fields that point at it, or None
+        (no slot free, or too big a model for the ring: send frames)."""
+        layout, size = _layout(arrays)
+        if layout != self.layout:
+            if size * self.slots > self.max_bytes:
+                return None
+            self.close()  # another job's layout: results for the old one are dropped unread
+            self.seg, self.layout, self.size = _create(size * self.slots), layout, size
+            self.acked = self.seq  # nothing in the new segment is waiting to be read
+        seq = self.seq + 1
+        if seq - self.slots > self.acked:  # that slot's last sum may not be read yet
+            return None
+        base = (seq % self.slots) * self.size
+        _write(self.seg, arrays, layout, base)
+        self.seq = seq
+        shifted = [[d, shape, base + off] for d, shape, off in layout]
+        return {"shm": self.seg.name, "shm_layout": shifted, "seq": seq}
+
+    def close(self):
+        if self.seg is not None:
+            self.seg.close()
+            self.seg.unlink()
+            self.seg = None
+        self.layout = None
+
+
+class GradsReader(Attached):
+    """The coordinator's side of the gradients: each worker's segment, and how far it has
+    read each worker's GRADS (sent back as `grads_ack`)."""
+
+    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
+        super().__init__(limits)
+        self.read: dict[str, int] = {}
+        self.names: dict[str, str] = {}  # worker -> its segment's name
+
+    def taken(self, wid: str, msg: wire.Message) -> None:
+        """GRADS `msg` from `wid` is dealt with (read, or dropped unread): its slot is free."""
+        seq = msg.get("seq")
+        if type(seq) is int and seq > self.read.get(wid, 0):
+            self.read[wid] = seq
+
+    def load(self, wid: str, msg: wire.Message) -> None:
+        """Copy the arrays a GRADS points at into msg.arrays (names as on the wire)."""
+        name = msg.get("shm")
+        old = self.names.get(wid)
+        if old is not None and old != name:
+            self.close(old)  # the worker made a new ring (another job)
+        views = self.views(msg)
+        self.names[wid] = name
+        names = [str(i) for i in range(len(views) - 1)] + ["loss"]
+        msg.arrays = {n: np.array(v, copy=True) for n, v in zip(names, views, strict=True)}
+
+    def forget(self, wid: str) -> None:
+        """`wid` left or died: let its segment go."""
+        self.read.pop(wid, None)
+        name = self.names.pop(wid, None)
+        if name is not None:
+            self.close(name)

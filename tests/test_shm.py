@@ -40,7 +40,7 @@ def test_weights_read_back_bit_for_bit(board):
         got = reader.arrays(task(board.publish(weights, ("job", 0, 1))))
         assert got[0].tobytes() == weights[0].tobytes()
     finally:
-        reader.drop()
+        reader.close()
 
 
 def test_the_segment_is_written_once_per_round(board):
@@ -55,7 +55,7 @@ def test_the_segment_is_written_once_per_round(board):
 @pytest.mark.parametrize(
     "change, error",
     [
-        ({"shm": "psm_1234"}, "not ours"),
+        ({"shm": "psm_1234"}, "not a name of ours"),
         ({"shm": "sg_" + "0" * 16}, "shared memory"),  # ours in form, but no such segment
         ({"shm_layout": [["float32", [1 << 20], 0]]}, "past the segment"),
         ({"shm_layout": [["float32", [4], -8]]}, "past the segment"),
@@ -70,7 +70,7 @@ def test_a_task_that_points_anywhere_else_is_refused(board, change, error):
     reader = shm.WeightsReader()
     with pytest.raises(wire.ProtocolError, match=error.replace("[", r"\[")):
         reader.arrays(task(fields))
-    reader.drop()
+    reader.close()
 
 
 def test_only_ipc_workers_use_it():
@@ -111,3 +111,43 @@ def test_a_worker_that_cannot_read_the_segment_asks_for_frames(tmp_path):
         proc.wait(10)
         router.close(0)
         ctx.term()
+
+
+def grads_msg(fields):
+    return wire.Message(wire.GRADS, dict(fields))
+
+
+def test_block_sums_through_the_ring_bit_for_bit_and_a_slot_waits_for_its_ack():
+    ring, reader = shm.GradsRing(slots=2), shm.GradsReader()
+    try:
+        sums = [[np.full((3, 2), i, np.float32), np.array([i], np.float64)] for i in range(4)]
+        first = ring.put(sums[0])
+        second = ring.put(sums[1])
+        assert (first["seq"], second["seq"]) == (1, 2)
+        assert ring.put(sums[2]) is None  # both slots wait to be read: frames instead
+        for fields, want in ((first, sums[0]), (second, sums[1])):
+            msg = grads_msg(fields)
+            reader.load("w", msg)
+            reader.taken("w", msg)
+            assert [msg.arrays["0"].tobytes(), msg.arrays["loss"].tobytes()] == [
+                a.tobytes() for a in want
+            ]
+        assert reader.read["w"] == 2
+        ring.ack(reader.read["w"])  # as the next TASK says
+        third = ring.put(sums[2])
+        msg = grads_msg(third)
+        reader.load("w", msg)
+        assert msg.arrays["0"].tobytes() == sums[2][0].tobytes()
+        held = msg.arrays["0"]
+        ring.ack(3)
+        ring.put(sums[3])  # overwrites the slot: what was loaded is a copy, unchanged
+        assert held.tobytes() == sums[2][0].tobytes()
+    finally:
+        reader.forget("w")
+        ring.close()
+
+
+def test_a_model_too_big_for_the_ring_goes_as_frames():
+    ring = shm.GradsRing(slots=4, max_bytes=1024)
+    assert ring.put([np.zeros(1024, np.float32)]) is None
+    ring.close()

@@ -23,7 +23,7 @@ import zmq
 from .. import wire
 from ..core.sampling import all_finite
 from ..jobspec import parse_spec
-from ..shm import WeightsReader, usable
+from ..shm import GradsRing, WeightsReader, usable
 from ..training import JobRuntime
 
 log = logging.getLogger("shardgrad.worker")
@@ -99,6 +99,7 @@ class Worker:
         self.interval, self.security, self.liveness = heartbeat_interval, security, liveness
         self.runtimes: dict[str, JobRuntime] = {}
         self.shm = WeightsReader(limits) if usable(address) else None  # on the coordinator's host
+        self.ring = GradsRing()  # block sums to it, when its TASKs say how far it has read
         self.queue: deque = deque()
         self.stopping = False
         self.dropped = 0
@@ -146,6 +147,7 @@ class Worker:
                 pass
             heartbeat.stop.set()
             heartbeat.join(2)
+            self.ring.close()
             self.sock.close()
             self.ctx.term()
 
@@ -188,6 +190,8 @@ class Worker:
             blocks = [(int(lo), int(hi)) for lo, hi in blocks]
             when = _when(msg)
             weights = self.weights_of(msg)
+            by_shm = self.shm is not None and "grads_ack" in msg  # it reads our ring
+            self.ring.ack(msg.get("grads_ack"))
         except (wire.ProtocolError, ValueError, TypeError) as e:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
@@ -220,8 +224,12 @@ class Worker:
                 fields["nonfinite"] = self.first_nonfinite(rt, rnd, lo, hi)
             if self.corrupt and rnd >= self.corrupt_after:
                 self.maybe_corrupt(grads)
-            names = [str(i) for i in range(len(grads) - 1)] + ["loss"]
-            self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
+            ring = self.ring.put(grads) if by_shm else None
+            if ring is not None:
+                self.send(wire.GRADS, {**fields, **ring})
+            else:
+                names = [str(i) for i in range(len(grads) - 1)] + ["loss"]
+                self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
 
     def weights_of(self, msg) -> list | None:
         """The weights a TASK points at in shared memory (None: they came as frames). If
