@@ -130,8 +130,10 @@ def _stop_procs(procs, grace: float) -> None:
 
 
 def stop_cluster(cluster: LocalCluster, grace: float = 5.0) -> None:
-    """Workers first (their BYE still reaches the coordinator), then the coordinator."""
+    """Workers first (their BYE still reaches the coordinator), then the aggregators (the
+    hierarchical pass), then the coordinator."""
     _stop_procs(list(cluster.workers), grace)
+    _stop_procs([p for p in (*cluster.aggregators, cluster.root) if p is not None], grace)
     _stop_procs([cluster.coordinator] if cluster.coordinator is not None else [], grace)
 
 
