@@ -122,21 +122,17 @@ class Attached:
         layout is not one a peer of ours could send."""
         seg = self.attach(wire.field_of(msg, "shm", str))
         layout = wire.field_of(msg, "shm_layout", list)
-        if len(layout) > self.limits.max_arrays:
-            raise wire.ProtocolError(f"shm_layout has {len(layout)} arrays, above the limit")
-        out = []
         for i, entry in enumerate(layout):
-            if not (isinstance(entry, list) and len(entry) == 3):
+            if not (isinstance(entry, list) and len(entry) == 3 and type(entry[2]) is int):
                 raise wire.ProtocolError(f"shm_layout[{i}] must be [dtype, shape, offset]")
-            dtype, shape, off = entry
-            if dtype not in self.limits.allowed_dtypes or not isinstance(shape, list):
-                raise wire.ProtocolError(f"shm_layout[{i}]: bad dtype or shape")
-            if not all(type(d) is int and d >= 0 for d in shape) or type(off) is not int:
-                raise wire.ProtocolError(f"shm_layout[{i}]: shape and offset must be ints")
-            nbytes = np.dtype(dtype).itemsize * math.prod(shape)
-            if off < 0 or off + nbytes > seg.size:
-                raise wire.ProtocolError(f"shm_layout[{i}] runs past the segment's end")
-            arr = np.ndarray(tuple(shape), np.dtype(dtype), buffer=seg.buf, offset=off)
+        # dtypes, shapes and counts: the checks of a message's own array frames
+        specs = wire.array_specs([[str(i), d, s] for i, (d, s, _) in enumerate(layout)],
+                                 self.limits)  # fmt: skip
+        out = []
+        for (_, dtype, shape), (_, _, off) in zip(specs, layout, strict=True):
+            if off < 0 or off + dtype.itemsize * math.prod(shape) > seg.size:
+                raise wire.ProtocolError(f"shm_layout entry at {off} runs past the segment's end")
+            arr = np.ndarray(shape, dtype, buffer=seg.buf, offset=off)
             arr.flags.writeable = False
             out.append(arr)
         return out

@@ -226,8 +226,9 @@ def _check_header(header: dict, expect_types: Iterable[str] | None) -> str:
     return msg_type
 
 
-def _array_specs(header: dict, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    entries = header.get("arrays", [])
+def array_specs(entries, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """[(name, dtype, shape)] of a header's "arrays" entries ([name, dtype, shape] each),
+    every one checked against `limits` (shardgrad/shm.py checks its layouts with it too)."""
     if not isinstance(entries, list):
         raise ProtocolError("header field 'arrays' must be a list of [name, dtype, shape]")
     if len(entries) > limits.max_arrays:
@@ -296,7 +297,7 @@ def decode(
 
     header = _unpack_header(views[0], limits)
     msg_type = _check_header(header, expect_types)
-    specs = _array_specs(header, limits)
+    specs = array_specs(header.get("arrays", []), limits)
     if len(specs) != len(views) - 1:
         raise ProtocolError(
             f"message {msg_type} declares {len(specs)} arrays but carries "
