@@ -35,7 +35,7 @@ from .. import wire
 from ..core.sampling import all_finite, split_blocks
 from ..jobspec import parse_spec
 from ..security import RateLimit
-from ..shm import GradsReader, WeightsBoard
+from ..shm import HostPeers
 from ..training import JobRuntime
 from ..worker.worker import Heartbeat
 from .membership import Membership
@@ -87,7 +87,7 @@ class Aggregator:
         self.rate = RateLimit(Config.worker_rate, Config.worker_burst)  # as upstream's port
         self.members = Membership(heartbeat_interval, liveness)
         # workers on this host: weights and block sums through shared memory, as upstream
-        self.board, self.grads_shm = WeightsBoard(), GradsReader(limits)
+        self.local = HostPeers(limits)
         self.share: Share | None = None
         self.verifier: tuple[str, Verifier] | None = None  # (job, its local verifier)
         self.runtime: tuple[str, JobRuntime] | None = None  # built only to settle a dispute
@@ -144,7 +144,7 @@ class Aggregator:
             heartbeat.join(2)
             if self.server is not None:
                 self.server.auth.stop()
-            self.board.close()
+            self.local.close()
             self.up.close()
             self.down.close(0)
             self.ctx.term()
@@ -203,7 +203,7 @@ class Aggregator:
     def tick(self):
         for wid in self.members.sweep():
             log.warning("worker %s is gone (no heartbeat)", wid)
-            self.grads_shm.forget(wid)
+            self.local.forget(wid)
         table = self.table()
         if self.capacity() != self.announced or table != self.info.get("members"):
             self.register()  # a count or a state changed: say so (READY, then heartbeats)
@@ -281,8 +281,7 @@ class Aggregator:
                     task["layout"] = layout
                 here = self.members.on_this_host(wid)
                 if here:
-                    task.update(self.board.publish(s.weights, (s.job, *s.when)))
-                    task["grads_ack"] = self.grads_shm.read.get(wid, 0)
+                    task.update(self.local.task_fields(wid, s.weights, (s.job, *s.when)))
                 self.send_down(wid, wire.TASK, task, None if here else arrays)
 
     # ---- downstream: our workers -----------------------------------------------------------
@@ -295,10 +294,9 @@ class Aggregator:
             log.warning("refused %s from %s: its key is not (or no longer) allowed", msg.type, wid)
             return self.members.leave(wid)
         if msg.type == wire.BYE:
-            self.grads_shm.forget(wid)
+            self.local.forget(wid)
             return self.members.leave(wid)
-        if msg.type == wire.GRADS:  # whatever becomes of it, its shared-memory slot is free
-            self.grads_shm.taken(wid, msg)
+        self.local.taken(wid, msg)  # whatever becomes of a GRADS, its ring slot is free
         if msg.type in (wire.READY, wire.HEARTBEAT):
             if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
@@ -333,8 +331,7 @@ class Aggregator:
         self.members.heard(wid)
         if msg.type == wire.FAULT:
             return self.failed(wid, block, wire.field_of(msg, "error", str)[:2000], msg)
-        if "shm" in msg:  # a worker on our host: its sum is in its ring, copied out here
-            self.grads_shm.load(wid, msg)
+        self.local.load(wid, msg)  # from a worker on our host: out of its ring
         arrays = check_grads(msg, s.layout)
         if not all_finite(arrays):
             return self.failed(wid, block, "the gradient has NaN/Inf", msg)

@@ -30,7 +30,7 @@ from ..core.sampling import all_finite
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
-from ..shm import GradsReader, WeightsBoard
+from ..shm import HostPeers
 from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
@@ -89,8 +89,7 @@ class Coordinator:
         self.data_root = data_root
         self.store = Store(state_dir)
         self.members = Membership(self.cfg.heartbeat_interval, self.cfg.liveness)
-        self.board = WeightsBoard()  # the round's weights for workers on this host
-        self.grads_shm = GradsReader(self.cfg.limits)  # and their block sums
+        self.local = HostPeers(self.cfg.limits)  # workers on this host: shared memory
         self.counters: Counter = Counter()
         self.job: ActiveJob | None = None
         self.stopping = False
@@ -211,7 +210,7 @@ class Coordinator:
                 self.cfg.heartbeat_interval * self.cfg.liveness,
             )
             self.counters["workers_died"] += 1
-            self.grads_shm.forget(wid)
+            self.local.forget(wid)
         job = self.job
         if job is None:
             self.start_next_job()
@@ -225,11 +224,10 @@ class Coordinator:
         wid = sender_of(msg)
         if msg.type == wire.BYE:
             self.members.leave(wid)
-            self.grads_shm.forget(wid)
+            self.local.forget(wid)
             log.info("worker %s left", wid)
             return
-        if msg.type == wire.GRADS:  # whatever becomes of it, its shared-memory slot is free
-            self.grads_shm.taken(wid, msg)
+        self.local.taken(wid, msg)  # whatever becomes of a GRADS, its ring slot is free
         if msg.type == wire.RECALL:
             return self.on_recall(wid, msg)
         if msg.type in (wire.READY, wire.HEARTBEAT):
@@ -250,8 +248,7 @@ class Coordinator:
         if block is None:
             return
         if msg.type == wire.GRADS:
-            if "shm" in msg:  # a worker on our host: its sum is in its ring, copied out here
-                self.grads_shm.load(wid, msg)
+            self.local.load(wid, msg)  # from a worker on our host: out of its ring
             arrays = check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
@@ -359,13 +356,12 @@ class Coordinator:
         self.counters["recalls"] += 1
         reason = str(msg.get("reason", ""))[:200]
         log.warning("aggregator %s recalls its sums since round %d (%s)", wid, since, reason)
-        r = self.job.round
         if since >= self.job.engine.next_round:
             # Nothing it said is in the weights yet, but what it sent this round may stand
             # on the liar's word: drop it, and the round re-issues those blocks (to it too:
             # it recomputes them without the liar).
-            if r is not None:
-                r.discard(wid)
+            if self.job.round is not None:
+                self.job.round.discard(wid)
                 self.repair_round()
             return
         target = self.job.verifier.recall_target(since)
@@ -508,8 +504,8 @@ class Coordinator:
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             if here:
-                fields.update(self.board.publish(job.rt.weights(), (job.id, job.gen, r.index)))
-                fields["grads_ack"] = self.grads_shm.read.get(wid, 0)
+                version = (job.id, job.gen, r.index)
+                fields.update(self.local.task_fields(wid, job.rt.weights(), version))
             if not self._send(
                 self.workers, wid.encode(), wire.TASK, fields, None if here else arrays
             ):
@@ -529,8 +525,8 @@ class Coordinator:
             log.info("round %d: re-issuing %d block(s) of lost workers", r.index,
                      sum(map(len, lost.values())))  # fmt: skip
             self.send_blocks(lost)
-        orphans = r.orphans(set(live))
-        self._set_state("paused" if orphans and not live else "running")
+        # (the round is not complete: with nobody live, its pending blocks wait)
+        self._set_state("paused" if not live else "running")
         if time.monotonic() - r.started > self.deadline():
             backups = r.backups(live)
             if backups:
@@ -617,7 +613,7 @@ class Coordinator:
         for wid in self.members.live():
             self._send(self.workers, wid.encode(), wire.STOP_JOB, {"job": self.job.id})
         self.job = None
-        self.board.close()
+        self.local.board.close()  # the next job publishes its own weights
 
     # ---- shutdown -------------------------------------------------------------------------
     def request_stop(self, *_):
@@ -628,7 +624,7 @@ class Coordinator:
             self.checkpoint()  # the last completed round; the partial one is redone
             log.info("checkpointed job %s at round %d", self.job.id, self.job.engine.next_round)
             self.job = None
-        self.board.close()
+        self.local.close()
         self.workers.close(0)
         self.clients.close(0)
         self.gate.close()  # the ZAP thread's sockets would block ctx.term()

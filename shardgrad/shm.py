@@ -55,6 +55,8 @@ class WeightsBoard:
     def publish(self, arrays: list[np.ndarray], version) -> dict:
         """Write `arrays` (unless `version` is already there); the TASK fields that say
         where they are."""
+        if self.seg is not None and version == self.version:  # every TASK after the first
+            return {"shm": self.seg.name, "shm_layout": self.layout}
         layout, size = _layout(arrays)
         if self.seg is None or self.seg.size < size or layout != self.layout:
             self.close()
@@ -229,3 +231,32 @@ class GradsReader(Attached):
         name = self.names.pop(wid, None)
         if name is not None:
             self.close(name)
+
+
+class HostPeers:
+    """The serving side of the path, for the workers on its host: the coordinator's, and
+    each aggregator's for its own workers. One weights board, every local ring read."""
+
+    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
+        self.board, self.grads = WeightsBoard(), GradsReader(limits)
+
+    def task_fields(self, wid: str, weights: list[np.ndarray], version) -> dict:
+        """What a TASK to local worker `wid` carries instead of weight frames."""
+        return {**self.board.publish(weights, version), "grads_ack": self.grads.read.get(wid, 0)}
+
+    def taken(self, wid: str, msg: wire.Message) -> None:
+        """Call on every message from `wid`: a GRADS frees its ring slot, read or not."""
+        if msg.type == wire.GRADS:
+            self.grads.taken(wid, msg)
+
+    def load(self, wid: str, msg: wire.Message) -> None:
+        """A GRADS about to be used: its sum copied out of the ring into msg.arrays."""
+        if "shm" in msg:
+            self.grads.load(wid, msg)
+
+    def forget(self, wid: str) -> None:
+        self.grads.forget(wid)
+
+    def close(self) -> None:
+        self.board.close()
+        self.grads.close()
