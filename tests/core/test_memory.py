@@ -9,10 +9,15 @@ from shardgrad.core.memory import keep_freed_memory
 from shardgrad.jobspec import parse_spec
 from shardgrad.training import JobRuntime
 
-MLP = [{"type": "linear", "out": 512}, {"type": "relu"}, {"type": "linear", "out": 512}]
 SPEC = {
     "name": "pages",
-    "model": [*MLP, {"type": "relu"}, {"type": "linear", "out": 10}],
+    "model": [
+        {"type": "linear", "out": 512},
+        {"type": "relu"},
+        {"type": "linear", "out": 512},
+        {"type": "relu"},
+        {"type": "linear", "out": 10},
+    ],
     "input_shape": [784],
     "loss": "cross_entropy",
     "optimizer": {"type": "sgd", "lr": 0.01},
@@ -23,7 +28,7 @@ SPEC = {
         "n_features": 784,
         "n_classes": 10,
         "seed": 0,
-    },  # fmt: skip
+    },
     "global_batch": 1024,
     "micro_batch": 512,
     "rounds": 8,
