@@ -8,7 +8,9 @@ sockets (workers, clients) and then `tick`s:
                (fewer than min_workers live)   v  │  └──(a block fails twice)──> failed
                                                paused
 
-A running job's round: TASK to every live worker (its aligned blocks + current weights),
+A job whose rounds cost less than a round trip to a worker runs here instead, on the same
+RoundEngine (`placement`: the same bits, no messages). Otherwise a running job's round:
+TASK to every live worker (its aligned blocks + current weights),
 GRADS back per block, tree completed, the round engine steps, next round. Dead workers'
 blocks are re-issued in the same round, stragglers get backups, late results are ignored,
 a failed block is recomputed once elsewhere, a sample of blocks is recomputed by a second
@@ -35,6 +37,7 @@ from ..training import JobRuntime
 from .clients import ClientHandler
 from .http import http_server
 from .membership import Membership
+from .placement import DEFAULT_INLINE_BELOW_S, JobFailed, choose, rounds_here
 from .rounds import Round, straggler_deadline
 from .store import Store
 from .verify import Verifier
@@ -52,6 +55,7 @@ class Config:
     blocks_per_worker: int = 2
     max_queued_jobs: int = 100
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
+    inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
@@ -75,6 +79,7 @@ class ActiveJob:
     state: str = "running"
     gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
     layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
+    placement: str = "workers"  # or "coordinator": its rounds are computed here
 
     @property
     def rt(self) -> JobRuntime:
@@ -136,7 +141,8 @@ class Coordinator:
         )
         try:
             while not self.stopping:
-                ready = dict(poller.poll(timeout=50))
+                here = self.job is not None and self.job.placement == "coordinator"
+                ready = dict(poller.poll(timeout=0 if here else 50))
                 if self.clients in ready:
                     self._drain(self.clients, wire.CLIENT_TYPES, self.on_client)
                 # Workers last, right before the liveness sweep: heartbeats that queued up
@@ -214,6 +220,8 @@ class Coordinator:
         job = self.job
         if job is None:
             self.start_next_job()
+        elif job.placement == "coordinator":
+            self.run_here()
         elif job.round is None:
             self.start_round()
         else:
@@ -351,8 +359,8 @@ class Coordinator:
         job, since = wire.require(msg, "job", "since")
         if type(since) is not int or not self.members.is_aggregator(wid):
             raise wire.ProtocolError(f"RECALL from {wid!r}: not an aggregator, or a bad round")
-        if self.job is None or job != self.job.id:
-            return
+        if self.job is None or job != self.job.id or self.job.placement == "coordinator":
+            return  # (a job computed here stands on nobody's word)
         self.counters["recalls"] += 1
         reason = str(msg.get("reason", ""))[:200]
         log.warning("aggregator %s recalls its sums since round %d (%s)", wid, since, reason)
@@ -419,11 +427,12 @@ class Coordinator:
         return {"workers": self.members.table(), "counters": dict(self.counters)}
 
     def live_job(self, job_id):
-        """(state, next round, metrics) of `job_id` if it is the running job, else None."""
+        """(state, next round, metrics, placement) of `job_id` if it is the running job,
+        else None."""
         job = self.job
         if job is None or job.id != job_id:
             return None
-        return job.state, job.engine.next_round, job.engine.metrics
+        return job.state, job.engine.next_round, job.engine.metrics, job.placement
 
     def cancel(self, job_id):
         if self.job is not None and self.job.id == job_id:
@@ -456,9 +465,12 @@ class Coordinator:
             job.engine.restore(arrays, meta)
             job.round_times = meta.get("round_times", [])
             log.info("job %s resumes from its checkpoint at round %d", job.id, meta["round"])
+        job.placement, why = choose(rt, self.cfg.inline_below_s, rt.dry_run_s)
+        log.info("job %s runs on the %s: %s", job.id, job.placement, why)
         self.job = job
         self.store.update(job.id, state="running", round=job.engine.next_round)
-        self.start_round()
+        if job.placement == "workers":
+            self.start_round()  # (one placed here runs from `tick`)
 
     def _set_state(self, state):
         if self.job.state != state:
@@ -574,6 +586,24 @@ class Coordinator:
             # The next round goes out first: workers compute while we evaluate and write
             # the checkpoint (the weights stay as they are until that round's step).
             self.start_round()
+        self.after_step(row)
+
+    def run_here(self, slice_s=0.02):
+        """Rounds of a job placed on the coordinator, for about `slice_s` per pass of the
+        loop, so that clients and workers are still answered between slices."""
+        job = self.job
+        self._set_state("running")  # workers leaving does not pause it
+        try:
+            for row in rounds_here(job.engine, time.monotonic() + slice_s):
+                self.after_step(row)
+                if self.job is not job:  # it ended
+                    return
+        except JobFailed as e:
+            self.fail_job(str(e))
+
+    def after_step(self, row):
+        """A round is in the weights: its metrics row, the job's end, a checkpoint."""
+        job, engine = self.job, self.job.engine
         engine.record(row)
         self.http.observe_round(job.id, row)
         if engine.done:
@@ -596,7 +626,7 @@ class Coordinator:
 
     def finish_job(self):
         job = self.job
-        result = job.engine.result()
+        result = {**job.engine.result(), "placement": job.placement}
         self.store.save_result(job.id, job.rt.state_dict(), result)
         self.store.update(job.id, round=job.engine.next_round)
         self.store.drop_checkpoint(job.id)

@@ -22,6 +22,8 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
+from .coordinator.placement import DEFAULT_INLINE_BELOW_S  # noqa: E402
+
 ENV = os.environ.get
 
 
@@ -33,7 +35,10 @@ def cmd_coordinator(a):
     from .coordinator.server import Config, main
 
     cfg = Config(
-        heartbeat_interval=a.heartbeat_interval, liveness=a.liveness, min_deadline=a.min_deadline
+        heartbeat_interval=a.heartbeat_interval,
+        liveness=a.liveness,
+        min_deadline=a.min_deadline,
+        inline_below_s=a.inline_below,
     )
     from .coordinator.http import HttpError
 
@@ -284,6 +289,14 @@ def parser():
         type=float,
         default=_env_float("SHARDGRAD_MIN_DEADLINE", 5.0),
         help="seconds before a round's stragglers get backup tasks (at least; it adapts)",
+    )
+    s.add_argument(
+        "--inline-below",
+        type=float,
+        default=_env_float("SHARDGRAD_INLINE_BELOW", DEFAULT_INLINE_BELOW_S),
+        help="seconds: a job whose whole round computes faster than this runs on the "
+        "coordinator itself (one process beats a round trip); 0: every job on workers "
+        "[SHARDGRAD_INLINE_BELOW]",
     )
     s.add_argument(
         "--http",

@@ -195,6 +195,11 @@ def run_demo(
     print(f"  held-out accuracy  {reported:.2%} (coordinator), {recomputed:.2%} (recomputed here)")
     rate = _throughput(metrics, spec.global_batch)
     print(f"  throughput         {rate:,.0f} samples/s (over the rounds' own time)")
+    if job.get("placement") == "coordinator":
+        print(
+            "  placement          the coordinator: a round computes faster in one process than "
+            "a round trip to a worker takes (placement = 'workers' in a spec forces workers)"
+        )
     print(f"  weights digest     {digest}")
     print(f"  train --local      {local_digest}")
     print(f"  loss curve         {loss_png}")

@@ -26,9 +26,14 @@ MAX_INT = 2**63 - 1  # everything must fit a msgpack int64 and numpy seeds
 
 SOURCES = ("builtin:digits", "builtin:synthetic", "file:PATH.npz")
 SYNTHETIC = SYNTHETIC_DEFAULTS  # the parameters of builtin:synthetic and their defaults
+# Where a job's rounds are computed. "auto": on the coordinator itself when a whole round
+# costs less there than the fixed cost of a round through workers, else on the workers
+# (coordinator/placement.py); "workers": always on the workers. The bits are the same.
+PLACEMENTS = ("auto", "workers")
 TOP_KEYS = (
     "name model input_shape loss optimizer data global_batch micro_batch accumulate_steps "
-    "epochs rounds seed min_workers checkpoint_every eval verify scheduler clip_grad_norm init"
+    "epochs rounds seed min_workers checkpoint_every eval verify scheduler clip_grad_norm init "
+    "placement"
 ).split()
 
 
@@ -73,6 +78,7 @@ class JobSpec:
     scheduler: tuple[dict, ...] = ()  # lr schedulers run one after another (defaults filled)
     clip_grad_norm: float | None = None  # max global gradient norm (torch's clip_grad_norm_)
     init: str | None = None  # "file:PATH.npz|.safetensors" or "job:ID": weights to start from
+    placement: str = "auto"  # see PLACEMENTS
 
     @property
     def n_micro_batches(self) -> int:
@@ -107,6 +113,8 @@ class JobSpec:
             d["clip_grad_norm"] = self.clip_grad_norm
         if self.init is not None:
             d["init"] = self.init
+        if self.placement != "auto":
+            d["placement"] = self.placement
         return d
 
     @classmethod
@@ -505,6 +513,7 @@ def parse_spec(
         clip = c.float_("clip_grad_norm", raw["clip_grad_norm"], 0.0, lo_open=True,
                         what="a number > 0 (the max global gradient norm)")  # fmt: skip
     init = _check_init(c, raw["init"]) if "init" in raw else None
+    placement = c.choice("placement", get("placement", "auto"), PLACEMENTS)
 
     if "model" in raw:
         _check_model(c, raw, shape if "input_shape" in raw else None, limits)
@@ -525,5 +534,6 @@ def parse_spec(
         scheduler=scheduler,
         clip_grad_norm=clip,
         init=init,
+        placement=placement,
         **ints,
     )

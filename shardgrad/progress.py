@@ -94,6 +94,11 @@ def format_status(status: dict) -> str:
             f"{k} micro-batches of {job['micro_batch']} samples a round: up to {k} workers "
             "share one (smaller micro-batches let more share, at the contract's tax)"
         )
+    if job and job.get("placement") == "coordinator":
+        parts.append(
+            "computed on the coordinator: its rounds cost less there than a round trip to a "
+            "worker (placement = 'workers' in the spec sends it to the workers)"
+        )
     for w in workers:
         if w.get("reason"):
             parts.append(f"{w['id']} {w['state']}: {w['reason']}")

@@ -8,6 +8,7 @@ that, plus the canonical reduction tree (core/sampling.py), is the determinism c
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -80,6 +81,7 @@ class JobRuntime:
         for m in self.norms:
             m.defer_running_stats = True
         self.buffers = dict(self.model.named_buffers())
+        self.dry_run_s: float | None = None  # how long dry_run took, once it has run
 
     @property
     def stacked(self) -> bool:
@@ -188,13 +190,16 @@ class JobRuntime:
         """Forward + backward of micro-batch 0 of round 0, so what would fail on every
         worker fails at submit instead. Past `seconds` it gives up quietly (a big model is
         not an error; the workers report what the dry run did not get to see)."""
+        t0 = time.perf_counter()
         try:
             with _time_limit(seconds):
                 self.micro_batch_grad(0, 0)
         except _TimeUp:
-            return
+            pass
         except Exception as e:  # job code: the spec's model on the spec's data
             raise DryRunError(f"micro-batch 0 of round 0 raised {type(e).__name__}: {e}") from None
+        finally:
+            self.dry_run_s = time.perf_counter() - t0  # placement's first hint
 
     # ---- weights and the optimizer step ----------------------------------------------------
     def weights(self) -> list[np.ndarray]:

@@ -12,3 +12,11 @@ settings.register_profile("default", max_examples=300, deadline=None, suppress_h
 settings.register_profile("fuzz", max_examples=10_000, deadline=None, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # --- end hypothesis profiles ---------------------------------------------------------------
+
+# --- placement -----------------------------------------------------------------------------
+# The test jobs are small on purpose, and a coordinator runs a job whose rounds cost less
+# than a round trip itself (coordinator/placement.py). Every cluster the tests start (they
+# inherit this environment) sends jobs to its workers, so the tests exercise the worker path;
+# tests/service/test_placement.py starts its own clusters with placement on.
+os.environ.setdefault("SHARDGRAD_INLINE_BELOW", "0")
+# --- end placement -------------------------------------------------------------------------

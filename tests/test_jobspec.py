@@ -100,6 +100,10 @@ def test_defaults_and_dict_round_trip():
     assert JobSpec.from_dict(d) == spec
     d["optimizer"]["betas"][0] = 0.5  # to_dict is a copy
     assert spec.optimizer["betas"] == [0.9, 0.999]
+    assert spec.placement == "auto" and "placement" not in d  # older specs keep their dicts
+    pinned = parse_spec({**GOOD, "placement": "workers"})
+    assert pinned.to_dict()["placement"] == "workers"
+    assert JobSpec.from_dict(pinned.to_dict()) == pinned
 
 
 def test_mse_regression_defaults_metric_to_mse():
@@ -223,6 +227,7 @@ def test_all_layer_types_accepted():
         ({"eval": {"metric": "mse"}}, "eval.metric: 'mse' does not fit loss 'cross_entropy'"),
         ({"eval": {"holdot": 0.1}}, "unknown key 'eval.holdot' (did you mean 'holdout'?)"),
         ({"__import__": "os"}, "unknown key '__import__'"),
+        ({"placement": "coordinator"}, "placement: expected one of 'auto', 'workers'"),
     ],
 )
 def test_each_bad_key_gets_its_message(changes, expected):

@@ -152,6 +152,7 @@ def _long_spec(tmp: Path, name: str) -> Path:
     text = DIGITS.read_text()
     text = re.sub(r"(?m)^epochs\s*=.*$", f"epochs = {LONG_EPOCHS}", text)
     text = re.sub(r"(?m)^name\s*=.*$", f'name = "{spec["name"]}-long"', text)
+    text = 'placement = "workers"  # small, but about workers\n' + text
     path = tmp / f"{name}.toml"
     path.write_text(text)
     return path

@@ -223,6 +223,7 @@ def _job_spec(tmp: Path) -> Path:
     name = tomllib.loads(text)["name"]
     text = re.sub(r"(?m)^epochs\s*=.*$", f"epochs = {EPOCHS}", text)
     text = re.sub(r"(?m)^name\s*=.*$", f'name = "{name}-swarm"', text)
+    text = 'placement = "workers"  # small, but about workers\n' + text
     path = tmp / "swarm-job.toml"
     path.write_text(text)
     return path

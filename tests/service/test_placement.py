@@ -1,0 +1,114 @@
+"""Placement: a job whose whole round computes faster than a round trip to a worker runs on
+the coordinator itself (coordinator/placement.py), with the same bits as on the workers and
+as `train --local`; `placement = "workers"` in the spec sends it to the workers anyway.
+
+The other tests' clusters send every job to the workers (tests/conftest.py). These start
+theirs with a threshold of 60 s, so the choice does not depend on how busy this machine is.
+"""
+
+import signal
+
+import pytest
+
+from shardgrad.client import ClientError
+from shardgrad.coordinator.placement import choose
+from shardgrad.jobspec import parse_spec
+from shardgrad.training import JobRuntime, weights_digest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+HERE = {"SHARDGRAD_INLINE_BELOW": "60"}  # every "auto" job counts as small
+
+
+def _long(svc, epochs):
+    """SPEC_SGD for longer: ~14 rounds an epoch, a fraction of a millisecond each here."""
+    return svc.spec_with(svc.SPEC_SGD, epochs=epochs, name=f"svc-digits-sgd-{epochs}")
+
+
+def test_a_small_job_runs_here_with_the_bits_of_the_workers_and_of_local(make_cluster, svc):
+    ref_state, ref_metrics = svc.local_reference(svc.SPEC_SGD)
+    cluster = make_cluster(workers=2, env=HERE)
+    with cluster.client() as c:
+        _, here, weights = svc.run_job(c, svc.SPEC_SGD)
+        assert here["placement"] == "coordinator", here
+        svc.assert_bitwise_equal(weights, ref_state, "placed on the coordinator vs train_local")
+        metrics = c.metrics(here["id"])
+        assert len(metrics) == len(ref_metrics) and {m["workers"] for m in metrics} == {0}
+        assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
+        assert all(w["blocks_done"] == 0 for w in c.status()["workers"]), c.status()
+
+        pinned = svc.spec_with(svc.SPEC_SGD, placement="workers")
+        _, there, weights = svc.run_job(c, pinned)
+        assert there["placement"] == "workers", there
+        svc.assert_bitwise_equal(weights, ref_state, "pinned to workers vs train_local")
+        assert {m["workers"] for m in c.metrics(there["id"])} == {2}
+        assert here["digest"] == there["digest"] == weights_digest(ref_state)
+
+
+def test_kill9_of_the_coordinator_mid_job_resumes_it_here_bitwise(make_cluster, svc):
+    spec = svc.spec_with(_long(svc, 150), checkpoint_every=10)  # ~2,100 rounds
+    ref_state, _ = svc.local_reference(spec)
+    cluster = make_cluster(workers=1, env=HERE)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        running = svc.wait_for(
+            lambda: (
+                (s := c.status(job)["job"])["state"] == "running"
+                and (s["checkpoint_round"] or 0) >= 20
+                and s
+            ),
+            60,
+            "a checkpoint of the job running on the coordinator",
+        )
+        assert running["placement"] == "coordinator", running
+        cluster.coordinator.send_signal(signal.SIGKILL)
+        cluster.coordinator.wait(10)
+        cluster.start_coordinator()  # same state dir; the job is still the queue's head
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done" and status["placement"] == "coordinator", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, "resumed here vs train_local")
+    with open(f"{cluster.log_dir}/coordinator.log") as f:
+        resumed = [line for line in f if "resumes from its checkpoint" in line]
+    assert resumed, "the restarted coordinator did not resume from a checkpoint"
+    at = int(resumed[-1].rsplit("round ", 1)[1])
+    assert 20 <= at < status["total_rounds"], resumed[-1]
+
+
+def test_a_job_that_diverges_here_fails_naming_the_round(make_cluster, svc):
+    spec = svc.spec_with(svc.SPEC_SGD, optimizer={"type": "sgd", "lr": 1e30})
+    cluster = make_cluster(workers=1, env=HERE)
+    with cluster.client() as c:
+        job = c.submit(spec)  # round 0 is finite: the dry run cannot see it coming
+        with pytest.raises(ClientError, match=r"round 1: the gradient has NaN/Inf"):
+            c.wait(job, timeout=60, poll=0.05)
+        # the coordinator goes on with the next job
+        _, status, _ = svc.run_job(c, svc.SPEC_SGD)
+        assert status["placement"] == "coordinator"
+
+
+def test_cancel_a_job_running_here_and_the_queue_goes_on(make_cluster, svc):
+    cluster = make_cluster(workers=1, env=HERE)
+    with cluster.client() as c:
+        job = c.submit(_long(svc, 5000))  # ~70,000 rounds: far longer than this test
+        svc.wait_for(lambda: c.status(job)["job"]["round"] >= 10, 60, "rounds computed here")
+        assert c.cancel(job)["state"] == "cancelled"
+        assert c.status(job)["job"]["state"] == "cancelled"
+        ref_state, _ = svc.local_reference(svc.SPEC_SGD)
+        _, status, weights = svc.run_job(c, svc.SPEC_SGD)
+        svc.assert_bitwise_equal(weights, ref_state, "the job after a cancelled one")
+
+
+def test_the_choice(svc):
+    """The rule on a real runtime: below the threshold here, at or above it to workers;
+    the spec's `placement = "workers"` and a threshold of 0 always send it to workers."""
+    rt = JobRuntime(parse_spec(svc.SPEC_SGD))
+    assert choose(rt, 60.0)[0] == "coordinator"
+    assert choose(rt, 1e-9)[0] == "workers"  # no round computes in a nanosecond
+    assert choose(rt, 0.0) == (
+        "workers",
+        "the coordinator runs every job on workers (--inline-below 0)",
+    )
+    pinned = JobRuntime(parse_spec(svc.spec_with(svc.SPEC_SGD, placement="workers")))
+    assert choose(pinned, 60.0) == ("workers", "the spec says placement = 'workers'")
+    # a dry run slower than the budget rules a job out without timing a round
+    assert choose(rt, 0.002, dry_run_s=1.0) == ("workers", "a micro-batch takes 1000.0 ms")
