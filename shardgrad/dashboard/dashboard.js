@@ -76,6 +76,10 @@ function renderJobs(jobs) {
     const st = el("td");
     st.append(el("span", { class: `state state-${job.state}` }, job.state));
     if (job.error) st.title = job.error;
+    if (job.placement === "coordinator") {
+      const why = "its whole round computes faster here than a round trip to a worker takes";
+      st.append(el("span", { class: "placement", title: why }, " on the coordinator"));
+    }
     tr.append(st);
     const prog = el("td");
     const bar = el("span", { class: "bar" });
