@@ -251,6 +251,9 @@ def test_format_status_shows_every_state():
     assert re.search(r"job-2\s+b\s+failed\s+1/9\s+0\s+-\s+worker data: boom", text)
     assert "bad_message=2" in text and "zero" not in text
     assert "no workers connected" in format_status({"workers": [], "jobs": []})
+    one = {**status["jobs"][0], "state": "running", "placement": "coordinator"}
+    assert "computed on the coordinator" in format_status({"workers": [], "job": one})
+    assert "coordinator" not in format_status({"workers": [], "job": status["jobs"][0]})
 
 
 class FakeClient:
