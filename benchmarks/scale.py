@@ -115,6 +115,7 @@ def make_spec(rounds, min_workers, hidden=HIDDEN):
         "seed": 0,
         "min_workers": min_workers,
         "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
+        "placement": "workers",  # the probe's model is small enough to run on the coordinator
         "eval": {"holdout": 0.1},
     }
 

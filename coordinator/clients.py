@@ -6,7 +6,7 @@ malformed request `wire.ProtocolError`. It sees the coordinator only through thi
 
     prepare(spec) -> JobRuntime    build + dry-run a submitted job (raises with the reason)
     status() -> dict               workers table and counters
-    live_job(id) -> (state, next round, metrics, placement) | None   if `id` is running
+    live_job(id) -> (state, next round, metrics) | None   if `id` is the running job
     cancel(id)                     stop it if it is the running job
     authorize(msg, row, action)    raises Refused unless the sender may `action` the job
     cfg.max_queued_jobs
@@ -74,17 +74,17 @@ class ClientHandler:
             k: row[k]
             for k in ("id", "name", "state", "round", "total_rounds", "checkpoint_round", "error")
         }
+        out["placement"] = row.get("placement")  # where its rounds run, once it has started
         spec = row["spec"]
         out["micro_batch"] = spec["micro_batch"]
         out["micro_batches"] = spec["global_batch"] // spec["micro_batch"]
         live = self.service.live_job(row["id"])
         if live is not None:
-            out["state"], out["round"], metrics, out["placement"] = live
+            out["state"], out["round"], metrics = live
             if metrics:
                 out["last"] = metrics[-1]
         if row["result"]:
             out["eval"] = row["result"]["eval"]
-            out["placement"] = row["result"].get("placement")
             out["digest"] = row["result"]["digest"]
         return out
 

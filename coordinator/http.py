@@ -266,7 +266,7 @@ class HttpServer:
 def _job_rows(store, limit: int = 100) -> list[dict]:
     """The queue's rows without their result JSON (parsed once per finished job instead)."""
     rows = store.db.execute(
-        "SELECT id, name, spec, state, round, total_rounds, checkpoint_round, error,"
+        "SELECT id, name, spec, state, round, total_rounds, checkpoint_round, error, placement,"
         " result IS NOT NULL AS has_result FROM jobs ORDER BY seq DESC LIMIT ?",
         (limit,),
     )

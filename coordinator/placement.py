@@ -31,14 +31,17 @@ def choose(rt, inline_below_s: float, dry_run_s: float | None = None) -> tuple[s
     if inline_below_s <= 0:
         return "workers", "the coordinator runs every job on workers (--inline-below 0)"
     budget = inline_below_s * _WORTH_TIMING
-    if dry_run_s is not None and dry_run_s > budget:
-        return "workers", f"a micro-batch takes {dry_run_s * 1e3:.1f} ms"
     try:
+        if dry_run_s is None:  # queued before a restart: a first look, bounded in time
+            rt.dry_run(budget)
+            dry_run_s = rt.dry_run_s
+        if dry_run_s >= budget:
+            return "workers", f"a micro-batch takes {dry_run_s * 1e3:.1f} ms or more"
         one = _best_of(lambda: rt.micro_batch_grad(0, 0), 2)
         if one * rt.n_micro > budget:
             return "workers", f"a round takes ~{one * rt.n_micro * 1e3:.1f} ms"
         whole = _best_of(lambda: rt.block_grad(0, 0, rt.n_micro), 3)
-    except Exception as e:  # job code: the workers report it, with their retries
+    except Exception as e:  # job code (or DryRunError): the workers report it, with retries
         return "workers", f"timing a round raised {type(e).__name__}"
     ms, limit = whole * 1e3, inline_below_s * 1e3
     if whole < inline_below_s:

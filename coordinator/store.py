@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_rounds INTEGER NOT NULL DEFAULT 0,
     checkpoint_round INTEGER,
     error TEXT,
-    result TEXT
+    result TEXT,
+    placement TEXT
 )
 """
 ACTIVE = ("queued", "running", "paused")
@@ -44,6 +45,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we ack
         self.db.execute(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "placement" not in columns:  # a state directory from before placement
+            self.db.execute("ALTER TABLE jobs ADD COLUMN placement TEXT")
 
     # ---- the queue --------------------------------------------------------------------------
     def add_job(self, name: str, spec: dict, owner: str | None, total_rounds: int) -> str:

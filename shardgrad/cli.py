@@ -22,8 +22,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from .coordinator.placement import DEFAULT_INLINE_BELOW_S  # noqa: E402
-
 ENV = os.environ.get
 
 
@@ -32,8 +30,11 @@ def _env_float(name, default):
 
 
 def cmd_coordinator(a):
+    from .coordinator.placement import DEFAULT_INLINE_BELOW_S
     from .coordinator.server import Config, main
 
+    if a.inline_below is None:
+        a.inline_below = _env_float("SHARDGRAD_INLINE_BELOW", DEFAULT_INLINE_BELOW_S)
     cfg = Config(
         heartbeat_interval=a.heartbeat_interval,
         liveness=a.liveness,
@@ -293,10 +294,9 @@ def parser():
     s.add_argument(
         "--inline-below",
         type=float,
-        default=_env_float("SHARDGRAD_INLINE_BELOW", DEFAULT_INLINE_BELOW_S),
         help="seconds: a job whose whole round computes faster than this runs on the "
         "coordinator itself (one process beats a round trip); 0: every job on workers "
-        "[SHARDGRAD_INLINE_BELOW]",
+        "[SHARDGRAD_INLINE_BELOW, default 0.002]",
     )
     s.add_argument(
         "--http",
