@@ -25,13 +25,21 @@ def _long(svc, epochs):
     return svc.spec_with(svc.SPEC_SGD, epochs=epochs, name=f"svc-digits-sgd-{epochs}")
 
 
+def _run_here(c, svc, spec, what):
+    """Run `spec`, which must be placed on the coordinator, and check its weights against
+    train_local's bit for bit; (its final status, train_local's metrics)."""
+    ref_state, ref_metrics = svc.local_reference(spec)
+    _, status, weights = svc.run_job(c, spec)
+    assert status["placement"] == "coordinator", status
+    svc.assert_bitwise_equal(weights, ref_state, f"{what} vs train_local")
+    return status, ref_metrics
+
+
 def test_a_small_job_runs_here_with_the_bits_of_the_workers_and_of_local(make_cluster, svc):
-    ref_state, ref_metrics = svc.local_reference(svc.SPEC_SGD)
+    ref_state, _ = svc.local_reference(svc.SPEC_SGD)
     cluster = make_cluster(workers=2, env=HERE)
     with cluster.client() as c:
-        _, here, weights = svc.run_job(c, svc.SPEC_SGD)
-        assert here["placement"] == "coordinator", here
-        svc.assert_bitwise_equal(weights, ref_state, "placed on the coordinator vs train_local")
+        here, ref_metrics = _run_here(c, svc, svc.SPEC_SGD, "placed on the coordinator")
         metrics = c.metrics(here["id"])
         assert len(metrics) == len(ref_metrics) and {m["workers"] for m in metrics} == {0}
         assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
@@ -99,12 +107,9 @@ def test_with_dropout_adam_and_accumulation_and_no_workers_at_all(make_cluster, 
     """A job placed here needs no workers (min_workers counts only for the workers' jobs),
     and dropout's per-micro-batch masks, Adam and accumulate_steps = 2 give the bits of
     train_local."""
-    ref_state, ref_metrics = svc.local_reference(svc.SPEC_ADAM_DROPOUT)
     cluster = make_cluster(workers=0, env=HERE)
     with cluster.client() as c:
-        _, status, weights = svc.run_job(c, svc.SPEC_ADAM_DROPOUT)
-        assert status["placement"] == "coordinator", status
-        svc.assert_bitwise_equal(weights, ref_state, "dropout + Adam + accumulation here")
+        status, ref_metrics = _run_here(c, svc, svc.SPEC_ADAM_DROPOUT, "dropout + Adam + accum")
         assert status["eval"]["accuracy"] == ref_metrics[-1]["accuracy"]
 
 
