@@ -88,13 +88,14 @@ def format_status(status: dict) -> str:
     elif "jobs" in status:
         parts.append("no jobs")
     job = status.get("job")
-    if job and job.get("micro_batches"):
+    here = job and job.get("placement") == "coordinator"
+    if job and job.get("micro_batches") and not here:
         k = job["micro_batches"]
         parts.append(
             f"{k} micro-batches of {job['micro_batch']} samples a round: up to {k} workers "
             "share one (smaller micro-batches let more share, at the contract's tax)"
         )
-    if job and job.get("placement") == "coordinator":
+    if here:
         parts.append(
             "computed on the coordinator: its rounds cost less there than a round trip to a "
             "worker (placement = 'workers' in the spec sends it to the workers)"
