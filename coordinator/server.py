@@ -616,6 +616,10 @@ class Coordinator:
                     return
         except JobFailed as e:
             self.fail_job(str(e))
+        except Exception as e:  # its step, evaluation or checkpoint: costs the job, not the loop
+            log.exception("job %s: a round computed here failed", job.id)
+            if self.job is job:
+                self.fail_job(f"round {job.engine.next_round}: {type(e).__name__}: {e}")
 
     def after_step(self, row):
         """A round is in the weights: its metrics row, the job's end, a checkpoint."""

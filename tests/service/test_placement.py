@@ -151,3 +151,35 @@ def test_the_choice(svc):
     assert choose(pinned, 60.0) == ("workers", "the spec says placement = 'workers'")
     # a dry run slower than the budget rules a job out without timing a round
     assert choose(rt, 0.002, dry_run_s=1.0) == ("workers", "a micro-batch takes 1000.0 ms or more")
+
+
+def test_a_failure_in_a_step_here_fails_the_job_not_the_coordinator(tmp_path, svc, monkeypatch):
+    """In process: whatever raises while the coordinator computes a round (here, the
+    step) ends that job `failed` with the reason; the coordinator's loop goes on."""
+    from shardgrad.coordinator.server import Config, Coordinator
+    from shardgrad.engine import RoundEngine
+
+    real_step = RoundEngine.step
+
+    def step(self, total):
+        if self.next_round == 3:
+            raise RuntimeError("boom")
+        return real_step(self, total)
+
+    monkeypatch.setattr(RoundEngine, "step", step)
+    coord = Coordinator(
+        f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+        config=Config(inline_below_s=60.0),
+    )  # fmt: skip
+    try:
+        spec = parse_spec(svc.SPEC_SGD)
+        job_id = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+        coord.tick()  # starts it here (no workers needed), then each tick runs a slice
+        assert coord.job is not None and coord.job.placement == "coordinator"
+        while coord.job is not None:
+            coord.tick()
+        row = coord.store.job(job_id)
+        assert (row["state"], row["error"]) == ("failed", "round 3: RuntimeError: boom"), row
+        assert row["placement"] == "coordinator"
+    finally:
+        coord.shutdown()
