@@ -589,6 +589,15 @@ def test_layer_norm(dtype, shape, seed, data):
     affine = data.draw(st.sampled_from(["none", "weight", "both"]))
     rng = np.random.default_rng(seed)
     x = make(rng, shape) * 2.0 + 0.5
+    if dtype == np.float32:
+        # A row whose spread is tiny against its values (say [1.660, 1.688]) has a gradient
+        # no float32 computation carries to the tolerance (torch's own float32 kernel is 4%
+        # off on that one; the error grows as (values / spread)^2). Float32 gets rows whose
+        # spread is of the values' own size; float64 takes any row.
+        z = x.reshape(-1, int(np.prod(norm_shape)))
+        z = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
+        offset, spread = rng.uniform(-1.0, 2.0, (len(z), 1)), rng.uniform(0.5, 2.0, (len(z), 1))
+        x = (offset + spread * z).reshape(shape)
     w, b = make(rng, norm_shape), make(rng, norm_shape)
     # torch's float32 kernel loses ~1e-4 on rows whose spread is small against their mean
     # (e.g. [3.36, 3.29]): the exact answer, torch in float64, is the oracle there
