@@ -392,7 +392,7 @@ class Aggregator:
             fields = {"job": s.job, "round": r.index, "block": list(b)}
             fields["compute_s"] = max(r.compute_s.values(), default=0.0)
             sums = r.node_sum(*b)
-            names = [str(i) for i in range(len(sums) - 1)] + ["loss"]
+            names = wire.sum_names(len(sums))
             self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
             s.blocks.remove(b)
             if not s.blocks and not s.unassigned:  # all we were given is in: how long it took

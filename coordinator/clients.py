@@ -72,9 +72,11 @@ class ClientHandler:
     def summary(self, row):
         out = {
             k: row[k]
-            for k in ("id", "name", "state", "round", "total_rounds", "checkpoint_round", "error")
-        }
-        out["placement"] = row.get("placement")  # where its rounds run, once it has started
+            for k in (
+                "id", "name", "state", "round", "total_rounds", "checkpoint_round", "error",
+                "placement",  # where its rounds run, once it has started
+            )
+        }  # fmt: skip
         spec = row["spec"]
         out["micro_batch"] = spec["micro_batch"]
         out["micro_batches"] = spec["global_batch"] // spec["micro_batch"]

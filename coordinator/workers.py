@@ -10,9 +10,8 @@ def check_grads(msg, layout) -> list[np.ndarray]:
     each checked against `layout` = JobRuntime.sum_layout(): [(shape, dtype)]; ProtocolError
     naming the first that does not fit."""
     want = list(layout)
-    names = [str(i) for i in range(len(want) - 1)] + ["loss"]
     arrays = []
-    for name, (shape, dtype) in zip(names, want, strict=True):
+    for name, (shape, dtype) in zip(wire.sum_names(len(want)), want, strict=True):
         a = msg.arrays.get(name)
         if a is None or a.shape != shape or a.dtype != dtype:
             got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"

@@ -222,7 +222,7 @@ class GradsReader(Attached):
             self.close(old)  # the worker made a new ring (another job)
         views = self.views(msg)
         self.names[wid] = name
-        names = [str(i) for i in range(len(views) - 1)] + ["loss"]
+        names = wire.sum_names(len(views))
         msg.arrays = {n: np.array(v, copy=True) for n, v in zip(names, views, strict=True)}
 
     def forget(self, wid: str) -> None:

@@ -226,6 +226,12 @@ def _check_header(header: dict, expect_types: Iterable[str] | None) -> str:
     return msg_type
 
 
+def sum_names(n: int) -> list[str]:
+    """The names a GRADS gives the `n` arrays of a block sum (JobRuntime.sum_layout's
+    order): "0", "1", ... then "loss"."""
+    return [str(i) for i in range(n - 1)] + ["loss"]
+
+
 def array_specs(entries, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """[(name, dtype, shape)] of a header's "arrays" entries ([name, dtype, shape] each),
     every one checked against `limits` (shardgrad/shm.py checks its layouts with it too)."""

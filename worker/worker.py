@@ -228,7 +228,7 @@ class Worker:
             if ring is not None:
                 self.send(wire.GRADS, {**fields, **ring})
             else:
-                names = [str(i) for i in range(len(grads) - 1)] + ["loss"]
+                names = wire.sum_names(len(grads))
                 self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
 
     def weights_of(self, msg) -> list | None:

@@ -226,7 +226,7 @@ def test_a_recall_of_the_running_round_drops_what_that_aggregator_sent(make_clus
                     if rnd == 1 and not recalled:
                         sums[0] = sums[0] + np.float32(1e-3)  # a liar's word, passed up
                     fields = {**me, "job": job, "round": rnd, "block": [lo, hi]}
-                    names = [str(i) for i in range(len(sums) - 1)] + ["loss"]
+                    names = wire.sum_names(len(sums))
                     wire.send_msg(sock, wire.GRADS, fields, list(zip(names, sums, strict=True)))
                     if rnd == 1 and not recalled:
                         assert len(task["blocks"]) > 1, task["blocks"]

@@ -114,12 +114,11 @@ def test_grads_without_the_statistics_are_refused():
     from types import SimpleNamespace
 
     from shardgrad.coordinator.workers import check_grads
-    from shardgrad.wire import ProtocolError
+    from shardgrad.wire import ProtocolError, sum_names
 
     rt = JobRuntime(example())
     total = rt.block_grad(0, 0, 2)
-    names = [str(i) for i in range(len(total) - 1)] + ["loss"]
-    good = dict(zip(names, total, strict=True))
+    good = dict(zip(sum_names(len(total)), total, strict=True))
     assert len(check_grads(SimpleNamespace(arrays=good), rt.sum_layout())) == len(total)
     k = len(rt.params)
     missing = {n: a for n, a in good.items() if n != str(k)}
