@@ -89,6 +89,11 @@ class ActiveJob:
     def rt(self) -> JobRuntime:
         return self.engine.rt
 
+    @property
+    def here(self) -> bool:
+        """Its rounds are computed by the coordinator itself (placement)."""
+        return self.placement == "coordinator"
+
 
 class Coordinator:
     def __init__(
@@ -146,8 +151,8 @@ class Coordinator:
         )
         try:
             while not self.stopping:
-                here = self.job is not None and self.job.placement == "coordinator"
-                ready = dict(poller.poll(timeout=0 if here else 50))
+                busy = self.job is not None and self.job.here  # its rounds wait for no one
+                ready = dict(poller.poll(timeout=0 if busy else 50))
                 if self.clients in ready:
                     self._drain(self.clients, wire.CLIENT_TYPES, self.on_client)
                 # Workers last, right before the liveness sweep: heartbeats that queued up
@@ -225,7 +230,7 @@ class Coordinator:
         job = self.job
         if job is None:
             self.start_next_job()
-        elif job.placement == "coordinator":
+        elif job.here:
             self.run_here()
         elif job.round is None:
             self.start_round()
@@ -366,7 +371,7 @@ class Coordinator:
             raise wire.ProtocolError(f"RECALL from {wid!r}: not an aggregator, or a bad round")
         if self.job is None or job != self.job.id:
             return
-        if self.job.placement == "coordinator" and since >= self.job.here_from:
+        if self.job.here and since >= self.job.here_from:
             return  # (what it computes here stands on nobody's word)
         self.counters["recalls"] += 1
         reason = str(msg.get("reason", ""))[:200]
@@ -632,7 +637,7 @@ class Coordinator:
             # On workers the checkpoint overlaps the next round; computed here it does not,
             # and its rounds can be shorter than its fsyncs: it skips due checkpoints to
             # spend at most a tenth of the time writing them.
-            if job.placement == "workers" or time.monotonic() >= job.next_checkpoint:
+            if not job.here or time.monotonic() >= job.next_checkpoint:
                 self.checkpoint()  # also records the round in the queue database
 
     def unchecked_contributors(self, r):
