@@ -337,9 +337,20 @@ def _stall(live):
             counters = live.counters()
             live.grads(live.good(), job=job, round=before, block=[10**6, 10**6 + 1])
             live.counted(counters, "unknown_block", "late_grads")
-        return before if c.status(job)["job"]["round"] == before else None
+        # Stalled on the victim's last block: still pending (a wrong-dtype GRADS for it is
+        # dropped as malformed, not as a duplicate), so the round waits for the stopped
+        # worker. A round still waiting for the live worker does not count: it moves on.
+        counters = live.counters()
+        live.grads(_wrong_dtype(live.good()), job=job, round=before, block=list(last_block))
+        after = live.counted(counters, "bad_message", "duplicate_grads", "late_grads")
+        pending = after.get("bad_message", 0) > counters.get("bad_message", 0)
+        return before if pending and c.status(job)["job"]["round"] == before else None
 
     return live.svc.wait_for(settled, 30, "the round to stall"), tuple(last_block), stopped
+
+
+def _wrong_dtype(arrays):
+    return [(n, a.astype(np.float64 if a.dtype == np.float32 else np.float32)) for n, a in arrays]
 
 
 def _phase_wrong_grads(live, rnd, last_block):
@@ -347,9 +358,7 @@ def _phase_wrong_grads(live, rnd, last_block):
     the round does not move."""
     c, job, good = live.c, live.job, live.good()
     wrong_shape = [(n, np.zeros(a.shape[::-1] + (1,), a.dtype)) for n, a in good]
-    wrong_dtype = [
-        (n, a.astype(np.float64 if a.dtype == np.float32 else np.float32)) for n, a in good
-    ]
+    wrong_dtype = _wrong_dtype(good)
     variants = [
         ("wrong shape", wrong_shape),
         ("wrong dtype", wrong_dtype),
