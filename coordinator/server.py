@@ -22,6 +22,7 @@ The training state itself (optimizer, accumulation, metrics, checkpoints) is the
 """
 
 import logging
+import secrets
 import signal
 import time
 from collections import Counter
@@ -58,6 +59,7 @@ class Config:
     max_queued_jobs: int = 100
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
+    lease_window: int = 3  # rounds a lone worker may run ahead of our step (0: never)
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
@@ -84,6 +86,11 @@ class ActiveJob:
     placement: str = "workers"  # or "coordinator": its rounds are computed here
     here_from: int = 0  # the round from which this coordinator life placed it
     next_checkpoint: float = 0.0  # (monotonic) placed here: none before this, see after_step
+    lease: tuple | None = None  # (worker, id, blocks): the lone worker running ahead of us
+    # Every lease of this timeline, id -> worker. What a worker computed ahead under one of
+    # them stands on this timeline's weights, so it is right for its round whoever else
+    # computed the rounds between (the determinism contract); a rollback voids them all.
+    leases: dict = field(default_factory=dict)
 
     @property
     def rt(self) -> JobRuntime:
@@ -114,6 +121,7 @@ class Coordinator:
             client_bind, auth and auth.client_domain, self.cfg.client_limits, self.cfg.client_hwm
         )
         self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
+        self.authenticated = auth is not None  # (else no message has a ZAP user to look up)
         # Per-message admission: revoked keys (ZAP only checks at connect) and peer rates.
         cfg = self.cfg
         self.gate = Gate(
@@ -168,9 +176,8 @@ class Coordinator:
         is_client = sock is self.clients
         for _ in range(budget):
             try:
-                _, msg = wire.recv_msg(
-                    sock, self.limits[sock], router=True, expect_types=types, flags=zmq.NOBLOCK
-                )
+                _, msg = wire.recv_msg(sock, self.limits[sock], router=True, expect_types=types,
+                                       flags=zmq.NOBLOCK, user=self.authenticated)  # fmt: skip
             except zmq.Again:
                 return
             except wire.ProtocolError as e:
@@ -258,6 +265,7 @@ class Coordinator:
             elif self.job is not None and self.job.round is not None:
                 # READY says it holds nothing (restarted, or re-registering): what this round
                 # still waits for from it goes out again (a result is accepted once).
+                self.end_lease(wid)
                 owed = self.job.round.owed_by(wid)
                 if owed and self.members.is_live(wid):
                     self.send_blocks({wid: owed})
@@ -289,6 +297,10 @@ class Coordinator:
         if r is None or job_id != job.id or rnd != r.index:
             self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
             return None
+        lease = msg.get("lease")  # computed ahead, on this timeline's weights?
+        if lease is not None and job.leases.get(lease) != msg.get("worker"):
+            self.counters["late_grads"] += 1
+            return None
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
             raise wire.ProtocolError(f"{msg.type} 'block' must be [lo, hi] integers, got {block!r}")
         block = tuple(block)
@@ -307,6 +319,8 @@ class Coordinator:
             return self.block_failed(wid, block, what, msg.get("nonfinite"))
         verdict = r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))
         self.members.workers[wid].blocks_done += 1
+        if "lease" in msg:
+            self.counters["blocks_ahead"] += 1
         if verdict == "verified":
             self.counters["verified_blocks"] += 1
         elif verdict == "mismatch":
@@ -406,7 +420,8 @@ class Coordinator:
         self.counters["rollbacks"] += 1
         job.engine.restore(arrays, meta)
         job.verifier.rolled_back(target)
-        job.gen, job.round = job.gen + 1, None
+        job.gen, job.round, job.lease = job.gen + 1, None, None
+        job.leases.clear()
         self.checkpoint()  # the one on disk may hold what the liar said
         self.start_round()
 
@@ -502,6 +517,7 @@ class Coordinator:
         job = self.job
         live = self.members.live()
         if self.capacity() < job.rt.spec.min_workers:
+            job.lease = None
             if job.state != "paused":
                 log.warning("job %s paused: %d live worker(s), needs %d", job.id,
                             self.capacity(), job.rt.spec.min_workers)  # fmt: skip
@@ -514,9 +530,38 @@ class Coordinator:
             job.verifier.keep(index, job.engine.pack(copy=True))
         job.round = Round(index, job.rt.n_micro, live, self.cfg.blocks_per_worker,
                           job.verifier.draw, self.members.capacities(live))  # fmt: skip
-        self.send_blocks(job.round.assignment)
+        alone = self.lone_worker(live)
+        if job.lease is not None and job.round.assignment == {alone: job.lease[2]}:
+            return self.stepped(alone)  # it is computing this round already
+        self.send_blocks(job.round.assignment, lease_to=alone)
 
-    def send_blocks(self, assignment: dict):
+    def lone_worker(self, live) -> str | None:
+        """The one live worker, if it may run ahead of us alone (a lease)."""
+        if self.cfg.lease_window <= 0 or len(live) != 1:
+            return None
+        w = self.members.workers[live[0]]
+        return w.id if w.info.get("lease") is True and "role" not in w.info else None
+
+    def stepped(self, wid):
+        """Tell the lone worker the rounds before this one are in the weights: its lease's
+        window moves on (and, on our host, how far we read its ring)."""
+        job = self.job
+        fields = {"job": job.id, "lease": job.lease[1], "round": job.round.index}
+        if self.members.on_this_host(wid):
+            fields["grads_ack"] = self.local.grads.read.get(wid, 0)
+        if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
+            self.members.leave(wid)
+
+    def end_lease(self, wid):
+        """`wid` no longer runs ahead (a TASK, or its READY, said so): the next round goes
+        to it as a TASK. (What it computed ahead still counts: see ActiveJob.leases.)"""
+        if self.job.lease is not None and self.job.lease[0] == wid:
+            self.job.lease = None
+
+    def send_blocks(self, assignment: dict, lease_to: str | None = None):
+        """TASKs for `assignment`. To `lease_to` the TASK also carries the job's training
+        state and a lease: it may step on its own and run ahead (worker.Lease). Any other
+        TASK to a worker ends its lease."""
         job, r = self.job, self.job.round
         # The weights go out zero-copy, straight from the optimizer's arrays. They change
         # only when a round ends, and a TASK is only sent while its round runs: a frame
@@ -536,12 +581,22 @@ class Coordinator:
             }
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
-            if here:
+            frames = None if here else arrays
+            self.end_lease(wid)
+            if wid == lease_to:  # the weights go in the state (a copy: they step meanwhile)
+                state, meta = job.engine.pack(copy=True)
+                meta["metrics"] = []
+                job.lease = (wid, secrets.randbits(31), blocks)
+                job.leases[job.lease[1]] = wid
+                fields["lease"] = {"id": job.lease[1], "window": self.cfg.lease_window,
+                                   "state": meta}  # fmt: skip
+                frames = [(f"state.{k}", a) for k, a in state.items()]
+                if here:
+                    fields["grads_ack"] = self.local.grads.read.get(wid, 0)
+            elif here:
                 version = (job.id, job.gen, r.index)
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
-            if not self._send(
-                self.workers, wid.encode(), wire.TASK, fields, None if here else arrays
-            ):
+            if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
     def repair_round(self):

@@ -34,6 +34,8 @@ def worker_info(msg) -> dict:
         out["pid"] = info["pid"]
     if info.get("shm") is True:  # on our host (ipc://): the weights via shared memory
         out["shm"] = True
+    if info.get("lease") is True:  # it can run ahead alone (worker.Lease)
+        out["lease"] = True
     # An aggregator (coordinator/aggregator.py) says so, and how many workers it has now.
     if info.get("role") == "aggregator" and type(info.get("workers")) is int:
         out["role"], out["workers"] = "aggregator", max(0, min(info["workers"], 100_000))

@@ -40,6 +40,7 @@ def cmd_coordinator(a):
         liveness=a.liveness,
         min_deadline=a.min_deadline,
         inline_below_s=a.inline_below,
+        lease_window=a.lease_window,
     )
     from .coordinator.http import HttpError
 
@@ -297,6 +298,14 @@ def parser():
         help="seconds: a job whose whole round computes faster than this runs on the "
         "coordinator itself (one process beats a round trip); 0: every job on workers "
         "[SHARDGRAD_INLINE_BELOW, default 0.002]",
+    )
+    s.add_argument(
+        "--lease-window",
+        type=int,
+        default=int(ENV("SHARDGRAD_LEASE_WINDOW", 3)),
+        help="rounds a lone worker may compute ahead of the coordinator's step, stepping "
+        "its own copy of the training state (same bits); 0: every round waits for the "
+        "coordinator [SHARDGRAD_LEASE_WINDOW, default 3]",
     )
     s.add_argument(
         "--http",

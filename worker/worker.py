@@ -6,6 +6,10 @@ GRADS per block. If job code raises (building the model, loading data, a block),
 worker reports a FAULT for that block and goes on: a bad job fails alone, never the worker.
 Stale TASKs (a newer round or timeline of the same job is already queued) are skipped;
 bad messages are logged and dropped. On SIGTERM it finishes its block and says BYE.
+
+A lone worker may get a lease with its TASK (the job's whole training state): it then
+steps its own copy of the RoundEngine and runs up to `window` rounds ahead of the
+coordinator, whose STEPPED messages move the window. Any TASK ends the lease.
 """
 
 import logging
@@ -21,7 +25,8 @@ import numpy as np
 import zmq
 
 from .. import wire
-from ..core.sampling import all_finite
+from ..core.sampling import all_finite, tree_sum
+from ..engine import RoundEngine
 from ..jobspec import parse_spec
 from ..shm import GradsRing, WeightsReader, usable
 from ..training import JobRuntime
@@ -83,6 +88,25 @@ class Heartbeat(threading.Thread):
             sock.close(0)
 
 
+class Lease:
+    """The rounds a lone worker runs ahead: its own RoundEngine, restored from the state the
+    coordinator sent, stepped with its own sums, which are the coordinator's bit for bit
+    (the determinism contract); so its next round's weights are the coordinator's too."""
+
+    def __init__(self, job, lease_id, window, blocks, engine, by_shm):
+        self.job, self.id, self.window, self.blocks = job, lease_id, window, blocks
+        self.engine, self.by_shm = engine, by_shm
+        self.known = engine.next_round  # the coordinator's next round, as far as we know
+
+    def can_go(self) -> bool:
+        e = self.engine
+        return not e.done and e.next_round < self.known + self.window
+
+    def step(self, sums: list) -> None:
+        n = self.engine.rt.n_micro
+        self.engine.step(tree_sum(_never, 0, n, known=dict(zip(self.blocks, sums, strict=True))))
+
+
 class Worker:
     def __init__(
         self,
@@ -101,6 +125,7 @@ class Worker:
         self.shm = WeightsReader(limits) if usable(address) else None  # on the coordinator's host
         self.ring = GradsRing()  # block sums to it, when its TASKs say how far it has read
         self.queue: deque = deque()
+        self.lease: Lease | None = None
         self.stopping = False
         self.dropped = 0
         # Test hooks (docs/architecture.md, fault injection); never set in production.
@@ -131,11 +156,17 @@ class Worker:
                 if heartbeat.reregister.is_set():
                     heartbeat.reregister.clear()
                     self.register()
+                if not self.queue and self.lease is not None and self.lease.can_go():
+                    self.drain()
+                    if not self.queue:
+                        self.run_ahead()
+                    continue
                 if not self.queue:
                     if self.sock.poll(200):
                         self.drain()
                     continue
                 msg = self.queue.popleft()
+                self.lease = None  # a TASK or STOP_JOB: the coordinator leads again
                 if msg.type == wire.TASK:
                     self.do_task(msg)
                 elif msg.type == wire.STOP_JOB:
@@ -153,7 +184,8 @@ class Worker:
 
     def register(self):
         info = {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None}
-        self.send(wire.READY, {"info": info})
+        self.lease = None  # READY says we hold nothing
+        self.send(wire.READY, {"info": {**info, "lease": True}})
 
     def send(self, msg_type, fields, arrays=None):
         wire.send_msg(self.sock, msg_type, {"worker": self.id, **fields}, arrays)
@@ -170,8 +202,17 @@ class Worker:
                 self.dropped += 1
                 log.warning("dropped a bad message: %s", e)
                 continue
-            if msg.type != wire.HEARTBEAT:
+            if msg.type == wire.STEPPED:
+                self.stepped(msg)
+            elif msg.type != wire.HEARTBEAT:
                 self.queue.append(msg)
+
+    def stepped(self, msg):
+        """The coordinator stepped rounds before msg["round"]: the lease's window moves."""
+        self.ring.ack(msg.get("grads_ack"))
+        lease, rnd = self.lease, msg.get("round")
+        if lease is not None and msg.get("lease") == lease.id and type(rnd) is int:
+            lease.known = max(lease.known, rnd)
 
     def superseded(self, job, when):
         """A newer round (or rollback timeline) of `job` is queued, or the job was stopped:
@@ -184,28 +225,57 @@ class Worker:
         return False
 
     def do_task(self, msg):
-        """Compute and send every block of a TASK (FAULT for a block whose code raises)."""
+        """Compute and send every block of a TASK (FAULT for a block whose code raises); with
+        a lease, step our own engine and go on ahead (run_ahead)."""
         try:
             job, rnd, blocks, spec = wire.require(msg, "job", "round", "blocks", "spec")
             blocks = [(int(lo), int(hi)) for lo, hi in blocks]
             when = _when(msg)
-            weights = self.weights_of(msg)
+            lease = _lease_of(msg)
+            weights = None if lease else self.weights_of(msg)
             by_shm = self.shm is not None and "grads_ack" in msg  # it reads our ring
             self.ring.ack(msg.get("grads_ack"))
         except (wire.ProtocolError, ValueError, TypeError) as e:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
             return
-        rt = setup_error = None
+        rt = engine = setup_error = None
         try:  # once per TASK, not per block: the weights are the same for all of them
             rt = self.runtime(job, spec)
-            rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
+            if lease is not None:
+                engine = RoundEngine(rt)
+                engine.restore(*lease[2:])  # the weights, optimizer, accumulation, buffers
+            else:
+                rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
         except Exception as e:  # job code (model, data): every block reports it
             setup_error = e
+        stale = lambda: self.superseded(job, when)  # noqa: E731
+        sums = self.compute_blocks(job, rnd, blocks, rt, stale, by_shm, setup_error)
+        if sums is not None and engine is not None and engine.next_round == rnd:
+            if _tiles(rt.n_micro, blocks):
+                self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm)
+                self.lease.step(sums)
+
+    def run_ahead(self):
+        """One round of the lease, on our own weights; a message from the coordinator
+        (a TASK, STOP_JOB) ends it, as does a block that raises or is not finite."""
+        lease = self.lease
+        rnd, stale = lease.engine.next_round, lambda: bool(self.queue)
+        sums = self.compute_blocks(lease.job, rnd, lease.blocks, lease.engine.rt, stale,
+                                   lease.by_shm, extra={"lease": lease.id})  # fmt: skip
+        if sums is None:
+            self.lease = None
+        else:
+            lease.step(sums)
+
+    def compute_blocks(self, job, rnd, blocks, rt, stale, by_shm, setup_error=None, extra=None):
+        """Send each block's sum (a FAULT if it raises); the sums if all went out finite."""
+        sums, clean = [], True
         for lo, hi in blocks:
             self.drain()
-            if self.stopping or self.superseded(job, when):
-                return
+            if self.stopping or stale():
+                return None
+            fields = {"job": job, "round": rnd, "block": [lo, hi], **(extra or {})}
             try:
                 if setup_error is not None:
                     raise setup_error
@@ -214,14 +284,15 @@ class Worker:
                     raise RuntimeError(f"injected fault (SHARDGRAD_FAULT_RAISE={self.raise_from})")
                 grads = rt.block_grad(rnd, lo, hi)
             except Exception as e:  # job code: report it, stay alive for other work
-                self.fault(job, rnd, (lo, hi), e)
+                self.fault(fields, e)
+                clean = False
                 continue
             if self.delay:  # fault injection: a slow worker (numerics unchanged)
                 time.sleep(self.delay * (hi - lo))
-            fields = {"job": job, "round": rnd, "block": [lo, hi]}
             fields["compute_s"] = time.perf_counter() - t0
             if not all_finite(grads):
                 fields["nonfinite"] = self.first_nonfinite(rt, rnd, lo, hi)
+                clean = False
             if self.corrupt and rnd >= self.corrupt_after:
                 self.maybe_corrupt(grads)
             ring = self.ring.put(grads) if by_shm else None
@@ -230,6 +301,8 @@ class Worker:
             else:
                 names = wire.sum_names(len(grads))
                 self.send(wire.GRADS, fields, list(zip(names, grads, strict=True)))
+            sums.append(grads)
+        return sums if clean else None
 
     def weights_of(self, msg) -> list | None:
         """The weights a TASK points at in shared memory (None: they came as frames). If
@@ -245,11 +318,12 @@ class Worker:
         self.register()
         raise wire.ProtocolError("the TASK's weights are in shared memory we cannot read")
 
-    def fault(self, job, rnd, block, exc):
+    def fault(self, fields, exc):
         micro = getattr(exc, "micro_batch", None)
         error = f"{type(exc).__name__}: {exc}"
-        log.warning("job %s round %d block %s raised %s", job, rnd, block, error, exc_info=True)
-        fields = {"job": job, "round": rnd, "block": list(block), "error": error[:2000]}
+        log.warning("job %s round %d block %s raised %s", fields["job"], fields["round"],
+                    fields["block"], error, exc_info=True)  # fmt: skip
+        fields = {**fields, "error": error[:2000]}
         if type(micro) is int:
             fields["micro_batch"] = micro
         self.send(wire.FAULT, fields)
@@ -275,6 +349,33 @@ class Worker:
             rt = JobRuntime(parse_spec(spec, files=False), self.data_root, verify_data=False)
             self.runtimes = {job: rt}  # one job at a time: drop the previous one's data
         return rt
+
+
+def _lease_of(msg) -> tuple | None:
+    """A TASK's lease: (id, window, state arrays, state meta), or None."""
+    lease = msg.get("lease")
+    if lease is None:
+        return None
+    if not isinstance(lease, dict):
+        raise ValueError("TASK 'lease' must be a map")
+    lid, window, meta = lease.get("id"), lease.get("window"), lease.get("state")
+    if type(lid) is not int or type(window) is not int or not 1 <= window <= 64:
+        raise ValueError(f"TASK lease: bad id or window ({lid!r}, {window!r})")
+    if not isinstance(meta, dict):
+        raise ValueError("TASK lease: 'state' must be a map")
+    arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
+    return lid, window, arrays, meta
+
+
+def _tiles(n: int, blocks) -> bool:
+    """`blocks` cover [0, n) exactly once: the whole round, which a lease needs to step."""
+    edges = sorted(blocks)
+    starts = [lo for lo, _ in edges]
+    return bool(edges) and starts[0] == 0 and [hi for _, hi in edges] == starts[1:] + [n]
+
+
+def _never(i):
+    raise AssertionError(f"micro-batch {i} is in no block of the lease")
 
 
 def _when(msg) -> tuple[int, int]:
