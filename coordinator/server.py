@@ -531,7 +531,7 @@ class Coordinator:
         job.round = Round(index, job.rt.n_micro, live, self.cfg.blocks_per_worker,
                           job.verifier.draw, self.members.capacities(live))  # fmt: skip
         alone = self.lone_worker(live)
-        if job.lease is not None and job.round.assignment == {alone: job.lease[2]}:
+        if job.lease is not None and job.round.assignment == {job.lease[0]: job.lease[2]}:
             return self.stepped(alone)  # it is computing this round already
         self.send_blocks(job.round.assignment, lease_to=alone)
 

@@ -146,9 +146,11 @@ class Worker:
             self.security.apply(self.sock)
         self.sock.connect(self.address)
         self.register()
+        # (beats carry the READY's info: a restarted coordinator may hear a beat first)
         heartbeat = Heartbeat(
-            self.ctx, self.address, self.id, self.interval, self.liveness, self.security
-        )
+            self.ctx, self.address, self.id, self.interval, self.liveness, self.security,
+            self.info,
+        )  # fmt: skip
         heartbeat.start()
         log.info("worker %s connected to %s", self.id, self.address)
         try:
@@ -182,10 +184,13 @@ class Worker:
             self.sock.close()
             self.ctx.term()
 
+    def info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None,
+                "lease": True}  # fmt: skip
+
     def register(self):
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None}
         self.lease = None  # READY says we hold nothing
-        self.send(wire.READY, {"info": {**info, "lease": True}})
+        self.send(wire.READY, {"info": self.info()})
 
     def send(self, msg_type, fields, arrays=None):
         wire.send_msg(self.sock, msg_type, {"worker": self.id, **fields}, arrays)

@@ -1,0 +1,153 @@
+"""A lone worker runs ahead on a lease (docs/architecture.md, "One worker runs ahead"): its
+TASK carries the job's training state, it steps its own RoundEngine and computes up to
+`--lease-window` rounds ahead of the coordinator's step. What it computed ahead counts only
+on the timeline it was computed for, so the weights stay those of `train --local` bit for
+bit whatever happens to the lease: a second worker joining, the lone worker being killed
+or stopped past its liveness, the coordinator restarting.
+
+Every cluster here is flat (no aggregators): an aggregator never gets a lease.
+"""
+
+import signal
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+# Optimizer state (momentum, Adam), accumulation, dropout, BatchNorm buffers, a schedule
+# and clipping: everything the lease's state carries and the worker's engine steps.
+SPEC_FULL = {
+    "name": "svc-digits-bn-sched-clip",
+    "model": [
+        {"type": "linear", "out": 32},
+        {"type": "batchnorm1d"},
+        {"type": "relu"},
+        {"type": "dropout", "p": 0.1},
+        {"type": "linear", "out": 10},
+    ],
+    "input_shape": [64],
+    "loss": "cross_entropy",
+    "optimizer": {"type": "adam", "lr": 0.01},
+    "scheduler": {"type": "step", "step_size": 5, "gamma": 0.7},
+    "clip_grad_norm": 1.0,
+    "data": {"source": "builtin:digits"},
+    "global_batch": 48,
+    "micro_batch": 8,
+    "accumulate_steps": 2,
+    "epochs": 2,
+    "seed": 5,
+    "eval": {"holdout": 0.2},
+}
+
+
+def _flat(make_cluster, workers, **kw):
+    return make_cluster(workers=workers, aggregators=0, **kw)
+
+
+def _ahead(c) -> int:
+    return c.status()["counters"].get("blocks_ahead", 0)
+
+
+def _slow(svc, epochs, name):
+    """SPEC_SGD long enough to act on mid-job: ~14 rounds an epoch, ~24 ms each (the
+    workers are slowed by SHARDGRAD_FAULT_DELAY, which leaves the numbers alone)."""
+    return svc.spec_with(svc.SPEC_SGD, epochs=epochs, name=name)
+
+
+SLOW = {"SHARDGRAD_FAULT_DELAY": "0.002"}
+
+
+@pytest.mark.parametrize("which", ["sgd", "adam_dropout", "full"])
+def test_a_lone_worker_runs_ahead_with_the_bits_of_local(make_cluster, svc, which):
+    spec = {"sgd": svc.SPEC_SGD, "adam_dropout": svc.SPEC_ADAM_DROPOUT, "full": SPEC_FULL}[which]
+    ref_state, ref_metrics = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 1)
+    with cluster.client() as c:
+        _, status, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, "one worker on a lease vs train_local")
+        metrics = c.metrics(status["id"])
+        assert [m.get("loss") for m in metrics] == [m.get("loss") for m in ref_metrics]
+        # all but the first round (its TASK carried the lease) were computed ahead
+        assert _ahead(c) == len(ref_metrics) - 1, c.status()["counters"]
+
+
+def test_without_leases_the_bits_are_the_same(make_cluster, svc):
+    ref_state, _ = svc.local_reference(SPEC_FULL)
+    cluster = _flat(make_cluster, 1, env={"SHARDGRAD_LEASE_WINDOW": "0"})
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, SPEC_FULL)
+        svc.assert_bitwise_equal(weights, ref_state, "--lease-window 0 vs train_local")
+        assert _ahead(c) == 0
+
+
+def test_a_second_worker_ends_the_lease_and_the_bits_hold(make_cluster, svc):
+    spec = _slow(svc, 8, "svc-lease-join")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 1, env=SLOW)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        svc.grow_to(cluster, 2)
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, "a worker joined a lease")
+        workers = [m["workers"] for m in c.metrics(job)]
+        assert workers[0] == 1 and workers[-1] == 2, workers
+        before = _ahead(c)
+        # and once it is alone again, the remaining worker gets a lease of its own
+        cluster.workers[0].terminate()
+        cluster.workers[0].wait(30)
+        cluster.wait_until(lambda cl: len(cluster.live_workers(cl)) == 1, "one worker left")
+        _, _, weights = svc.run_job(c, svc.spec_with(spec, epochs=2), timeout=120)
+        assert _ahead(c) > before
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGSTOP past liveness"])
+def test_the_lone_worker_lost_mid_lease(make_cluster, svc, how):
+    """kill -9: a new worker takes over. SIGSTOP: the coordinator gives the stopped worker
+    up; on SIGCONT it goes on from where it was, ahead, on the same timeline, and what it
+    computed counts. Either way the job ends with train_local's bits."""
+    spec = _slow(svc, 8, "svc-lease-lost")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 1, env=SLOW)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        victim = cluster.workers[0]
+        if how == "kill -9":
+            victim.kill()
+            victim.wait(30)
+            cluster.add_worker(env=SLOW)
+        else:
+            victim.send_signal(signal.SIGSTOP)
+            svc.wait_for(
+                lambda: c.status()["counters"].get("workers_died", 0) >= 1,
+                60,
+                "the stopped worker given up",
+            )
+            victim.send_signal(signal.SIGCONT)
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, f"lone worker {how} mid-lease")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_coordinator_restarts_under_a_lease(make_cluster, svc, sig):
+    """The worker keeps computing ahead for the old coordinator; the new one resumes from
+    its checkpoint, grants a new lease, and drops what was computed under the old one."""
+    spec = svc.spec_with(_slow(svc, 8, "svc-lease-restart"), checkpoint_every=5)
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 1, env=SLOW)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        svc.wait_for(
+            lambda: (c.status(job)["job"]["checkpoint_round"] or 0) >= 20, 60, "a checkpoint"
+        )
+    cluster.coordinator.send_signal(sig)
+    cluster.coordinator.wait(30)
+    cluster.start_coordinator()
+    with cluster.client() as c:
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, "coordinator restarted mid-lease")
+        assert _ahead(c) > 0
