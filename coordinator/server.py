@@ -270,7 +270,7 @@ class Coordinator:
                 if owed and self.members.is_live(wid):
                     self.send_blocks({wid: owed})
             return
-        block = self._block_of(msg)  # checked (and drops counted) before who sent it
+        block = self._block_of(msg, wid)  # checked (and drops counted) before who sent it
         if block is None:
             return
         if msg.type == wire.GRADS:
@@ -289,7 +289,7 @@ class Coordinator:
         else:
             self.on_fault(wid, block, error, msg)
 
-    def _block_of(self, msg):
+    def _block_of(self, msg, wid):
         """The pending block of the current round a GRADS / FAULT is about, or None
         (counted) if it is late, unknown or already in."""
         job, r = self.job, self.job and self.job.round
@@ -298,7 +298,7 @@ class Coordinator:
             self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
             return None
         lease = msg.get("lease")  # computed ahead, on this timeline's weights?
-        if lease is not None and job.leases.get(lease) != msg.get("worker"):
+        if lease is not None and job.leases.get(lease if type(lease) is int else None) != wid:
             self.counters["late_grads"] += 1
             return None
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
