@@ -119,9 +119,10 @@ def test_default_heartbeat_detects_kill9_within_3s(make_cluster):
     assert detected <= 3.0 + 1.0  # 2.5 s by design; 1 s of margin for a loaded machine
 
 
-def test_nan_gradients_fail_with_a_clear_message(make_cluster):
+@pytest.mark.parametrize("workers", [1, 2])  # one worker: it runs ahead on a lease
+def test_nan_gradients_fail_with_a_clear_message(make_cluster, workers):
     job_spec = spec(rounds=20, optimizer={"type": "sgd", "lr": 1e30}, accumulate_steps=1)
-    cl = make_cluster(2).start()
+    cl = make_cluster(workers).start()
     with cl.client() as c:
         job = c.submit(job_spec)
         wait_for(lambda: job_status(c, job)["state"] == "failed", "the job to fail", 60)

@@ -151,3 +151,15 @@ def test_the_coordinator_restarts_under_a_lease(make_cluster, svc, sig):
         assert status["state"] == "done", status
         svc.assert_bitwise_equal(c.fetch(job), ref_state, "coordinator restarted mid-lease")
         assert _ahead(c) > 0
+
+
+def test_cancel_mid_lease_then_the_next_job_has_the_bits_of_local(make_cluster, svc):
+    cluster = _flat(make_cluster, 1, env=SLOW)
+    spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, epochs=1, name="svc-lease-after-cancel")
+    ref_state, _ = svc.local_reference(spec)
+    with cluster.client() as c:
+        job = c.submit(_slow(svc, 20, "svc-lease-cancelled"))
+        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        c.cancel(job)
+        _, _, weights = svc.run_job(c, spec, timeout=120)
+        svc.assert_bitwise_equal(weights, ref_state, "the job after a cancelled lease")
