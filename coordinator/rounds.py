@@ -41,6 +41,7 @@ class Round:
         checked=lambda block: False,
         capacity: dict | None = None,
         assignment: dict | None = None,
+        checkers: list[str] | None = None,
     ):
         self.index, self.n_micro = index, n_micro
         self.started = time.monotonic()
@@ -57,7 +58,9 @@ class Round:
         self.assignment: dict[str, list] = {}
         if assignment is None:
             assignment = assign_blocks(n_micro, workers, per_worker, capacity)
-        self.add(assignment, workers)
+        # Checked blocks go to a second worker among `checkers` (default: `workers`): while
+        # one worker computes ahead on a lease, those standing by still check it.
+        self.add(assignment, checkers or workers)
 
     def add(self, assignment: dict, workers: list[str]) -> dict[str, list]:
         """Take on new blocks (an aggregator's round grows as its upstream sends more);

@@ -44,6 +44,7 @@ from .placement import DEFAULT_INLINE_BELOW_S, JobFailed, choose, rounds_here
 from .rounds import Round, straggler_deadline
 from .store import Store
 from .verify import Verifier
+from .width import Width
 from .workers import check_grads, sender_of, worker_info
 
 log = logging.getLogger("shardgrad.coordinator")
@@ -60,6 +61,7 @@ class Config:
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
     lease_window: int = 3  # rounds a lone worker may run ahead of our step (0: never)
+    width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
@@ -91,6 +93,8 @@ class ActiveJob:
     # them stands on this timeline's weights, so it is right for its round whoever else
     # computed the rounds between (the determinism contract); a rollback voids them all.
     leases: dict = field(default_factory=dict)
+    width: Width = field(default_factory=Width)  # all live workers, or one on a lease
+    early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
 
     @property
     def rt(self) -> JobRuntime:
@@ -291,15 +295,17 @@ class Coordinator:
 
     def _block_of(self, msg, wid):
         """The pending block of the current round a GRADS / FAULT is about, or None
-        (counted) if it is late, unknown or already in."""
+        (counted) if it is late, unknown or already in, or kept for its round (early)."""
         job, r = self.job, self.job and self.job.round
         job_id, rnd, block = wire.require(msg, "job", "round", "block")
-        if r is None or job_id != job.id or rnd != r.index:
-            self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
-            return None
         lease = msg.get("lease")  # computed ahead, on this timeline's weights?
-        if lease is not None and job.leases.get(lease if type(lease) is int else None) != wid:
-            self.counters["late_grads"] += 1
+        if lease is not None and job is not None and job_id == job.id and type(rnd) is int:
+            if job.leases.get(lease if type(lease) is int else None) != wid:
+                lease = False  # of another timeline or coordinator life: late
+            elif r is None or rnd > r.index:
+                return self.keep_early(wid, msg, rnd)
+        if r is None or job_id != job.id or rnd != r.index or lease is False:
+            self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
             return None
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
             raise wire.ProtocolError(f"{msg.type} 'block' must be [lo, hi] integers, got {block!r}")
@@ -311,6 +317,19 @@ class Coordinator:
             self.counters["duplicate_grads"] += 1
             return None
         return block
+
+    def keep_early(self, wid, msg, rnd):
+        """A worker ahead on a lease sent a round we have not started (we wait on a check,
+        a fault, our own evaluation): keep it for that round (start_round hands it in)."""
+        job = self.job
+        if rnd > job.engine.next_round + self.cfg.lease_window:
+            self.counters["late_grads"] += 1  # beyond any window we gave
+            return None
+        if msg.type == wire.GRADS:
+            self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
+            msg.fields.pop("shm", None)
+        job.early.setdefault(rnd, []).append(msg)
+        return None
 
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round
@@ -422,6 +441,7 @@ class Coordinator:
         job.verifier.rolled_back(target)
         job.gen, job.round, job.lease = job.gen + 1, None, None
         job.leases.clear()
+        job.early.clear()
         self.checkpoint()  # the one on disk may hold what the liar said
         self.start_round()
 
@@ -492,6 +512,7 @@ class Coordinator:
                 return  # FIFO: the head of the queue waits for its workers
         del prepared[row["id"]], self.placements[row["id"]]
         job = ActiveJob(row["id"], RoundEngine(rt), rt.spec.to_dict(), Verifier(rt.spec.verify))
+        job.width = Width(self.cfg.width_probe)
         job.layout = rt.sum_layout()
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
@@ -528,19 +549,35 @@ class Coordinator:
         index = job.engine.next_round
         if job.verifier.needs_snapshot(index, live):
             job.verifier.keep(index, job.engine.pack(copy=True))
-        job.round = Round(index, job.rt.n_micro, live, self.cfg.blocks_per_worker,
-                          job.verifier.draw, self.members.capacities(live))  # fmt: skip
-        alone = self.lone_worker(live)
-        if job.lease is not None and job.round.assignment == {job.lease[0]: job.lease[2]}:
-            return self.stepped(alone)  # it is computing this round already
-        self.send_blocks(job.round.assignment, lease_to=alone)
+        use = job.width.use(live, self.stand_in(live))
+        job.round = Round(index, job.rt.n_micro, use, self.cfg.blocks_per_worker,
+                          job.verifier.draw, self.members.capacities(use),
+                          checkers=live)  # fmt: skip
+        alone, assignment = self.lone_worker(use), dict(job.round.assignment)
+        if job.lease is not None and assignment.get(job.lease[0]) == job.lease[2]:
+            self.stepped(job.lease[0])  # it is computing this round already
+            del assignment[job.lease[0]]  # (the rest: a stand-by checking a block of it)
+        self.send_blocks(assignment, lease_to=alone)
+        for r in [r for r in job.early if r <= index]:
+            for msg in job.early.pop(r, []):  # sent ahead: in now (or late, if r < index)
+                if self.job is job and job.round is not None and job.round.index == index:
+                    self.on_worker(msg)
 
-    def lone_worker(self, live) -> str | None:
-        """The one live worker, if it may run ahead of us alone (a lease)."""
-        if self.cfg.lease_window <= 0 or len(live) != 1:
+    def lone_worker(self, use) -> str | None:
+        """The one worker a round goes to, if it may run ahead of us alone (a lease)."""
+        if self.cfg.lease_window <= 0 or len(use) != 1:
             return None
-        w = self.members.workers[live[0]]
+        w = self.members.workers[use[0]]
         return w.id if w.info.get("lease") is True and "role" not in w.info else None
+
+    def stand_in(self, live) -> str | None:
+        """The worker that would compute alone on a lease while the others stand by (and
+        check the blocks `verify` draws), one on our host first; none with aggregators."""
+        infos = [self.members.workers[w].info for w in live]
+        if any("role" in i for i in infos):
+            return None
+        able = [w for w, i in zip(live, infos, strict=True) if self.lone_worker([w])]
+        return min(able, key=lambda w: (not self.members.on_this_host(w), w), default=None)
 
     def stepped(self, wid):
         """Tell the lone worker the rounds before this one are in the weights: its lease's
@@ -635,6 +672,9 @@ class Coordinator:
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started
+        why = job.width.observe(round_s)
+        if why:
+            log.info("job %s: %s", job.id, why)
         compute = max(r.compute_s.values(), default=0.0)
         row.update(
             round_s=round_s,

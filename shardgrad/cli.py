@@ -41,6 +41,7 @@ def cmd_coordinator(a):
         min_deadline=a.min_deadline,
         inline_below_s=a.inline_below,
         lease_window=a.lease_window,
+        width_probe=a.width_probe,
     )
     from .coordinator.http import HttpError
 
@@ -306,6 +307,14 @@ def parser():
         help="rounds a lone worker may compute ahead of the coordinator's step, stepping "
         "its own copy of the training state (same bits); 0: every round waits for the "
         "coordinator [SHARDGRAD_LEASE_WINDOW, default 3]",
+    )
+    s.add_argument(
+        "--width-probe",
+        type=int,
+        default=int(ENV("SHARDGRAD_WIDTH_PROBE", 16)),
+        help="rounds to time a job on all live workers and on one ahead on a lease; the "
+        "faster wins (the same bits), the others stand by; 0: always all "
+        "[SHARDGRAD_WIDTH_PROBE, default 16]",
     )
     s.add_argument(
         "--http",

@@ -19,4 +19,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # inherit this environment) sends jobs to its workers, so the tests exercise the worker path;
 # tests/service/test_placement.py starts its own clusters with placement on.
 os.environ.setdefault("SHARDGRAD_INLINE_BELOW", "0")
+# Likewise a coordinator may run a job's rounds on one worker ahead on a lease while the
+# others stand by, when that is faster (coordinator/width.py): with these small jobs it
+# would be, and the multi-worker paths would go untested. tests/service/test_lease.py
+# turns it on.
+os.environ.setdefault("SHARDGRAD_WIDTH_PROBE", "0")
 # --- end placement -------------------------------------------------------------------------

@@ -163,3 +163,47 @@ def test_cancel_mid_lease_then_the_next_job_has_the_bits_of_local(make_cluster, 
         c.cancel(job)
         _, _, weights = svc.run_job(c, spec, timeout=120)
         svc.assert_bitwise_equal(weights, ref_state, "the job after a cancelled lease")
+
+
+# ---- width: all live workers, or one ahead on a lease (coordinator/width.py) ---------------
+WIDTH = {"SHARDGRAD_WIDTH_PROBE": "4"}  # tests/conftest.py turns it off for the others
+
+
+def _log(cluster) -> str:
+    with open(f"{cluster.log_dir}/coordinator.log") as f:
+        return f.read()
+
+
+def test_the_job_is_timed_on_all_workers_and_on_one_and_the_bits_hold(make_cluster, svc):
+    """Both widths are probed, the choice is logged, and whatever wins, the weights are
+    train_local's. (Rounds this small are faster on one worker ahead; not asserted.)"""
+    spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, epochs=4, name="svc-width")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 2, env=WIDTH)
+    with cluster.client() as c:
+        _, status, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, "probing widths vs train_local")
+        widths = [m["workers"] for m in c.metrics(status["id"])]
+    assert widths[:6] == [2] * 6 and widths[6:12] == [1] * 6, widths
+    assert "on one worker ahead on a lease and" in _log(cluster)
+
+
+def test_a_stand_by_worker_takes_over_from_the_one_that_computed(make_cluster, svc):
+    """Once one worker computes alone, kill -9 it: the one standing by gets its blocks (and
+    then a lease of its own), and the job ends with train_local's bits."""
+    spec = svc.spec_with(svc.SPEC_SGD, epochs=150, name="svc-width-takeover")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 2, env=WIDTH)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        svc.wait_for(lambda: "one computes, the others stand by" in _log(cluster), 60,
+                     "the coordinator choosing one worker")  # fmt: skip
+        done = {w["id"]: w["blocks_done"] for w in c.status()["workers"]}
+        holder = max(done, key=done.get)
+        victim = next(p for p in cluster.workers if holder.split("-")[1] == str(p.pid))
+        victim.kill()
+        victim.wait(30)
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, "a stand-by took over")
+        assert c.status()["counters"].get("workers_died", 0) >= 1

@@ -1,0 +1,64 @@
+"""How many of the live workers a job's rounds are spread over: all of them, or one on a
+lease (worker.Lease), whichever this job's rounds show to be faster.
+
+A round through N workers costs a round trip F plus its compute C/N; one worker on a lease
+pays no round trip at all (it steps its own copy), only C. So when C/N + F > C, as for a
+small model on few cores, a second worker makes the job slower, and the coordinator keeps
+the others standing by: live, checking the blocks `verify` draws, and taking over a lost
+lease holder's blocks. The bits are the same either way (the determinism contract).
+
+The choice is measured, not guessed: `probe` rounds on all live workers, then `probe` on
+one, and the lower median wins; the first rounds of each probe (a lease's TASK carries the
+training state) do not count. A new set of live workers, or `hold` rounds, and it probes
+again.
+"""
+
+import statistics
+
+WARMUP = 2  # rounds at the start of each probe that do not count
+
+
+class Width:
+    def __init__(self, probe: int = 16, hold: int = 2000):
+        self.probe, self.hold = probe, hold
+        self.key: tuple = ()
+        self.times: dict[str, list] = {"all": [], "one": []}
+        self.choice: str | None = None
+        self.held = 0
+        self.dealt: str | None = None  # how the round under way was dealt, if it counts
+
+    def use(self, live: list[str], one: str | None) -> list[str]:
+        """The workers the next round goes to: `live`, or [`one`] (the worker that would
+        get the lease) while probing it or once it has won."""
+        self.dealt = None
+        if self.probe <= 0 or one is None or len(live) < 2:
+            return live
+        if tuple(live) != self.key:
+            self.key, self.times, self.choice = tuple(live), {"all": [], "one": []}, None
+        self.dealt = self.choice or (
+            "all" if len(self.times["all"]) < self.probe + WARMUP else "one"
+        )
+        return [one] if self.dealt == "one" else live
+
+    def observe(self, round_s: float) -> str | None:
+        """The round dealt by the last `use` took `round_s`; a sentence for the log when a
+        choice is made."""
+        mode, self.dealt = self.dealt, None
+        if mode is None:
+            return None  # not probing (one worker, aggregators, --width-probe 0)
+        if self.choice is not None:
+            self.held += 1
+            if self.held >= self.hold:  # conditions drift: measure again
+                self.times, self.choice, self.held = {"all": [], "one": []}, None, 0
+            return None
+        self.times[mode].append(round_s)
+        one, every = self.times["one"][WARMUP:], self.times["all"][WARMUP:]
+        if len(one) < self.probe or len(every) < self.probe:
+            return None
+        a, b = statistics.median(every), statistics.median(one)
+        self.choice = "one" if b < a else "all"
+        then = "one computes, the others stand by" if self.choice == "one" else "all compute"
+        return (
+            f"rounds take {b * 1e3:.2f} ms on one worker ahead on a lease and {a * 1e3:.2f} ms "
+            f"on all {len(self.key)} (medians of {self.probe}): {then}"
+        )

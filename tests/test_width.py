@@ -1,0 +1,43 @@
+"""coordinator/width.py: all live workers, or one ahead on a lease, by measured medians."""
+
+from shardgrad.coordinator.width import WARMUP, Width
+
+
+def _rounds(w, live, one, times):
+    """Deal and time rounds: times[mode] seconds for a round dealt that way; the deals."""
+    dealt = []
+    for _ in range(len(times["n"])):
+        use = w.use(live, one)
+        mode = "one" if use == [one] and len(live) > 1 else "all"
+        dealt.append(mode)
+        w.observe(times[mode])
+    return dealt
+
+
+def test_probes_all_then_one_and_keeps_the_faster():
+    for fast, slow in (("one", "all"), ("all", "one")):
+        w = Width(probe=4, hold=100)
+        times = {fast: 0.001, slow: 0.002, "n": range(20)}
+        dealt = _rounds(w, ["a", "b"], "a", times)
+        probe = 4 + WARMUP
+        assert dealt[:probe] == ["all"] * probe and dealt[probe : 2 * probe] == ["one"] * probe
+        assert dealt[2 * probe :] == [fast] * (20 - 2 * probe) and w.choice == fast
+
+
+def test_a_new_set_of_workers_or_the_hold_probes_again():
+    w = Width(probe=2, hold=3)
+    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(8)})
+    assert w.choice == "one"
+    assert w.use(["a", "b", "c"], "a") == ["a", "b", "c"] and w.choice is None  # new set
+    w.observe(2.0)
+    w = Width(probe=2, hold=3)
+    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(8 + 3)})
+    assert w.choice is None  # held for 3 rounds, then measuring again
+
+
+def test_nothing_to_choose():
+    assert Width(probe=0).use(["a", "b"], "a") == ["a", "b"]  # --width-probe 0
+    assert Width().use(["a", "b"], None) == ["a", "b"]  # nobody can take a lease
+    w = Width()
+    assert w.use(["a"], "a") == ["a"] and w.observe(1.0) is None  # alone: nothing to time
+    assert w.times == {"all": [], "one": []}
