@@ -6,7 +6,12 @@ For MLPs 784-512-512-10 (B=1024) and 784-256-256-10 (B=256) on builtin:synthetic
 classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
 
   sg 1w, sg 2w    shardgrad on a local cluster (coordinator + 1 or 2 worker processes):
-                  global_batch / median round_s from the coordinator's metrics
+                  global_batch / median round_s from the coordinator's metrics. One worker
+                  runs ahead on a lease; "sg 2w" puts every round on both workers
+                  (--width-probe 0)
+  sg 2w auto      the same 2-worker cluster as it runs by default: it times the job on both
+                  workers and on one ahead on a lease, and keeps the faster ("on": how
+                  many it chose); measured after its probes
   local           `train_local` (the same spec in one process): B / median round time
   floor           the contract's floor: a hand-written NumPy step that keeps the contract
                   (k micro-batches, per-micro-batch weight gradients from one batched
@@ -102,7 +107,18 @@ def run_shardgrad(cluster, spec, warmup):
         assert status["state"] == "done", status
         rows = c.metrics(job)[warmup:]
     keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
-    return {k: median([r[k] for r in rows]) for k in keys}
+    return {**{k: median([r[k] for r in rows]) for k in keys}, "on": rows[-1]["workers"]}
+
+
+PROBE = 16  # the coordinator's default --width-probe
+PROBE_ROUNDS = 2 * (PROBE + 2)  # both probes, with their warm-up rounds
+
+
+def run_auto(cluster, hidden, batch, rounds, warmup, k):
+    """The default coordinator: its probes first, then the measured rounds."""
+    return run_shardgrad(
+        cluster, make_spec(hidden, batch, PROBE_ROUNDS + rounds + warmup, k), PROBE_ROUNDS + warmup
+    )
 
 
 def local_round_seconds(spec, warmup):
@@ -243,7 +259,7 @@ def main():
             print("torch is not installed (oracle extra): no torch columns", file=sys.stderr)
 
     rows, n_rounds = [], a.rounds + a.warmup
-    cluster = LocalCluster(workers=2).start()
+    cluster = LocalCluster(workers=2, env={"SHARDGRAD_WIDTH_PROBE": "0"}).start()
     try:
         torch_cols = {}
         for label, hidden, batch in CONFIGS:
@@ -263,6 +279,13 @@ def main():
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))
                 print(f"done: {label} k={k}", file=sys.stderr, flush=True)
+        # the default coordinator, which chooses how many workers to use
+        cluster.coordinator.terminate()
+        cluster.coordinator.wait(30)
+        cluster.start_coordinator(env={"SHARDGRAD_WIDTH_PROBE": str(PROBE)})
+        cluster.wait_workers(2)
+        for _label, hidden, batch, k, res in rows:
+            res["auto"] = run_auto(cluster, hidden, batch, a.rounds, a.warmup, k)
         # one worker: stop the second (workers first, so its BYE reaches the coordinator)
         cluster.workers[-1].terminate()
         cluster.workers[-1].wait(30)
@@ -283,13 +306,15 @@ def main():
         + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians; samples/s.\n"
     )
     print(
-        "| model | k | sg 1w | sg 2w | local | floor | tax | torch | ddp 1 | ddp 2 "
-        "| 1w/local | 2w/local | 1w/ddp1 | 2w/ddp2 | local/floor |"
+        "| model | k | sg 1w | sg 2w | sg 2w auto (on) | local | floor | tax | torch | ddp 1 "
+        "| ddp 2 | 1w/local | 2w/local | auto/local | 1w/ddp1 | 2w/ddp2 | auto/ddp2 "
+        "| local/floor |"
     )
-    print("|---" * 15 + "|")
+    print("|---" * 18 + "|")
     for label, _hidden, batch, k, res in rows:
         sps = {key: batch / res[key] for key in ("local", "floor")}
-        sps["sg1"], sps["sg2"] = batch / res["sg1"]["round_s"], batch / res["sg2"]["round_s"]
+        for key in ("sg1", "sg2", "auto"):
+            sps[key] = batch / res[key]["round_s"]
         te, d1, d2 = (batch / t for t in torch_cols[label]) if have_torch else (None,) * 3
 
         def f(x):
@@ -299,10 +324,12 @@ def main():
             return f"{x / y:.2f}x" if x and y else "n/a"
 
         print(
-            f"| {label} B={batch} | {k} | {f(sps['sg1'])} | {f(sps['sg2'])} | {f(sps['local'])} "
+            f"| {label} B={batch} | {k} | {f(sps['sg1'])} | {f(sps['sg2'])} "
+            f"| {f(sps['auto'])} ({res['auto']['on']}) | {f(sps['local'])} "
             f"| {f(sps['floor'])} | {res['floor'] / res['floor1']:.2f}x | {f(te)} | {f(d1)} "
             f"| {f(d2)} | {r(sps['sg1'], sps['local'])} | {r(sps['sg2'], sps['local'])} "
-            f"| {r(sps['sg1'], d1)} | {r(sps['sg2'], d2)} | {res['local'] / res['floor']:.2f}x |"
+            f"| {r(sps['auto'], sps['local'])} | {r(sps['sg1'], d1)} | {r(sps['sg2'], d2)} "
+            f"| {r(sps['auto'], d2)} | {res['local'] / res['floor']:.2f}x |"
         )
     print("\nA 2-worker round, medians in ms:\n")
     print("| model | k | round | slowest compute | transfer | reduce | step |")

@@ -247,6 +247,7 @@ class Coordinator:
             self.start_round()
         else:
             self.repair_round()
+        self.hand_in_early()
 
     # ---- workers --------------------------------------------------------------------------
     def on_worker(self, msg):
@@ -330,6 +331,19 @@ class Coordinator:
             msg.fields.pop("shm", None)
         job.early.setdefault(rnd, []).append(msg)
         return None
+
+    def hand_in_early(self):
+        """What a worker ahead sent for the round now running (kept by keep_early)."""
+        job = self.job
+        while job is not None and self.job is job and job.round is not None and job.early:
+            index = job.round.index
+            due = [r for r in job.early if r <= index]
+            if not due:
+                return
+            for msg in job.early.pop(min(due)):  # (of an earlier round: counted late)
+                if self.job is not job or job.round is None or job.round.index != index:
+                    break  # it completed the round, and the next handed in its own
+                self.on_worker(msg)
 
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round
@@ -558,10 +572,6 @@ class Coordinator:
             self.stepped(job.lease[0])  # it is computing this round already
             del assignment[job.lease[0]]  # (the rest: a stand-by checking a block of it)
         self.send_blocks(assignment, lease_to=alone)
-        for r in [r for r in job.early if r <= index]:
-            for msg in job.early.pop(r, []):  # sent ahead: in now (or late, if r < index)
-                if self.job is job and job.round is not None and job.round.index == index:
-                    self.on_worker(msg)
 
     def lone_worker(self, use) -> str | None:
         """The one worker a round goes to, if it may run ahead of us alone (a lease)."""
@@ -703,6 +713,7 @@ class Coordinator:
             # the checkpoint (the weights stay as they are until that round's step).
             self.start_round()
         self.after_step(row)
+        self.hand_in_early()  # after this round's row: a round it completes comes after it
 
     def run_here(self, slice_s=0.02):
         """Rounds of a job placed on the coordinator, for about `slice_s` per pass of the

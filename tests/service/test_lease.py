@@ -177,14 +177,20 @@ def _log(cluster) -> str:
 def test_the_job_is_timed_on_all_workers_and_on_one_and_the_bits_hold(make_cluster, svc):
     """Both widths are probed, the choice is logged, and whatever wins, the weights are
     train_local's. (Rounds this small are faster on one worker ahead; not asserted.)"""
-    spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, epochs=4, name="svc-width")
-    ref_state, _ = svc.local_reference(spec)
+    # Many checks: a stand-by checks a third of the leased rounds, so the worker ahead often
+    # sends rounds the coordinator has not started yet (kept, then handed in, in order).
+    spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, epochs=4, verify=0.3, name="svc-width")
+    ref_state, ref_metrics = svc.local_reference(spec)
     cluster = _flat(make_cluster, 2, env=WIDTH)
     with cluster.client() as c:
         _, status, weights = svc.run_job(c, spec)
         svc.assert_bitwise_equal(weights, ref_state, "probing widths vs train_local")
-        widths = [m["workers"] for m in c.metrics(status["id"])]
-    assert widths[:6] == [2] * 6 and widths[6:12] == [1] * 6, widths
+        metrics = c.metrics(status["id"])
+        assert c.status()["counters"].get("verified_blocks", 0) > 0
+    assert [m["round"] for m in metrics] == list(range(len(ref_metrics)))
+    assert [m.get("loss") for m in metrics] == [m.get("loss") for m in ref_metrics]
+    widths = [m["workers"] for m in metrics]
+    assert widths[:6] == [2] * 6 and {1} <= set(widths[6:12]), widths
     assert "on one worker ahead on a lease and" in _log(cluster)
 
 
