@@ -321,7 +321,7 @@ class Coordinator:
 
     def keep_early(self, wid, msg, rnd):
         """A worker ahead on a lease sent a round we have not started (we wait on a check,
-        a fault, our own evaluation): keep it for that round (start_round hands it in)."""
+        a fault, our own evaluation): keep it for that round (hand_in_early)."""
         job = self.job
         if rnd > job.engine.next_round + self.cfg.lease_window:
             self.counters["late_grads"] += 1  # beyond any window we gave
