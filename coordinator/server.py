@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from .. import wire
@@ -60,7 +61,7 @@ class Config:
     max_queued_jobs: int = 100
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
-    lease_window: int = 3  # rounds a lone worker may run ahead of our step (0: never)
+    lease_window: int = 8  # rounds a lone worker may run ahead of our step (0: never)
     width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
@@ -95,6 +96,7 @@ class ActiveJob:
     leases: dict = field(default_factory=dict)
     width: Width = field(default_factory=Width)  # all live workers, or one on a lease
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
+    window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
 
     @property
     def rt(self) -> JobRuntime:
@@ -323,7 +325,7 @@ class Coordinator:
         """A worker ahead on a lease sent a round we have not started (we wait on a check,
         a fault, our own evaluation): keep it for that round (hand_in_early)."""
         job = self.job
-        if rnd > job.engine.next_round + self.cfg.lease_window:
+        if rnd > job.engine.next_round + job.window:
             self.counters["late_grads"] += 1  # beyond any window we gave
             return None
         if msg.type == wire.GRADS:
@@ -526,8 +528,11 @@ class Coordinator:
                 return  # FIFO: the head of the queue waits for its workers
         del prepared[row["id"]], self.placements[row["id"]]
         job = ActiveJob(row["id"], RoundEngine(rt), rt.spec.to_dict(), Verifier(rt.spec.verify))
-        job.width = Width(self.cfg.width_probe)
         job.layout = rt.sum_layout()
+        job.width = Width(self.cfg.width_probe)
+        # What runs ahead waits in queues and in `early`: at most ~64 MiB of sums.
+        sum_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in job.layout)
+        job.window = min(self.cfg.lease_window, 64, max(2, (64 << 20) // max(sum_bytes, 1)))
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
             arrays, meta = ckpt
@@ -635,7 +640,7 @@ class Coordinator:
                 meta["metrics"] = []
                 job.lease = (wid, secrets.randbits(31), blocks)
                 job.leases[job.lease[1]] = wid
-                fields["lease"] = {"id": job.lease[1], "window": self.cfg.lease_window,
+                fields["lease"] = {"id": job.lease[1], "window": job.window,
                                    "state": meta}  # fmt: skip
                 frames = [(f"state.{k}", a) for k, a in state.items()]
                 if here:

@@ -303,10 +303,11 @@ def parser():
     s.add_argument(
         "--lease-window",
         type=int,
-        default=int(ENV("SHARDGRAD_LEASE_WINDOW", 3)),
+        default=int(ENV("SHARDGRAD_LEASE_WINDOW", 8)),
         help="rounds a lone worker may compute ahead of the coordinator's step, stepping "
         "its own copy of the training state (same bits); 0: every round waits for the "
-        "coordinator [SHARDGRAD_LEASE_WINDOW, default 3]",
+        "coordinator; at most 64, and fewer for a model whose sums pass 8 MiB "
+        "[SHARDGRAD_LEASE_WINDOW, default 8]",
     )
     s.add_argument(
         "--width-probe",
