@@ -331,6 +331,9 @@ class Coordinator:
         if msg.type == wire.GRADS:
             self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
             msg.fields.pop("shm", None)
+            check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
+        else:
+            wire.field_of(msg, "error", str)
         job.early.setdefault(rnd, []).append(msg)
         return None
 
@@ -345,7 +348,11 @@ class Coordinator:
             for msg in job.early.pop(min(due)):  # (of an earlier round: counted late)
                 if self.job is not job or job.round is None or job.round.index != index:
                     break  # it completed the round, and the next handed in its own
-                self.on_worker(msg)
+                try:  # (checked when kept: what raises here is a bug, and costs one message)
+                    self.on_worker(msg)
+                except Exception:
+                    self.counters["internal_error"] += 1
+                    log.exception("error handing in an early %s", msg.type)
 
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round

@@ -213,3 +213,63 @@ def test_a_stand_by_worker_takes_over_from_the_one_that_computed(make_cluster, s
         assert status["state"] == "done", status
         svc.assert_bitwise_equal(c.fetch(job), ref_state, "a stand-by took over")
         assert c.status()["counters"].get("workers_died", 0) >= 1
+
+
+def test_a_lease_holder_that_sends_garbage_ahead_cannot_hurt_the_coordinator(make_cluster, svc):
+    """A peer that says it can take a lease gets one, then sends malformed GRADS / FAULTs
+    for rounds ahead (kept for later, so checked when they arrive) and lease ids of the
+    wrong kind: each is a counted drop, never an internal error; a real worker then
+    finishes the job with train_local's bits."""
+    import msgpack
+    import numpy as np
+    import zmq
+
+    from shardgrad import wire
+
+    def header(**fields):
+        return msgpack.packb({"v": wire.PROTOCOL_VERSION, **fields}, use_bin_type=True)
+
+    spec = svc.spec_with(svc.SPEC_SGD, name="svc-lease-garbage", verify=0.0)
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 0, liveness=60)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"fake-lease")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.worker_address)
+    try:
+        sock.send_multipart([header(type="READY", worker="fake-lease", info={"lease": True})])
+        with cluster.client() as c:
+            job = c.submit(spec)
+            while True:  # its first TASK: the lease, with the training state
+                assert sock.poll(30_000), "no TASK for the fake worker"
+                _, task = wire.recv_msg(sock, expect_types=wire.TO_WORKER_TYPES)
+                if task.type == wire.TASK:
+                    break
+            lease, rnd = task["lease"]["id"], task["round"]
+            block = task["blocks"][0]
+            bad = np.zeros(3, np.int32)
+            before = c.status()["counters"]
+            for fields, arrays in [
+                ({"round": rnd + 1, "lease": lease}, [("0", bad)]),  # wrong layout, ahead
+                ({"round": rnd + 2, "lease": [lease]}, [("0", bad)]),  # lease of a bad kind
+                ({"round": rnd + 1, "lease": lease, "type_": "FAULT", "error": 7}, []),
+            ]:
+                kind = fields.pop("type_", wire.GRADS)
+                msg = {"worker": "fake-lease", "job": job, "block": block, **fields}
+                wire.send_msg(sock, kind, msg, arrays)
+            svc.wait_for(
+                lambda: (
+                    c.status()["counters"].get("bad_message", 0) >= before.get("bad_message", 0) + 2
+                ),
+                30,
+                "the malformed ones counted as bad",
+            )
+            assert "internal_error" not in c.status()["counters"], c.status()["counters"]
+            sock.send_multipart([header(type="BYE", worker="fake-lease")])
+            cluster.add_worker()
+            status = c.wait(job, timeout=120, poll=0.05)
+            assert status["state"] == "done", status
+            svc.assert_bitwise_equal(c.fetch(job), ref_state, "after a garbage lease holder")
+            assert "internal_error" not in c.status()["counters"], c.status()["counters"]
+    finally:
+        sock.close(0)
