@@ -185,7 +185,9 @@ class Round:
         orphans = self.orphans(set(live))
         skipped = 0
         for b in orphans:
-            if b in self.checks and self.results.get(b) and not set(live) - set(self.results[b]):
+            # (a worker whose attempt failed is no checker either: it would fail again)
+            others = set(live) - set(self.results.get(b, ())) - set(self.failures.get(b, ()))
+            if b in self.checks and self.results.get(b) and not others:
                 self.accept_unchecked(b)
                 skipped += 1
         orphans = [b for b in orphans if b not in self.delivered]

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from .. import wire
-from ..core.sampling import all_finite
+from ..core.sampling import all_finite, assign_blocks
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
 from ..security import Gate
@@ -128,6 +128,7 @@ class Coordinator:
         )
         self.limits = {self.workers: self.cfg.limits, self.clients: self.cfg.client_limits}
         self.authenticated = auth is not None  # (else no message has a ZAP user to look up)
+        self.handing_in = False  # a kept early GRADS / FAULT is being handed in
         # Per-message admission: revoked keys (ZAP only checks at connect) and peer rates.
         cfg = self.cfg
         self.gate = Gate(
@@ -289,7 +290,7 @@ class Coordinator:
         if known is None or known.state == "quarantined":  # never registered, or caught lying
             self.counters["unknown_worker"] += 1
             return
-        if self.members.heard(wid):  # a result is a sign of life, even after we gave up on it
+        if not self.handing_in and self.members.heard(wid):  # a result is a sign of life
             log.info("worker %s is back", wid)
         if msg.type == wire.GRADS:
             self.on_grads(wid, block, arrays, msg)
@@ -325,8 +326,12 @@ class Coordinator:
         """A worker ahead on a lease sent a round we have not started (we wait on a check,
         a fault, our own evaluation): keep it for that round (hand_in_early)."""
         job = self.job
-        if rnd > job.engine.next_round + job.window:
-            self.counters["late_grads"] += 1  # beyond any window we gave
+        kept = job.early.setdefault(rnd, []) if rnd >= job.engine.next_round else None
+        if kept is None or rnd > job.engine.next_round + job.window or len(kept) >= 64:
+            self.counters["late_grads"] += 1  # before our round, or beyond any window we gave
+            return None
+        if any(m.get("block") == msg.get("block") and m.type == msg.type for m in kept):
+            self.counters["duplicate_grads"] += 1
             return None
         if msg.type == wire.GRADS:
             self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
@@ -334,7 +339,7 @@ class Coordinator:
             check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
         else:
             wire.field_of(msg, "error", str)
-        job.early.setdefault(rnd, []).append(msg)
+        kept.append(msg)
         return None
 
     def hand_in_early(self):
@@ -349,10 +354,13 @@ class Coordinator:
                 if self.job is not job or job.round is None or job.round.index != index:
                     break  # it completed the round, and the next handed in its own
                 try:  # (checked when kept: what raises here is a bug, and costs one message)
+                    self.handing_in = True  # (what it sent long ago is no sign of life now)
                     self.on_worker(msg)
                 except Exception:
                     self.counters["internal_error"] += 1
                     log.exception("error handing in an early %s", msg.type)
+                finally:
+                    self.handing_in = False
 
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round
@@ -393,10 +401,16 @@ class Coordinator:
                 f"({', '.join(r.failures[block])}){hint}"
             )
         log.warning("round %d %s from %s: %s; recomputing elsewhere", r.index, where, wid, what)
+        self.end_lease(wid)  # it dropped its lease: the next round goes to it as a TASK
         r.holders[block].discard(wid)
-        self.send_blocks(
-            r.reissue([block], self.members.live(), avoid={wid, *r.results.get(block, ())})
-        )
+        answered = set(r.results.get(block, ()))
+        if block in r.checks and answered and not set(self.members.live()) - answered - {wid}:
+            # A checked block whose other holder answered, with nobody left to check it:
+            # take that answer, as when a checker dies (not the failed worker once more).
+            r.accept_unchecked(block)
+            self.counters["verify_skipped"] += 1
+            return self.finish_round() if r.complete() else None
+        self.send_blocks(r.reissue([block], self.members.live(), avoid={wid, *answered}))
 
     def settle(self, block):
         """Two workers disagree on a checked block: a third computation, the coordinator's
@@ -539,6 +553,7 @@ class Coordinator:
         job.width = Width(self.cfg.width_probe)
         # What runs ahead waits in queues and in `early`: at most ~64 MiB of sums.
         sum_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in job.layout)
+        sum_bytes *= len(assign_blocks(rt.n_micro, ["one"], self.cfg.blocks_per_worker)["one"])
         job.window = min(self.cfg.lease_window, 64, max(2, (64 << 20) // max(sum_bytes, 1)))
         ckpt = self.store.load_checkpoint(job.id)
         if ckpt is not None:
@@ -573,9 +588,11 @@ class Coordinator:
             log.info("job %s resumed with %d workers", job.id, len(live))
         self._set_state("running")
         index = job.engine.next_round
-        if job.verifier.needs_snapshot(index, live):
-            job.verifier.keep(index, job.engine.pack(copy=True))
         use = job.width.use(live, self.stand_in(live))
+        # (the workers this round is dealt to: a stand-by's first unchecked round, should it
+        # take blocks over, finds an older snapshot, kept for the lease holder's first one)
+        if job.verifier.needs_snapshot(index, use):
+            job.verifier.keep(index, job.engine.pack(copy=True))
         job.round = Round(index, job.rt.n_micro, use, self.cfg.blocks_per_worker,
                           job.verifier.draw, self.members.capacities(use),
                           checkers=live)  # fmt: skip
@@ -609,7 +626,17 @@ class Coordinator:
         if self.members.on_this_host(wid):
             fields["grads_ack"] = self.local.grads.read.get(wid, 0)
         if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
+            self.end_lease(wid)
             self.members.leave(wid)
+
+    def fits(self, arrays: dict) -> bool:
+        """Whether a lease's state fits one message within the worker's limits (half of
+        them: the TASK carries more than the state)."""
+        lim = self.cfg.limits
+        sizes = [a.nbytes for a in arrays.values()]
+        return sum(sizes) <= lim.max_message_bytes // 2 and max(sizes, default=0) <= (
+            lim.max_frame_bytes
+        )
 
     def end_lease(self, wid):
         """`wid` no longer runs ahead (a TASK, or its READY, said so): the next round goes
@@ -642,8 +669,9 @@ class Coordinator:
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             frames = None if here else arrays
             self.end_lease(wid)
-            if wid == lease_to:  # the weights go in the state (a copy: they step meanwhile)
-                state, meta = job.engine.pack(copy=True)
+            packed = job.engine.pack(copy=True) if wid == lease_to else None
+            if packed is not None and self.fits(packed[0]):  # else no lease: plain TASKs
+                state, meta = packed  # the weights too (a copy: ours step meanwhile)
                 meta["metrics"] = []
                 job.lease = (wid, secrets.randbits(31), blocks)
                 job.leases[job.lease[1]] = wid
@@ -675,6 +703,11 @@ class Coordinator:
         # (the round is not complete: with nobody live, its pending blocks wait)
         self._set_state("paused" if not live else "running")
         if time.monotonic() - r.started > self.deadline():
+            lease = self.job.lease  # a lost STEPPED, a lease it never got: ask plainly
+            if lease is not None and lease[0] in live and (owed := r.owed_by(lease[0])):
+                log.info("round %d: the lease of %s ends (it owes %d block(s))", r.index,
+                         lease[0], len(owed))  # fmt: skip
+                self.send_blocks({lease[0]: owed})
             backups = r.backups(live)
             if backups:
                 log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
@@ -690,7 +723,13 @@ class Coordinator:
         t0 = time.monotonic()
         total = r.total()
         t1 = time.monotonic()
-        job.verifier.contributed(r.index, self.unchecked_contributors(r))
+        unchecked = self.unchecked_contributors(r)
+        job.verifier.contributed(r.index, unchecked)
+        if job.leases and any(job.lease is None or w != job.lease[0] for w in unchecked):
+            # Weights now stand on someone's unchecked word: a lease holder computing on
+            # its own weights would no longer match them, should that someone have lied.
+            job.leases.clear()
+            job.lease = None
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started

@@ -126,6 +126,7 @@ class Worker:
         self.ring = GradsRing()  # block sums to it, when its TASKs say how far it has read
         self.queue: deque = deque()
         self.lease: Lease | None = None
+        self.steps_seen: tuple = (None, 0)  # (lease id, round) of the newest STEPPED
         self.stopping = False
         self.dropped = 0
         # Test hooks (docs/architecture.md, fault injection); never set in production.
@@ -215,9 +216,11 @@ class Worker:
     def stepped(self, msg):
         """The coordinator stepped rounds before msg["round"]: the lease's window moves."""
         self.ring.ack(msg.get("grads_ack"))
-        lease, rnd = self.lease, msg.get("round")
-        if lease is not None and msg.get("lease") == lease.id and type(rnd) is int:
-            lease.known = max(lease.known, rnd)
+        lid, rnd = msg.get("lease"), msg.get("round")
+        if type(lid) is int and type(rnd) is int:
+            self.steps_seen = (lid, rnd)  # (it may come before its lease is set up)
+            if self.lease is not None and lid == self.lease.id:
+                self.lease.known = max(self.lease.known, rnd)
 
     def superseded(self, job, when):
         """A newer round (or rollback timeline) of `job` is queued, or the job was stopped:
@@ -259,6 +262,8 @@ class Worker:
         if sums is not None and engine is not None and engine.next_round == rnd:
             if _tiles(rt.n_micro, blocks):
                 self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm)
+                if self.steps_seen[0] == lease[0]:
+                    self.lease.known = max(self.lease.known, self.steps_seen[1])
                 self.lease.step(sums)
 
     def run_ahead(self):

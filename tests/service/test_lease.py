@@ -273,3 +273,20 @@ def test_a_lease_holder_that_sends_garbage_ahead_cannot_hurt_the_coordinator(mak
             assert "internal_error" not in c.status()["counters"], c.status()["counters"]
     finally:
         sock.close(0)
+
+
+def test_a_worker_whose_job_code_keeps_raising_beside_a_healthy_one(make_cluster, svc):
+    """One of two workers raises on every block from round 4 on. Whether it holds the lease
+    or stands by, its blocks are recomputed by the other (a lease it dropped ends; a checked
+    block the other already answered is taken on that answer), and the job ends bitwise."""
+    spec = svc.spec_with(svc.SPEC_SGD, verify=0.3, name="svc-width-faulty")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = _flat(make_cluster, 0, env=WIDTH)
+    cluster.add_worker(env={"SHARDGRAD_FAULT_RAISE": "4"})  # started first: usually holder
+    cluster.wait_workers(1)
+    cluster.add_worker()
+    cluster.wait_workers(2)
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, spec, timeout=120)
+        svc.assert_bitwise_equal(weights, ref_state, "beside a worker whose code raises")
+        assert c.status()["counters"].get("job_faults", 0) > 0
