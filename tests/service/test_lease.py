@@ -57,6 +57,13 @@ def _slow(svc, epochs, name):
 SLOW = {"SHARDGRAD_FAULT_DELAY": "0.002"}
 
 
+def _submit_and_get_ahead(c, svc, spec) -> str:
+    """Submit `spec` to a one-worker cluster and wait until rounds were computed ahead."""
+    job = c.submit(spec)
+    svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+    return job
+
+
 @pytest.mark.parametrize("which", ["sgd", "adam_dropout", "full"])
 def test_a_lone_worker_runs_ahead_with_the_bits_of_local(make_cluster, svc, which):
     spec = {"sgd": svc.SPEC_SGD, "adam_dropout": svc.SPEC_ADAM_DROPOUT, "full": SPEC_FULL}[which]
@@ -85,8 +92,7 @@ def test_a_second_worker_ends_the_lease_and_the_bits_hold(make_cluster, svc):
     ref_state, _ = svc.local_reference(spec)
     cluster = _flat(make_cluster, 1, env=SLOW)
     with cluster.client() as c:
-        job = c.submit(spec)
-        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        job = _submit_and_get_ahead(c, svc, spec)
         svc.grow_to(cluster, 2)
         status = c.wait(job, timeout=120, poll=0.05)
         assert status["state"] == "done", status
@@ -111,8 +117,7 @@ def test_the_lone_worker_lost_mid_lease(make_cluster, svc, how):
     ref_state, _ = svc.local_reference(spec)
     cluster = _flat(make_cluster, 1, env=SLOW)
     with cluster.client() as c:
-        job = c.submit(spec)
-        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        job = _submit_and_get_ahead(c, svc, spec)
         victim = cluster.workers[0]
         if how == "kill -9":
             victim.kill()
@@ -158,8 +163,7 @@ def test_cancel_mid_lease_then_the_next_job_has_the_bits_of_local(make_cluster, 
     spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, epochs=1, name="svc-lease-after-cancel")
     ref_state, _ = svc.local_reference(spec)
     with cluster.client() as c:
-        job = c.submit(_slow(svc, 20, "svc-lease-cancelled"))
-        svc.wait_for(lambda: _ahead(c) >= 10, 60, "rounds computed ahead")
+        job = _submit_and_get_ahead(c, svc, _slow(svc, 20, "svc-lease-cancelled"))
         c.cancel(job)
         _, _, weights = svc.run_job(c, spec, timeout=120)
         svc.assert_bitwise_equal(weights, ref_state, "the job after a cancelled lease")
