@@ -624,7 +624,7 @@ class Coordinator:
         job = self.job
         fields = {"job": job.id, "lease": job.lease[1], "round": job.round.index}
         if self.members.on_this_host(wid):
-            fields["grads_ack"] = self.local.grads.read.get(wid, 0)
+            fields.update(self.local.acked(wid))
         if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
             self.end_lease(wid)
             self.members.leave(wid)
@@ -679,7 +679,7 @@ class Coordinator:
                                    "state": meta}  # fmt: skip
                 frames = [(f"state.{k}", a) for k, a in state.items()]
                 if here:
-                    fields["grads_ack"] = self.local.grads.read.get(wid, 0)
+                    fields.update(self.local.acked(wid))
             elif here:
                 version = (job.id, job.gen, r.index)
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))

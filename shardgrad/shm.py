@@ -242,7 +242,11 @@ class HostPeers:
 
     def task_fields(self, wid: str, weights: list[np.ndarray], version) -> dict:
         """What a TASK to local worker `wid` carries instead of weight frames."""
-        return {**self.board.publish(weights, version), "grads_ack": self.grads.read.get(wid, 0)}
+        return {**self.board.publish(weights, version), **self.acked(wid)}
+
+    def acked(self, wid: str) -> dict:
+        """How far we have read `wid`'s ring, for any message to it (a TASK, a STEPPED)."""
+        return {"grads_ack": self.grads.read.get(wid, 0)}
 
     def taken(self, wid: str, msg: wire.Message) -> None:
         """Call on every message from `wid`: a GRADS frees its ring slot, read or not."""
