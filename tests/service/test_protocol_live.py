@@ -492,9 +492,12 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
     a map, a READY whose `info` tries to overwrite the id / state columns of the worker
     table. Each must be a counted drop (or ignored), never an internal error, and STATUS /
     wait must keep working; the job still ends bitwise equal to train_local."""
-    raw = svc.spec_with(svc.SPEC_SGD, name="protocol-fields", epochs=4, verify=0.0)
+    raw = svc.spec_with(svc.SPEC_SGD, name="protocol-fields", epochs=15, verify=0.0)
     ref_state, _ = svc.local_reference(raw)
-    cluster = make_cluster(workers=1, liveness=60, env={"SHARDGRAD_MIN_DEADLINE": "600"})
+    # No lease: a lone worker on one may have computed the rest of the job before the
+    # SIGSTOP lands, so no round would be left pending on it.
+    env = {"SHARDGRAD_MIN_DEADLINE": "600", "SHARDGRAD_LEASE_WINDOW": "0"}
+    cluster = make_cluster(workers=1, liveness=60, env=env)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.worker_address)
@@ -509,10 +512,11 @@ def test_worker_port_fields_of_the_wrong_kind_are_counted_drops(make_cluster, sv
             stopped = True
 
             def settled():  # the round it is stuck in (it may finish the one it was in)
-                before = c.status(job)["job"]["round"]
+                before = c.status(job)["job"]
+                assert before["state"] == "running", f"the job ended before the stall: {before}"
                 probe = [header(type="HEARTBEAT", v=V, worker=wid)]
                 sock.send_multipart(probe)  # a harmless round trip through the worker port
-                return before if c.status(job)["job"]["round"] == before else None
+                return before["round"] if c.status(job)["job"]["round"] == before["round"] else None
 
             rnd = svc.wait_for(settled, 10, "the round to stall")
             _probe_malformed_worker_fields(c, cluster, sock, wid, job, rnd)
