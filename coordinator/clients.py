@@ -6,7 +6,7 @@ malformed request `wire.ProtocolError`. It sees the coordinator only through thi
 
     prepare(spec) -> JobRuntime    build + dry-run a submitted job (raises with the reason)
     status() -> dict               workers table and counters
-    live_job(id) -> (state, next round, metrics) | None   if `id` is the running job
+    live_job(id) -> (state, next round, metrics, error) | None   if `id` is the running job
     cancel(id)                     stop it if it is the running job
     authorize(msg, row, action)    raises Refused unless the sender may `action` the job
     cfg.max_queued_jobs
@@ -82,7 +82,8 @@ class ClientHandler:
         out["micro_batches"] = spec["global_batch"] // spec["micro_batch"]
         live = self.service.live_job(row["id"])
         if live is not None:
-            out["state"], out["round"], metrics = live
+            out["state"], out["round"], metrics, unwritten = live
+            out["error"] = unwritten or out["error"]
             if metrics:
                 out["last"] = metrics[-1]
         if row["result"]:

@@ -55,6 +55,7 @@ KNOWN_COUNTERS = (
     "verify_skipped",
     "worker_rate_limited",
     "workers_died",
+    "write_errors",
 )
 # Rounds range from milliseconds (small MLPs on one machine) to minutes.
 TIME_BUCKETS = (

@@ -24,6 +24,7 @@ The training state itself (optimizer, accumulation, metrics, checkpoints) is the
 import logging
 import secrets
 import signal
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Config:
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
     lease_window: int = 8  # rounds a lone worker may run ahead of our step (0: never)
     width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
+    write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
@@ -97,6 +99,8 @@ class ActiveJob:
     width: Width = field(default_factory=Width)  # all live workers, or one on a lease
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
     window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
+    unwritten: str | None = None  # why its result could not be written yet (retried)
+    write_retry: tuple = (0.0, 0.0, 1.0)  # (first failure, next attempt, delay): monotonic
 
     @property
     def rt(self) -> JobRuntime:
@@ -244,6 +248,9 @@ class Coordinator:
         job = self.job
         if job is None:
             self.start_next_job()
+        elif job.engine.done:  # only a result that could not be written leaves it here
+            if time.monotonic() >= job.write_retry[1]:
+                self.finish_job()
         elif job.here:
             self.run_here()
         elif job.round is None:
@@ -479,7 +486,8 @@ class Coordinator:
         job.gen, job.round, job.lease = job.gen + 1, None, None
         job.leases.clear()
         job.early.clear()
-        self.checkpoint()  # the one on disk may hold what the liar said
+        if not self.checkpoint():  # the one on disk may hold what the liar said: never resume
+            self.store.drop_checkpoint(job.id)  # from it (a restart redoes the job instead)
         self.start_round()
 
     # ---- the client port (ClientHandler's narrow view of us) ------------------------------
@@ -511,11 +519,12 @@ class Coordinator:
         return {"workers": self.members.table(), "counters": dict(self.counters)}
 
     def live_job(self, job_id):
-        """(state, next round, metrics) of `job_id` if it is the running job, else None."""
+        """(state, next round, metrics, error) of `job_id` if it is the running job, else
+        None. `error` says why its result is not written yet, when it is not."""
         job = self.job
         if job is None or job.id != job_id:
             return None
-        return job.state, job.engine.next_round, job.engine.metrics
+        return job.state, job.engine.next_round, job.engine.metrics, job.unwritten
 
     def cancel(self, job_id):
         self.client_handler.prepared.pop(job_id, None)  # a queued one's data goes too
@@ -805,18 +814,43 @@ class Coordinator:
         below = {w for w in answered if self.members.is_aggregator(w)}
         return sorted(below | {w for w, blocks in r.unverified.items() if blocks})
 
-    def checkpoint(self):
+    def checkpoint(self) -> bool:
+        """Write the job's state; False (logged, counted) if the disk refused: the job goes
+        on, and the next checkpoint tries again."""
         t0 = time.monotonic()
         arrays, meta = self.job.engine.pack()
         meta["round_times"] = self.job.round_times[-20:]
-        self.store.save_checkpoint(self.job.id, arrays, meta)
+        try:
+            self.store.save_checkpoint(self.job.id, arrays, meta)
+        except (OSError, sqlite3.Error) as e:
+            self.counters["write_errors"] += 1
+            log.error("job %s: could not write its checkpoint: %s", self.job.id, e)
+            return False
         now = time.monotonic()
         self.job.next_checkpoint = now + 9 * (now - t0)
+        return True
 
     def finish_job(self):
+        """Write the result of a job whose last round is in. A full or broken disk must not
+        lose it at once, nor run rounds past its end: tick retries, doubling the wait, for
+        write_retry_s; then the job fails with the reason."""
         job = self.job
         result = job.engine.result()
-        self.store.save_result(job.id, job.rt.state_dict(), result)
+        try:
+            self.store.save_result(job.id, job.rt.state_dict(), result)
+        except (OSError, sqlite3.Error) as e:
+            self.counters["write_errors"] += 1
+            now = time.monotonic()
+            first, _, delay = job.write_retry if job.unwritten else (now, 0.0, 1.0)
+            job.unwritten = f"its result could not be written to {self.store.dir}: {e}"
+            if now - first >= self.cfg.write_retry_s:
+                return self.fail_job(
+                    f"{job.unwritten} (tried for {now - first:.0f} s; free space in or fix "
+                    "the state directory, then submit the job again)"
+                )
+            job.write_retry = (first, now + delay, min(2 * delay, 30.0))
+            log.error("job %s: %s; trying again in %.0f s", job.id, job.unwritten, delay)
+            return
         self.store.update(job.id, round=job.engine.next_round)
         self.store.drop_checkpoint(job.id)
         log.info("job %s done: %s", job.id, result["eval"])
@@ -824,8 +858,12 @@ class Coordinator:
 
     def fail_job(self, message):
         log.error("job %s failed: %s", self.job.id, message)
-        self.store.update(self.job.id, state="failed", error=message)
-        self.store.drop_checkpoint(self.job.id)
+        try:
+            self.store.update(self.job.id, state="failed", error=message)
+            self.store.drop_checkpoint(self.job.id)
+        except (OSError, sqlite3.Error) as e:  # the queue itself is unwritable: a restart
+            self.counters["write_errors"] += 1  # finds the job running and resumes it
+            log.error("job %s: could not record its failure: %s", self.job.id, e)
         self.end_job()
 
     def end_job(self):
@@ -839,9 +877,10 @@ class Coordinator:
         self.stopping = True
 
     def shutdown(self):
-        if self.job is not None:
-            self.checkpoint()  # the last completed round; the partial one is redone
-            log.info("checkpointed job %s at round %d", self.job.id, self.job.engine.next_round)
+        job = self.job
+        if job is not None:
+            if self.checkpoint():  # the last completed round; the partial one is redone
+                log.info("checkpointed job %s at round %d", job.id, job.engine.next_round)
             self.job = None
         self.local.close()
         self.workers.close(0)

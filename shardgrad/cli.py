@@ -42,6 +42,7 @@ def cmd_coordinator(a):
         inline_below_s=a.inline_below,
         lease_window=a.lease_window,
         width_probe=a.width_probe,
+        write_retry_s=a.write_retry,
     )
     from .coordinator.http import HttpError
 
@@ -316,6 +317,14 @@ def parser():
         help="rounds to time a job on all live workers and on one ahead on a lease; the "
         "faster wins (the same bits), the others stand by; 0: always all "
         "[SHARDGRAD_WIDTH_PROBE, default 16]",
+    )
+    s.add_argument(
+        "--write-retry",
+        type=float,
+        default=_env_float("SHARDGRAD_WRITE_RETRY", 300.0),
+        help="seconds to keep retrying a finished job's result when the state directory "
+        "refuses it (full disk); the job then fails with the reason "
+        "[SHARDGRAD_WRITE_RETRY, default 300]",
     )
     s.add_argument(
         "--http",

@@ -2,13 +2,15 @@
 on the same state directory: nothing submitted is lost, the job resumes from its checkpoint
 and ends with bitwise the same weights."""
 
+import os
 import signal
 import time
 
 import numpy as np
 import pytest
-from fault_helpers import job_status, kill, reference_digest, round_of, spec, wait_for
+from fault_helpers import DELAY, job_status, kill, reference_digest, round_of, spec, wait_for
 
+from shardgrad.client import ClientError
 from shardgrad.coordinator.store import atomic_save, load
 from shardgrad.training import weights_digest
 
@@ -82,3 +84,63 @@ def test_atomic_save_failure_between_write_and_rename(tmp_path, monkeypatch):
         atomic_save(path, {"w": np.arange(5.0)}, {"round": 2})
     arrays, meta = load(path)
     assert meta == {"round": 1} and np.array_equal(arrays["w"], np.arange(3.0))
+
+
+def _break_disk(cl):
+    """The state directory refuses job files from now on, as a full disk would: its `jobs`
+    directory is moved aside and a plain file takes its name (root ignores permissions)."""
+    jobs = os.path.join(cl.state_dir, "jobs")
+    os.rename(jobs, jobs + ".aside")
+    with open(jobs, "w") as f:
+        f.write("not a directory\n")
+
+
+def _mend_disk(cl):
+    jobs = os.path.join(cl.state_dir, "jobs")
+    os.unlink(jobs)
+    os.rename(jobs + ".aside", jobs)
+
+
+def _write_errors(c):
+    return c.status()["counters"].get("write_errors", 0)
+
+
+def test_a_result_the_disk_refuses_is_retried_not_lost(make_cluster):
+    """Checkpoints and then the result cannot be written: the failed checkpoints are counted
+    and the job goes on; its end waits (no round past it, the reason in its status) and the
+    write is retried until the disk is mended; then it is done, bitwise right."""
+    job_spec = spec(rounds=24, checkpoint_every=4)
+    cl = make_cluster(1).start()
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        wait_for(lambda: (job_status(c, job)["checkpoint_round"] or 0) >= 4, "a checkpoint")
+        _break_disk(cl)
+        wait_for(lambda: "could not be written" in (job_status(c, job)["error"] or ""), "the end")
+        failures = _write_errors(c)
+        wait_for(lambda: _write_errors(c) > failures, "a retry")
+        now = job_status(c, job)
+        assert now["state"] == "running" and now["round"] == now["total_rounds"], now
+        assert "internal_error" not in c.status()["counters"]
+        _mend_disk(cl)
+        assert c.wait(job, timeout=60)["state"] == "done"
+        assert weights_digest(c.fetch(job)) == reference_digest(job_spec)
+        assert cl.coordinator.poll() is None
+
+
+def test_a_result_the_disk_keeps_refusing_fails_the_job_and_the_queue_goes_on(make_cluster):
+    job_spec, after = spec(rounds=12), spec(rounds=6, seed=11)
+    env = {"SHARDGRAD_FAULT_DELAY": DELAY, "SHARDGRAD_WRITE_RETRY": "1"}
+    cl = make_cluster(1, env=env).start()
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        wait_for(lambda: round_of(c, job) >= 2, "round 2")
+        _break_disk(cl)
+        with pytest.raises(ClientError, match="could not be written.*fix the state directory"):
+            c.wait(job, timeout=60)
+        ended = job_status(c, job)
+        assert ended["round"] <= ended["total_rounds"], ended
+        assert "internal_error" not in c.status()["counters"]
+        _mend_disk(cl)
+        second = c.submit(after)
+        c.wait(second, timeout=60)
+        assert weights_digest(c.fetch(second)) == reference_digest(after)
