@@ -237,6 +237,25 @@ class Coordinator:
             return False
 
     def tick(self):
+        """Liveness, then the job's next move. Whatever raises here (a bug; its evaluation,
+        checkpoint or a check) costs that job, never the loop: left alone it would raise
+        again on every pass."""
+        running = self.job
+        try:
+            self._tick()
+        except Exception as e:
+            self.counters["internal_error"] += 1
+            log.exception("the coordinator's tick failed")
+            reason = f"{type(e).__name__}: {e}"
+            try:
+                if self.job is not None:
+                    self.fail_job(f"round {self.job.engine.next_round}: {reason}")
+                elif running is None and (row := self.store.next_job()) is not None:
+                    self.store.update(row["id"], state="failed", error=f"could not start: {reason}")
+            except Exception:
+                log.exception("... and so did failing its job")
+
+    def _tick(self):
         for wid in self.members.sweep():
             log.warning(
                 "worker %s is dead (no heartbeat for %.1f s)",

@@ -183,3 +183,40 @@ def test_a_failure_in_a_step_here_fails_the_job_not_the_coordinator(tmp_path, sv
         assert row["placement"] == "coordinator"
     finally:
         coord.shutdown()
+
+
+@pytest.mark.parametrize("where", ["hand_in_early", "start_next_job"])
+def test_a_failure_in_the_loops_tick_fails_the_job_not_the_coordinator(
+    tmp_path, svc, monkeypatch, where
+):
+    """In process: a bug that raises from the coordinator's `tick` (starting a job, or once
+    it runs) fails that job with the reason instead of stopping the loop or raising again on
+    every pass; the next job in the queue still runs. (Both jobs run here: no workers.)"""
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    real = getattr(Coordinator, where)
+    calls = []
+
+    def broken(self, *a, **kw):
+        if not calls:  # only the first job's
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Coordinator, where, broken)
+    coord = Coordinator(
+        f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+        config=Config(inline_below_s=60.0),
+    )  # fmt: skip
+    try:
+        spec = parse_spec(svc.SPEC_SGD)
+        first = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+        coord.tick()
+        row = coord.store.job(first)
+        assert row["state"] == "failed" and "RuntimeError: boom" in row["error"], row
+        assert coord.job is None and coord.counters["internal_error"] == 1
+        second = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+        coord.tick()
+        assert coord.job is not None and coord.job.id == second
+    finally:
+        coord.shutdown()
