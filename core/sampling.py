@@ -40,21 +40,30 @@ def tree_split(lo: int, hi: int) -> int:
     return lo + (1 << ((hi - lo - 1).bit_length() - 1))
 
 
-def tree_sum(leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, known=None):
+def tree_sum(leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, known=None, out=None):
     """Sum node [lo, hi) of the canonical tree; `known` maps already-summed nodes (lo, hi)
-    to their value (the coordinator's delivered blocks), `leaf(i)` gives micro-batch i."""
+    to their value (the coordinator's delivered blocks), `leaf(i)` gives micro-batch i.
+    `out`: arrays to write the node's sum into (a worker's ring slot; the same bits)."""
     if known is not None and (lo, hi) in known:
         return known[(lo, hi)]
     if hi - lo == 1:
-        return leaf(lo)
+        return leaf(lo) if out is None else copy_arrays(leaf(lo), out)
     mid = tree_split(lo, hi)
     left = tree_sum(leaf, lo, mid, known)
     right = tree_sum(leaf, mid, hi, known)
-    return add_arrays(left, right)
+    return add_arrays(left, right, out)
 
 
-def add_arrays(left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [np.add(a, b) for a, b in zip(left, right, strict=True)]
+def add_arrays(left: Sequence[np.ndarray], right: Sequence[np.ndarray], out=None) -> list:
+    if out is None:
+        return [np.add(a, b) for a, b in zip(left, right, strict=True)]
+    return [np.add(a, b, out=o) for a, b, o in zip(left, right, out, strict=True)]
+
+
+def copy_arrays(arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> list:
+    for a, o in zip(arrays, out, strict=True):
+        np.copyto(o, a)
+    return list(out)
 
 
 def all_finite(arrays: Sequence[np.ndarray]) -> bool:

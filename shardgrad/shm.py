@@ -75,10 +75,15 @@ class WeightsBoard:
 
 def _layout(arrays) -> tuple[list, int]:
     """[[dtype, shape, offset], ...] with each array cache-line aligned, and the bytes."""
+    return _layout_of([(a.shape, a.dtype) for a in arrays])
+
+
+def _layout_of(shapes) -> tuple[list, int]:
+    """_layout of arrays of these (shape, dtype)s."""
     layout, offset = [], 0
-    for a in arrays:
-        layout.append([a.dtype.name, list(a.shape), offset])
-        offset += -(-a.nbytes // 64) * 64
+    for shape, dtype in shapes:
+        layout.append([np.dtype(dtype).name, list(shape), offset])
+        offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
     return layout, offset
 
 
@@ -172,10 +177,11 @@ class GradsRing:
         if type(seq) is int:
             self.acked = max(self.acked, min(seq, self.seq))
 
-    def put(self, arrays: list[np.ndarray]) -> dict | None:
-        """Write a block sum into a free slot: the GRADS fields that point at it, or None
-        (no slot free, or too big a model for the ring: send frames)."""
-        layout, size = _layout(arrays)
+    def slot(self, shapes) -> list[np.ndarray] | None:
+        """Views of the slot the next `put` fills, for arrays of these (shape, dtype)s, or
+        None (no slot free, or too big a model for the ring). A sum computed straight into
+        them is not copied again by `put`."""
+        layout, size = _layout_of(shapes)
         if layout != self.layout:
             if size * self.slots > self.max_bytes:
                 return None
@@ -186,10 +192,22 @@ class GradsRing:
         if seq - self.slots > self.acked:  # that slot's last sum may not be read yet
             return None
         base = (seq % self.slots) * self.size
-        _write(self.seg, arrays, layout, base)
-        self.seq = seq
-        shifted = [[d, shape, base + off] for d, shape, off in layout]
-        return {"shm": self.seg.name, "shm_layout": shifted, "seq": seq}
+        return [np.ndarray(shape, d, buffer=self.seg.buf, offset=base + off)
+                for d, shape, off in layout]  # fmt: skip
+
+    def put(self, arrays: list[np.ndarray]) -> dict | None:
+        """Write a block sum into a free slot: the GRADS fields that point at it, or None
+        (no slot free, or too big a model for the ring: send frames)."""
+        views = self.slot([(a.shape, a.dtype) for a in arrays])
+        if views is None:
+            return None
+        for view, a in zip(views, arrays, strict=True):
+            if not np.may_share_memory(view, a):  # (computed there: nothing to copy)
+                np.copyto(view, a)
+        self.seq += 1
+        base = (self.seq % self.slots) * self.size
+        shifted = [[d, shape, base + off] for d, shape, off in self.layout]
+        return {"shm": self.seg.name, "shm_layout": shifted, "seq": self.seq}
 
     def close(self):
         if self.seg is not None:

@@ -106,16 +106,18 @@ class JobRuntime:
         appended as a float64 array of shape (1,); the same bits as inside any block."""
         return self.block_grad(round_, index, index + 1)
 
-    def block_grad(self, round_: int, lo: int, hi: int) -> list[np.ndarray]:
-        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree).
-        Stackable models run up to stack_size() micro-batches as one forward/backward."""
+    def block_grad(self, round_: int, lo: int, hi: int, out=None) -> list[np.ndarray]:
+        """Sum of micro-batches [lo, hi) by the canonical tree (a node of the round's tree),
+        written into `out` if given (arrays of sum_layout()). Stackable models run up to
+        stack_size() micro-batches as one forward/backward."""
         if not self.stacked:
-            return tree_sum(lambda i: self.unstacked_grad(round_, i), lo, hi)
+            return tree_sum(lambda i: self.unstacked_grad(round_, i), lo, hi, out=out)
         if hi - lo > self.stack_size():  # tree_sum's own recursion: the same additions
             mid = tree_split(lo, hi)
-            return add_arrays(self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi))
+            halves = self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi)
+            return add_arrays(*halves, out)
         grads = self.stacked_grads(round_, lo, hi)
-        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi)
+        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi, out=out)
 
     def stack_size(self) -> int:
         """How many micro-batches one stacked pass takes at most."""

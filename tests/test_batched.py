@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardgrad import training
+from shardgrad import training, wire
 from shardgrad.core import functional as F
 from shardgrad.core import nn
 from shardgrad.core.sampling import aligned_blocks, tree_sum
 from shardgrad.core.tensor import Tensor
 from shardgrad.jobspec import parse_spec
+from shardgrad.shm import GradsReader, GradsRing
 from shardgrad.training import JobRuntime
 
 LIN = {"type": "linear", "out": 6}
@@ -152,6 +153,34 @@ def test_chunking_does_not_change_bits(tmp_path, monkeypatch, name, stack_max):
     monkeypatch.setattr(rt, "stack_size", lambda: stack_max)
     assert _same_bits(rt.block_grad(0, 0, 12), whole)
     assert _same_bits(rt.block_grad(0, 8, 12), tree_sum(lambda i: rt.micro_batch_grad(0, i), 8, 12))
+
+
+@pytest.mark.parametrize("name", ["mlp-relu-ce", "cnn-maxpool"])
+@pytest.mark.parametrize("stack_max", [1, 3, 16])
+def test_a_block_sum_written_into_a_ring_slot_has_the_same_bits(
+    tmp_path, monkeypatch, name, stack_max
+):
+    """A worker computes its block sums straight into its ring's next slot (`out`): the
+    same bits as a fresh sum, for every split of the work, and `put` then copies nothing."""
+    rt = _runtime(tmp_path, name, 12, 3)
+    monkeypatch.setattr(rt, "stack_size", lambda: stack_max)
+    ring = GradsRing(slots=2)
+    try:
+        for lo, hi in ((0, 12), (8, 12), (5, 6)):
+            fresh = rt.block_grad(1, lo, hi)
+            slot = ring.slot(rt.sum_layout())
+            into = rt.block_grad(1, lo, hi, out=slot)
+            assert all(a is b for a, b in zip(into, slot, strict=True))
+            assert _same_bits(into, fresh), (lo, hi)
+            fields = ring.put(into)
+            reader = GradsReader()
+            msg = wire.Message(wire.GRADS, dict(fields))
+            reader.load("w", msg)
+            assert _same_bits([msg.arrays[k] for k in msg.arrays], fresh)
+            reader.forget("w")
+            ring.ack(fields["seq"])
+    finally:
+        ring.close()
 
 
 @pytest.mark.parametrize(("name", "n_micro", "mb"), [(n, 12, 3) for n in MODELS])
