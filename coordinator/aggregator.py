@@ -38,9 +38,9 @@ from ..security import RateLimit
 from ..shm import HostPeers
 from ..training import JobRuntime
 from ..worker.worker import Heartbeat
+from .job import Config
 from .membership import Membership
 from .rounds import Round, straggler_deadline
-from .server import Config
 from .verify import Verifier
 from .workers import check_grads, sender_of, worker_info
 

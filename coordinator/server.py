@@ -18,16 +18,16 @@ blocks are re-issued in the same round, stragglers get backups, late results are
 a failed block is recomputed once elsewhere, a sample of blocks is recomputed by a second
 worker and a worker caught lying is quarantined (the job rolls back past what it said).
 The training state itself (optimizer, accumulation, metrics, checkpoints) is the
-`RoundEngine`'s, the same object `train --local` drives.
+`RoundEngine`'s, the same object `train --local` drives. Two concerns live beside this
+file as parts of the Coordinator: leases (lease.py) and what goes wrong with a block
+(checks.py: recompute, verdicts, quarantine, rollback).
 """
 
 import logging
-import secrets
 import signal
 import sqlite3
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
@@ -39,10 +39,13 @@ from ..jobspec import SpecError, parse_spec
 from ..security import Gate
 from ..shm import HostPeers
 from ..training import JobRuntime
+from .checks import Checks
 from .clients import ClientHandler
 from .http import http_server
+from .job import ActiveJob, Config
+from .lease import Leases
 from .membership import Membership
-from .placement import DEFAULT_INLINE_BELOW_S, JobFailed, choose, rounds_here
+from .placement import JobFailed, choose, rounds_here
 from .rounds import Round, straggler_deadline
 from .store import Store
 from .verify import Verifier
@@ -52,67 +55,7 @@ from .workers import check_grads, sender_of, worker_info
 log = logging.getLogger("shardgrad.coordinator")
 
 
-@dataclass
-class Config:
-    heartbeat_interval: float = 0.5  # seconds between worker heartbeats
-    liveness: int = 5  # missed heartbeats before a worker is dead (2.5 s by default)
-    min_deadline: float = 5.0  # a round's straggler deadline is never shorter than this
-    deadline_factor: float = 3.0  # ... and otherwise this many times the median round
-    blocks_per_worker: int = 2
-    max_queued_jobs: int = 100
-    dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
-    inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
-    lease_window: int = 8  # rounds a lone worker may run ahead of our step (0: never)
-    width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
-    write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
-    limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
-    # The client port gets much tighter limits (requests carry no arrays), a small queue per
-    # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
-    client_limits: wire.Limits = field(default_factory=lambda: wire.CLIENT_PORT_LIMITS)
-    client_hwm: int = 100
-    client_rate: float = 200.0
-    client_burst: int = 400
-    worker_rate: float = 2000.0  # per worker connection: far above heartbeats + GRADS
-    worker_burst: int = 4000
-
-
-@dataclass
-class ActiveJob:
-    id: str
-    engine: RoundEngine
-    spec: dict  # the spec as sent in every TASK, built once
-    verifier: Verifier
-    round: Round | None = None
-    round_times: list = field(default_factory=list)
-    warm: bool = False  # a round has finished since this job (re)started here
-    state: str = "running"
-    gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
-    layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
-    placement: str = "workers"  # or "coordinator": its rounds are computed here
-    here_from: int = 0  # the round from which this coordinator life placed it
-    next_checkpoint: float = 0.0  # (monotonic) placed here: none before this, see after_step
-    lease: tuple | None = None  # (worker, id, blocks): the lone worker running ahead of us
-    # Every lease of this timeline, id -> worker. What a worker computed ahead under one of
-    # them stands on this timeline's weights, so it is right for its round whoever else
-    # computed the rounds between (the determinism contract); a rollback voids them all.
-    leases: dict = field(default_factory=dict)
-    width: Width = field(default_factory=Width)  # all live workers, or one on a lease
-    early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
-    window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
-    unwritten: str | None = None  # why its result could not be written yet (retried)
-    write_retry: tuple = (0.0, 0.0, 1.0)  # (first failure, next attempt, delay): monotonic
-
-    @property
-    def rt(self) -> JobRuntime:
-        return self.engine.rt
-
-    @property
-    def here(self) -> bool:
-        """Its rounds are computed by the coordinator itself (placement)."""
-        return self.placement == "coordinator"
-
-
-class Coordinator:
+class Coordinator(Checks, Leases):
     def __init__(
         self, worker_bind, client_bind, state_dir, data_root=None, config=None, auth=None, http=None
     ):
@@ -348,46 +291,6 @@ class Coordinator:
             return None
         return block
 
-    def keep_early(self, wid, msg, rnd):
-        """A worker ahead on a lease sent a round we have not started (we wait on a check,
-        a fault, our own evaluation): keep it for that round (hand_in_early)."""
-        job = self.job
-        kept = job.early.setdefault(rnd, []) if rnd >= job.engine.next_round else None
-        if kept is None or rnd > job.engine.next_round + job.window or len(kept) >= 64:
-            self.counters["late_grads"] += 1  # before our round, or beyond any window we gave
-            return None
-        if any(m.get("block") == msg.get("block") and m.type == msg.type for m in kept):
-            self.counters["duplicate_grads"] += 1
-            return None
-        if msg.type == wire.GRADS:
-            self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
-            msg.fields.pop("shm", None)
-            check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
-        else:
-            wire.field_of(msg, "error", str)
-        kept.append(msg)
-        return None
-
-    def hand_in_early(self):
-        """What a worker ahead sent for the round now running (kept by keep_early)."""
-        job = self.job
-        while job is not None and self.job is job and job.round is not None and job.early:
-            index = job.round.index
-            due = [r for r in job.early if r <= index]
-            if not due:
-                return
-            for msg in job.early.pop(min(due)):  # (of an earlier round: counted late)
-                if self.job is not job or job.round is None or job.round.index != index:
-                    break  # it completed the round, and the next handed in its own
-                try:  # (checked when kept: what raises here is a bug, and costs one message)
-                    self.handing_in = True  # (what it sent long ago is no sign of life now)
-                    self.on_worker(msg)
-                except Exception:
-                    self.counters["internal_error"] += 1
-                    log.exception("error handing in an early %s", msg.type)
-                finally:
-                    self.handing_in = False
-
     def on_grads(self, wid, block, arrays, msg):
         r = self.job.round
         if not all_finite(arrays):
@@ -409,105 +312,9 @@ class Coordinator:
         self.counters["job_faults"] += 1
         self.block_failed(wid, block, error, msg.get("micro_batch"))
 
-    def block_failed(self, wid, block, what, micro):
-        """A block raised or came back non-finite: once is the worker's bad luck (recompute
-        elsewhere), twice on different workers is the job's fault (it fails, naming why)."""
-        r = self.job.round
-        r.failures.setdefault(block, []).append(wid)
-        lo, hi = block
-        where = f"micro-batch {micro}" if type(micro) is int else f"micro-batches {lo}..{hi - 1}"
-        if len(r.failures[block]) >= 2:
-            hint = (
-                "; the data or the learning rate is at fault, not the cluster"
-                if what.startswith("the gradient has NaN/Inf")
-                else ""
-            )
-            return self.fail_job(
-                f"round {r.index}, {where}: {what} again after recomputing on another worker "
-                f"({', '.join(r.failures[block])}){hint}"
-            )
-        log.warning("round %d %s from %s: %s; recomputing elsewhere", r.index, where, wid, what)
-        self.end_lease(wid)  # it dropped its lease: the next round goes to it as a TASK
-        r.holders[block].discard(wid)
-        answered = set(r.results.get(block, ()))
-        if block in r.checks and answered and not set(self.members.live()) - answered - {wid}:
-            # A checked block whose other holder answered, with nobody left to check it:
-            # take that answer, as when a checker dies (not the failed worker once more).
-            r.accept_unchecked(block)
-            self.counters["verify_skipped"] += 1
-            return self.finish_round() if r.complete() else None
-        self.send_blocks(r.reissue([block], self.members.live(), avoid={wid, *answered}))
-
-    def settle(self, block):
-        """Two workers disagree on a checked block: a third computation, the coordinator's
-        own, decides. Whoever differs from it is quarantined, and the job rolls back past
-        everything it said unchecked."""
-        job, r = self.job, self.job.round
-        lo, hi = block
-        self.counters["verify_mismatches"] += 1
-        liars = r.settle(block, job.rt.block_grad(r.index, lo, hi))
-        targets = []
-        for wid in liars:
-            self.quarantine(wid, f"round {r.index}, micro-batches {lo}..{hi - 1}: its gradient "
-                            "differed from the coordinator's recomputation")  # fmt: skip
-            target = job.verifier.rollback_target(wid)
-            if target is not None:
-                targets.append(target)
-            r.discard(wid)
-        if targets:
-            return self.rollback(min(targets))
-        if r.complete():
-            self.finish_round()
-
-    def on_recall(self, wid, msg):
-        """An aggregator caught one of its workers lying: what it sent since round `since`
-        stood partly on that worker's word. Roll back past it, as for a liar of our own."""
-        job, since = wire.require(msg, "job", "since")
-        if type(since) is not int or not self.members.is_aggregator(wid):
-            raise wire.ProtocolError(f"RECALL from {wid!r}: not an aggregator, or a bad round")
-        if self.job is None or job != self.job.id:
-            return
-        if self.job.here and since >= self.job.here_from:
-            return  # (what it computes here stands on nobody's word)
-        self.counters["recalls"] += 1
-        reason = str(msg.get("reason", ""))[:200]
-        log.warning("aggregator %s recalls its sums since round %d (%s)", wid, since, reason)
-        if since >= self.job.engine.next_round:
-            # Nothing it said is in the weights yet, but what it sent this round may stand
-            # on the liar's word: drop it, and the round re-issues those blocks (to it too:
-            # it recomputes them without the liar).
-            if self.job.round is not None:
-                self.job.round.discard(wid)
-                self.repair_round()
-            return
-        target = self.job.verifier.recall_target(since)
-        if target is None:
-            return self.fail_job(f"aggregator {wid} recalled its sums since round {since} "
-                                 f"({reason}), and no snapshot that old is kept")  # fmt: skip
-        self.rollback(target)
-
     def capacity(self) -> int:
         """Live workers, counting those behind aggregators."""
         return sum(self.members.capacities(self.members.live()).values())
-
-    def quarantine(self, wid, reason):
-        log.error("worker %s quarantined: %s", wid, reason)
-        self.counters["quarantined"] += 1
-        self.members.quarantine(wid, reason)
-
-    def rollback(self, target):
-        job = self.job
-        arrays, meta = job.verifier.snapshots[target]
-        log.warning("job %s rolls back from round %d to %d", job.id, job.engine.next_round, target)
-        self.counters["rollbacks"] += 1
-        job.engine.restore(arrays, meta)
-        job.verifier.rolled_back(target)
-        job.gen, job.round, job.lease = job.gen + 1, None, None
-        job.leases.clear()
-        job.early.clear()
-        if not self.checkpoint():  # the one on disk may hold what the liar said: never resume
-            self.store.drop_checkpoint(job.id)  # from it (a restart redoes the job instead)
-        self.start_round()
 
     # ---- the client port (ClientHandler's narrow view of us) ------------------------------
     def on_client(self, msg):
@@ -630,52 +437,9 @@ class Coordinator:
             del assignment[job.lease[0]]  # (the rest: a stand-by checking a block of it)
         self.send_blocks(assignment, lease_to=alone)
 
-    def lone_worker(self, use) -> str | None:
-        """The one worker a round goes to, if it may run ahead of us alone (a lease)."""
-        if self.cfg.lease_window <= 0 or len(use) != 1:
-            return None
-        w = self.members.workers[use[0]]
-        return w.id if w.info.get("lease") is True and "role" not in w.info else None
-
-    def stand_in(self, live) -> str | None:
-        """The worker that would compute alone on a lease while the others stand by (and
-        check the blocks `verify` draws), one on our host first; none with aggregators."""
-        infos = [self.members.workers[w].info for w in live]
-        if any("role" in i for i in infos):
-            return None
-        able = [w for w, i in zip(live, infos, strict=True) if self.lone_worker([w])]
-        return min(able, key=lambda w: (not self.members.on_this_host(w), w), default=None)
-
-    def stepped(self, wid):
-        """Tell the lone worker the rounds before this one are in the weights: its lease's
-        window moves on (and, on our host, how far we read its ring)."""
-        job = self.job
-        fields = {"job": job.id, "lease": job.lease[1], "round": job.round.index}
-        if self.members.on_this_host(wid):
-            fields.update(self.local.acked(wid))
-        if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
-            self.end_lease(wid)
-            self.members.leave(wid)
-
-    def fits(self, arrays: dict) -> bool:
-        """Whether a lease's state fits one message within the worker's limits (half of
-        them: the TASK carries more than the state)."""
-        lim = self.cfg.limits
-        sizes = [a.nbytes for a in arrays.values()]
-        return sum(sizes) <= lim.max_message_bytes // 2 and max(sizes, default=0) <= (
-            lim.max_frame_bytes
-        )
-
-    def end_lease(self, wid):
-        """`wid` no longer runs ahead (a TASK, or its READY, said so): the next round goes
-        to it as a TASK. (What it computed ahead still counts: see ActiveJob.leases.)"""
-        if self.job.lease is not None and self.job.lease[0] == wid:
-            self.job.lease = None
-
     def send_blocks(self, assignment: dict, lease_to: str | None = None):
         """TASKs for `assignment`. To `lease_to` the TASK also carries the job's training
-        state and a lease: it may step on its own and run ahead (worker.Lease). Any other
-        TASK to a worker ends its lease."""
+        state and a lease (grant_lease). Any other TASK to a worker ends its lease."""
         job, r = self.job, self.job.round
         # The weights go out zero-copy, straight from the optimizer's arrays. They change
         # only when a round ends, and a TASK is only sent while its round runs: a frame
@@ -695,22 +459,13 @@ class Coordinator:
             }
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
-            frames = None if here else arrays
             self.end_lease(wid)
-            packed = job.engine.pack(copy=True) if wid == lease_to else None
-            if packed is not None and self.fits(packed[0]):  # else no lease: plain TASKs
-                state, meta = packed  # the weights too (a copy: ours step meanwhile)
-                meta["metrics"] = []
-                job.lease = (wid, secrets.randbits(31), blocks)
-                job.leases[job.lease[1]] = wid
-                fields["lease"] = {"id": job.lease[1], "window": job.window,
-                                   "state": meta}  # fmt: skip
-                frames = [(f"state.{k}", a) for k, a in state.items()]
-                if here:
-                    fields.update(self.local.acked(wid))
-            elif here:
+            frames = self.grant_lease(wid, blocks, fields) if wid == lease_to else None
+            if frames is None and here:
                 version = (job.id, job.gen, r.index)
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
+            elif frames is None:
+                frames = arrays
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
 
@@ -824,14 +579,6 @@ class Coordinator:
             # spend at most a tenth of the time writing them.
             if not job.here or time.monotonic() >= job.next_checkpoint:
                 self.checkpoint()  # also records the round in the queue database
-
-    def unchecked_contributors(self, r):
-        """Who had sums in round `r` accepted on its word alone. An aggregator counts even
-        when we checked its sums: they may stand on its workers' unchecked word, which it
-        can RECALL, and the rollback then needs a snapshot from before its first round."""
-        answered = {w for res in r.results.values() for w in res}
-        below = {w for w in answered if self.members.is_aggregator(w)}
-        return sorted(below | {w for w, blocks in r.unverified.items() if blocks})
 
     def checkpoint(self) -> bool:
         """Write the job's state; False (logged, counted) if the disk refused: the job goes

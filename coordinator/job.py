@@ -1,0 +1,72 @@
+"""What the coordinator knows: its configuration, and the job it is running (`ActiveJob`:
+the round engine, the round under way, the lease, the width, what came early)."""
+
+from dataclasses import dataclass, field
+
+from .. import wire
+from ..engine import RoundEngine
+from ..training import JobRuntime
+from .placement import DEFAULT_INLINE_BELOW_S
+from .rounds import Round
+from .verify import Verifier
+from .width import Width
+
+
+@dataclass
+class Config:
+    heartbeat_interval: float = 0.5  # seconds between worker heartbeats
+    liveness: int = 5  # missed heartbeats before a worker is dead (2.5 s by default)
+    min_deadline: float = 5.0  # a round's straggler deadline is never shorter than this
+    deadline_factor: float = 3.0  # ... and otherwise this many times the median round
+    blocks_per_worker: int = 2
+    max_queued_jobs: int = 100
+    dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
+    inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
+    lease_window: int = 8  # rounds a lone worker may run ahead of our step (0: never)
+    width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
+    write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
+    limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
+    # The client port gets much tighter limits (requests carry no arrays), a small queue per
+    # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.
+    client_limits: wire.Limits = field(default_factory=lambda: wire.CLIENT_PORT_LIMITS)
+    client_hwm: int = 100
+    client_rate: float = 200.0
+    client_burst: int = 400
+    worker_rate: float = 2000.0  # per worker connection: far above heartbeats + GRADS
+    worker_burst: int = 4000
+
+
+@dataclass
+class ActiveJob:
+    id: str
+    engine: RoundEngine
+    spec: dict  # the spec as sent in every TASK, built once
+    verifier: Verifier
+    round: Round | None = None
+    round_times: list = field(default_factory=list)
+    warm: bool = False  # a round has finished since this job (re)started here
+    state: str = "running"
+    gen: int = 0  # bumped by a rollback: workers drop TASKs of the abandoned timeline
+    layout: list = field(default_factory=list)  # what a GRADS carries: rt.sum_layout()
+    placement: str = "workers"  # or "coordinator": its rounds are computed here
+    here_from: int = 0  # the round from which this coordinator life placed it
+    next_checkpoint: float = 0.0  # (monotonic) placed here: none before this, see after_step
+    lease: tuple | None = None  # (worker, id, blocks): the lone worker running ahead of us
+    # Every lease of this timeline, id -> worker. What a worker computed ahead under one of
+    # them stands on this timeline's weights, so it is right for its round whoever else
+    # computed the rounds between (the determinism contract); a rollback voids them all.
+    leases: dict = field(default_factory=dict)
+    width: Width = field(default_factory=Width)  # all live workers, or one on a lease
+    early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
+    window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
+    unwritten: str | None = None  # why its result could not be written yet (retried)
+    write_retry: tuple = (0.0, 0.0, 1.0)  # (first failure, next attempt, delay): monotonic
+
+    @property
+    def rt(self) -> JobRuntime:
+        return self.engine.rt
+
+    @property
+    def here(self) -> bool:
+        """Its rounds are computed by the coordinator itself (placement)."""
+        return self.placement == "coordinator"
