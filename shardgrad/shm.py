@@ -79,12 +79,18 @@ def _layout(arrays) -> tuple[list, int]:
 
 
 def _layout_of(shapes) -> tuple[list, int]:
-    """_layout of arrays of these (shape, dtype)s."""
+    """_layout of arrays of these (shape, dtype)s. (Once per round on each side: math.prod
+    and a cached dtype name, as np.prod and dtype.name cost microseconds each.)"""
     layout, offset = [], 0
     for shape, dtype in shapes:
-        layout.append([np.dtype(dtype).name, list(shape), offset])
-        offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+        dtype = np.dtype(dtype)
+        name = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, dtype.name)
+        layout.append([name, list(shape), offset])
+        offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64
     return layout, offset
+
+
+_DTYPE_NAMES: dict = {}
 
 
 def _write(seg, arrays, layout, base=0):
@@ -172,6 +178,9 @@ class GradsRing:
         self.slots, self.max_bytes = slots, max_bytes
         self.seg, self.layout, self.size = None, None, 0
         self.seq = self.acked = 0
+        self.bytes = None  # the segment as uint8: what every slot view is a view of
+        self.views: dict = {}  # slot index -> its arrays' views
+        self.retired: list = []  # unlinked segments still mapped (see close)
 
     def ack(self, seq) -> None:
         if type(seq) is int:
@@ -187,13 +196,23 @@ class GradsRing:
                 return None
             self.close()  # another job's layout: results for the old one are dropped unread
             self.seg, self.layout, self.size = _create(size * self.slots), layout, size
+            # Views through a buffer export (np.frombuffer), not np.ndarray(buffer=...): an
+            # export keeps the mapping alive while any view lives (see close).
+            self.bytes = np.frombuffer(self.seg.buf, np.uint8)
             self.acked = self.seq  # nothing in the new segment is waiting to be read
         seq = self.seq + 1
         if seq - self.slots > self.acked:  # that slot's last sum may not be read yet
             return None
-        base = (seq % self.slots) * self.size
-        return [np.ndarray(shape, d, buffer=self.seg.buf, offset=base + off)
-                for d, shape, off in layout]  # fmt: skip
+        index = seq % self.slots
+        if index not in self.views:
+            base = index * self.size
+            self.views[index] = [
+                self.bytes[base + off : base + off + math.prod(shape) * np.dtype(d).itemsize]
+                .view(d)
+                .reshape(shape)
+                for d, shape, off in layout
+            ]
+        return self.views[index]
 
     def put(self, arrays: list[np.ndarray]) -> dict | None:
         """Write a block sum into a free slot: the GRADS fields that point at it, or None
@@ -211,10 +230,19 @@ class GradsRing:
 
     def close(self):
         if self.seg is not None:
-            self.seg.close()
             self.seg.unlink()
-            self.seg = None
+            self.retired.append(self.seg)
+            self.seg, self.bytes, self.views = None, None, {}
         self.layout = None
+        # A sum computed into a slot may still be referenced (a lease's open accumulation):
+        # its segment stays mapped until then (the export refuses the close), and a later
+        # call closes it.
+        for seg in list(self.retired):
+            try:
+                seg.close()
+                self.retired.remove(seg)
+            except BufferError:
+                pass
 
 
 class GradsReader(Attached):

@@ -19,6 +19,7 @@ answer back. A header is never empty, so an empty frame is always a delimiter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,8 +267,13 @@ def array_specs(entries, limits: Limits) -> list[tuple[str, np.dtype, tuple[int,
                 f"array '{name}': shape {shape} has {size} elements, "
                 f"above the limit of {limits.max_array_elements}"
             )
-        specs.append((name, np.dtype(dtype).newbyteorder("<"), tuple(shape)))
+        specs.append((name, _little_endian(dtype), tuple(shape)))
     return specs
+
+
+@functools.cache  # (only allowed dtypes get here: a handful of entries, each ~2 µs to build)
+def _little_endian(dtype: str) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
 
 
 def decode(

@@ -151,3 +151,20 @@ def test_a_model_too_big_for_the_ring_goes_as_frames():
     ring = shm.GradsRing(slots=4, max_bytes=1024)
     assert ring.put([np.zeros(1024, np.float32)]) is None
     ring.close()
+
+
+def test_a_ring_closes_while_a_sum_computed_into_it_is_still_referenced():
+    """A worker computes sums straight into its ring's slots, and a lease's open
+    accumulation may still hold one when the ring goes (a new job, shutdown): the segment
+    is unlinked at once, and unmapped once nothing refers to it, never a BufferError."""
+    ring = shm.GradsRing()
+    held = ring.slot([((3,), np.float32)])
+    held[0][:] = 1.0
+    name = ring.seg.name
+    ring.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert held[0].tolist() == [1.0, 1.0, 1.0]  # still mapped for whoever holds it
+    assert len(ring.retired) == 1
+    del held
+    ring.close()
+    assert ring.retired == []
