@@ -1,6 +1,7 @@
 """Does data parallelism pay off? One table, all peers measured in the same run.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/round.py [--rounds 30] [--no-torch]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/round.py [--rounds 30] [--trials 3]
+                                                                [--no-torch]
 
 For MLPs 784-512-512-10 (B=1024) and 784-256-256-10 (B=256) on builtin:synthetic
 classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
@@ -12,6 +13,10 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
   sg 2w auto      the same 2-worker cluster as it runs by default: it times the job on both
                   workers and on one ahead on a lease, and keeps the faster ("on": how
                   many it chose); measured after its probes
+  ratios          this machine's speed drifts by +-10 % between minutes, so each shardgrad
+                  column is divided by a `train_local` run measured right before it, and
+                  compared with DDP through the local run measured right after DDP.
+                  --trials N repeats everything and ends with each ratio's median and range
   local           `train_local` (the same spec in one process): B / median round time
   floor           the contract's floor: a hand-written NumPy step that keeps the contract
                   (k micro-batches, per-micro-batch weight gradients from one batched
@@ -241,27 +246,29 @@ def demo_rounds(cluster):
     return seconds, local, local_wall, len(rows)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=30, help="measured rounds per run")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--ks", default="2,8", help="micro-batches per global batch")
-    ap.add_argument("--no-torch", action="store_true", help="skip torch eager and DDP")
-    ap.add_argument("--no-demo", action="store_true")
-    a = ap.parse_args()
-    ks = [int(k) for k in a.ks.split(",")]
-    have_torch = not a.no_torch
-    if have_torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            have_torch = False
-            print("torch is not installed (oracle extra): no torch columns", file=sys.stderr)
+RATIOS = ("1w/local", "2w/local", "auto/local", "1w/ddp1", "2w/ddp2", "auto/ddp2", "local/floor")
 
-    rows, n_rounds = [], a.rounds + a.warmup
+
+def ratios(res, torch_times):
+    """The goals' ratios of one row. Each shardgrad column is divided by the `train_local`
+    time measured right before it (the machine drifts between minutes), and compared with
+    DDP through the local time measured right after DDP: sg/ddp = sg/local' x local/ddp."""
+    out = {}
+    for key, name in (("sg1", "1w"), ("sg2", "2w"), ("auto", "auto")):
+        out[f"{name}/local"] = res[f"local@{key}"] / res[key]["round_s"]  # speed ratios
+    if torch_times:
+        _, d1, d2 = torch_times
+        out["1w/ddp1"] = out["1w/local"] * d1 / res["local"]
+        out["2w/ddp2"] = out["2w/local"] * d2 / res["local"]
+        out["auto/ddp2"] = out["auto/local"] * d2 / res["local"]
+    out["local/floor"] = res["local"] / res["floor"]
+    return out
+
+
+def measure(a, ks, have_torch):
+    rows, n_rounds, torch_cols = [], a.rounds + a.warmup, {}
     cluster = LocalCluster(workers=2, env={"SHARDGRAD_WIDTH_PROBE": "0"}).start()
     try:
-        torch_cols = {}
         for label, hidden, batch in CONFIGS:
             if have_torch:
                 torch_cols[label] = (
@@ -276,6 +283,7 @@ def main():
                     floor_step_seconds(hidden, batch, k, a.rounds),
                     floor_step_seconds(hidden, batch, 1, a.rounds),
                 )
+                res["local@sg2"] = local_round_seconds(spec, a.warmup)
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))
                 print(f"done: {label} k={k}", file=sys.stderr, flush=True)
@@ -285,30 +293,29 @@ def main():
         cluster.start_coordinator(env={"SHARDGRAD_WIDTH_PROBE": str(PROBE)})
         cluster.wait_workers(2)
         for _label, hidden, batch, k, res in rows:
+            res["local@auto"] = local_round_seconds(make_spec(hidden, batch, n_rounds, k), 5)
             res["auto"] = run_auto(cluster, hidden, batch, a.rounds, a.warmup, k)
         # one worker: stop the second (workers first, so its BYE reaches the coordinator)
         cluster.workers[-1].terminate()
         cluster.workers[-1].wait(30)
         cluster.wait_until(lambda c: len(cluster.live_workers(c)) == 1, "one worker left")
         for _label, hidden, batch, k, res in rows:
-            res["sg1"] = run_shardgrad(cluster, make_spec(hidden, batch, n_rounds, k), a.warmup)
+            spec = make_spec(hidden, batch, n_rounds, k)
+            res["local@sg1"] = local_round_seconds(spec, a.warmup)
+            res["sg1"] = run_shardgrad(cluster, spec, a.warmup)
         cluster.add_worker()
         cluster.wait_workers(2)
         demo = None if a.no_demo else demo_rounds(cluster)
     finally:
         cluster.stop()
         shutil.rmtree(cluster.tmp, ignore_errors=True)
+    return rows, torch_cols, demo
 
-    print(
-        f"\nMachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}"
-        + (f", torch {__import__('torch').__version__}" if have_torch else "")
-        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians; samples/s.\n"
-    )
+
+def print_tables(rows, torch_cols, demo, have_torch):
     print(
         "| model | k | sg 1w | sg 2w | sg 2w auto (on) | local | floor | tax | torch | ddp 1 "
-        "| ddp 2 | 1w/local | 2w/local | auto/local | 1w/ddp1 | 2w/ddp2 | auto/ddp2 "
-        "| local/floor |"
+        "| ddp 2 | " + " | ".join(RATIOS) + " |"
     )
     print("|---" * 18 + "|")
     for label, _hidden, batch, k, res in rows:
@@ -316,21 +323,19 @@ def main():
         for key in ("sg1", "sg2", "auto"):
             sps[key] = batch / res[key]["round_s"]
         te, d1, d2 = (batch / t for t in torch_cols[label]) if have_torch else (None,) * 3
+        got = ratios(res, torch_cols.get(label))
 
         def f(x):
             return f"{x:,.0f}" if x else "n/a"
-
-        def r(x, y):
-            return f"{x / y:.2f}x" if x and y else "n/a"
 
         print(
             f"| {label} B={batch} | {k} | {f(sps['sg1'])} | {f(sps['sg2'])} "
             f"| {f(sps['auto'])} ({res['auto']['on']}) | {f(sps['local'])} "
             f"| {f(sps['floor'])} | {res['floor'] / res['floor1']:.2f}x | {f(te)} | {f(d1)} "
-            f"| {f(d2)} | {r(sps['sg1'], sps['local'])} | {r(sps['sg2'], sps['local'])} "
-            f"| {r(sps['auto'], sps['local'])} | {r(sps['sg1'], d1)} | {r(sps['sg2'], d2)} "
-            f"| {r(sps['auto'], d2)} | {res['local'] / res['floor']:.2f}x |"
-        )
+            f"| {f(d2)} | " + " | ".join(
+                f"{got[n]:.2f}x" if n in got else "n/a" for n in RATIOS
+            ) + " |"
+        )  # fmt: skip
     print("\nA 2-worker round, medians in ms:\n")
     print("| model | k | round | slowest compute | transfer | reduce | step |")
     print("|---|---|---|---|---|---|---|")
@@ -353,6 +358,52 @@ def main():
                 f"| {placement} | {where} | {sg:.2f} | {sg / local:.2f}x | {wall:.2f} "
                 f"| {wall / local_wall:.2f}x |"
             )
+
+
+def print_ranges(trials, have_torch):
+    """Each ratio over the trials: median [lowest - highest]."""
+    print(f"\nThe ratios over {len(trials)} trials: median [lowest - highest]\n")
+    print("| model | k | " + " | ".join(RATIOS) + " |")
+    print("|---" * (2 + len(RATIOS)) + "|")
+    for i, (label, _hidden, batch, k, _res) in enumerate(trials[0][0]):
+        got = [ratios(rows[i][4], cols.get(label)) for rows, cols, _ in trials]
+        cells = []
+        for n in RATIOS:
+            xs = [g[n] for g in got if n in g]
+            cells.append(f"{median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if xs else "n/a")
+        print(f"| {label} B={batch} | {k} | " + " | ".join(cells) + " |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=30, help="measured rounds per run")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--ks", default="2,8", help="micro-batches per global batch")
+    ap.add_argument("--trials", type=int, default=1, help="repeat everything; ratio ranges")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch eager and DDP")
+    ap.add_argument("--no-demo", action="store_true")
+    a = ap.parse_args()
+    ks = [int(k) for k in a.ks.split(",")]
+    have_torch = not a.no_torch
+    if have_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            have_torch = False
+            print("torch is not installed (oracle extra): no torch columns", file=sys.stderr)
+    print(
+        f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}"
+        + (f", torch {__import__('torch').__version__}" if have_torch else "")
+        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians; samples/s."
+    )
+    trials = []
+    for t in range(a.trials):
+        trials.append(measure(a, ks, have_torch))
+        print(f"\n## Trial {t + 1} of {a.trials}\n", flush=True)
+        print_tables(*trials[-1], have_torch)
+    if a.trials > 1:
+        print_ranges(trials, have_torch)
 
 
 if __name__ == "__main__":
