@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contract_floor import floor_step  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
+from shardgrad.coordinator.width import STRETCH, WARMUP  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
 from shardgrad.engine import RoundEngine, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
@@ -116,7 +117,8 @@ def run_shardgrad(cluster, spec, warmup):
 
 
 PROBE = 16  # the coordinator's default --width-probe
-PROBE_ROUNDS = 2 * (PROBE + 2)  # both probes, with their warm-up rounds
+# both probes, each in stretches of STRETCH counted rounds after WARMUP (coordinator/width.py)
+PROBE_ROUNDS = 2 * (PROBE + WARMUP * -(-PROBE // STRETCH))
 
 
 def run_auto(cluster, hidden, batch, rounds, warmup, k):

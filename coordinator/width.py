@@ -7,25 +7,32 @@ small model on few cores, a second worker makes the job slower, and the coordina
 the others standing by: live, checking the blocks `verify` draws, and taking over a lost
 lease holder's blocks. The bits are the same either way (the determinism contract).
 
-The choice is measured, not guessed: `probe` rounds on all live workers, then `probe` on
-one, and the lower median wins; the first rounds of each probe (a lease's TASK carries the
-training state) do not count. A new set of live workers, or `hold` rounds, and it probes
-again.
+The choice is measured, not guessed: `probe` rounds on all live workers and `probe` on one,
+in stretches of STRETCH rounds ordered all, one, one, all, all, one, ... (so a machine
+whose speed drifts steadily weighs on both alike), and the lower median wins. The first rounds
+of each stretch (a lease's TASK carries the training state; ending one re-sends the
+weights) do not count. A new set of live workers, or `hold` rounds, and it probes again.
 """
 
 import statistics
 
-WARMUP = 2  # rounds at the start of each probe that do not count
+WARMUP = 2  # rounds at the start of each stretch that do not count
+STRETCH = 4  # counted rounds per stretch
 
 
 class Width:
     def __init__(self, probe: int = 16, hold: int = 2000):
         self.probe, self.hold = probe, hold
         self.key: tuple = ()
-        self.times: dict[str, list] = {"all": [], "one": []}
         self.choice: str | None = None
         self.held = 0
         self.dealt: str | None = None  # how the round under way was dealt, if it counts
+        self._restart(())
+
+    def _restart(self, key):
+        self.key, self.choice, self.held = key, None, 0
+        self.times: dict[str, list] = {"all": [], "one": []}
+        self.stretch, self.into = 0, 0  # the stretch under way, rounds dealt in it
 
     def use(self, live: list[str], one: str | None) -> list[str]:
         """The workers the next round goes to: `live`, or [`one`] (the worker that would
@@ -34,10 +41,10 @@ class Width:
         if self.probe <= 0 or one is None or len(live) < 2:
             return live
         if tuple(live) != self.key:
-            self.key, self.times, self.choice = tuple(live), {"all": [], "one": []}, None
-        self.dealt = self.choice or (
-            "all" if len(self.times["all"]) < self.probe + WARMUP else "one"
-        )
+            self._restart(tuple(live))
+        if self.choice is None and self.into == WARMUP + min(STRETCH, self.probe):
+            self.stretch, self.into = self.stretch + 1, 0
+        self.dealt = self.choice or ("all" if self.stretch % 4 in (0, 3) else "one")
         return [one] if self.dealt == "one" else live
 
     def observe(self, round_s: float) -> str | None:
@@ -49,10 +56,12 @@ class Width:
         if self.choice is not None:
             self.held += 1
             if self.held >= self.hold:  # conditions drift: measure again
-                self.times, self.choice, self.held = {"all": [], "one": []}, None, 0
+                self._restart(self.key)
             return None
-        self.times[mode].append(round_s)
-        one, every = self.times["one"][WARMUP:], self.times["all"][WARMUP:]
+        self.into += 1
+        if self.into > WARMUP:
+            self.times[mode].append(round_s)
+        one, every = self.times["one"], self.times["all"]
         if len(one) < self.probe or len(every) < self.probe:
             return None
         a, b = statistics.median(every), statistics.median(one)
@@ -60,5 +69,5 @@ class Width:
         then = "one computes, the others stand by" if self.choice == "one" else "all compute"
         return (
             f"rounds take {b * 1e3:.2f} ms on one worker ahead on a lease and {a * 1e3:.2f} ms "
-            f"on all {len(self.key)} (medians of {self.probe}): {then}"
+            f"on all {len(self.key)} (medians of {self.probe}, in interleaved stretches): {then}"
         )

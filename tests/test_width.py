@@ -1,6 +1,7 @@
 """coordinator/width.py: all live workers, or one ahead on a lease, by measured medians."""
 
-from shardgrad.coordinator.width import WARMUP, Width
+from shardgrad.coordinator import width
+from shardgrad.coordinator.width import STRETCH, WARMUP, Width
 
 
 def _rounds(w, live, one, times):
@@ -41,3 +42,29 @@ def test_nothing_to_choose():
     w = Width()
     assert w.use(["a"], "a") == ["a"] and w.observe(1.0) is None  # alone: nothing to time
     assert w.times == {"all": [], "one": []}
+
+
+def test_longer_probes_interleave_stretches_so_a_drifting_machine_weighs_on_both(monkeypatch):
+    """probe 8: stretches of STRETCH counted rounds (each after WARMUP rounds that do not
+    count) ordered all, one, one, all. On a machine that slows down steadily (3 % a round)
+    during the probe, one worker, truly 10 % faster, still wins; probed all-then-one, the
+    drift alone makes it look slower."""
+
+    def probe(w):
+        dealt, n = [], 0
+        while w.choice is None:
+            mode = "one" if w.use(["a", "b"], "a") == ["a"] else "all"
+            dealt.append(mode)
+            n += 1
+            w.observe((0.9 if mode == "one" else 1.0) * (1 + 0.03 * n))
+        return dealt
+
+    w = Width(probe=8, hold=100)
+    stretch = WARMUP + STRETCH
+    assert probe(w) == ["all"] * stretch + ["one"] * 2 * stretch + ["all"] * stretch
+    assert w.choice == "one"
+    assert len(w.times["one"]) == len(w.times["all"]) == 8
+    monkeypatch.setattr(width, "STRETCH", 8)  # one stretch each: all, then one
+    naive = Width(probe=8, hold=100)
+    probe(naive)
+    assert naive.choice == "all"
