@@ -54,6 +54,7 @@ class Round:
         # When half the blocks were in: what the healthy workers take, stragglers aside.
         self.half_time: float | None = None
         self.checks: set[tuple] = set()
+        self.ahead = 0  # block sums a worker computed ahead on a lease
         self.checked = checked
         self.assignment: dict[str, list] = {}
         if assignment is None:

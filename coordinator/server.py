@@ -300,6 +300,7 @@ class Coordinator(Checks, Leases):
         self.members.workers[wid].blocks_done += 1
         if "lease" in msg:
             self.counters["blocks_ahead"] += 1
+            r.ahead += 1
         if verdict == "verified":
             self.counters["verified_blocks"] += 1
         elif verdict == "mismatch":
@@ -516,7 +517,7 @@ class Coordinator(Checks, Leases):
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started
-        why = job.width.observe(round_s)
+        why = job.width.observe(round_s, ahead=r.ahead > 0)
         if why:
             log.info("job %s: %s", job.id, why)
         compute = max(r.compute_s.values(), default=0.0)

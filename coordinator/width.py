@@ -11,7 +11,8 @@ The choice is measured, not guessed: `probe` rounds on all live workers and `pro
 in stretches of STRETCH rounds ordered all, one, one, all, all, one, ... (so a machine
 whose speed drifts steadily weighs on both alike), and the lower median wins. The first rounds
 of each stretch (a lease's TASK carries the training state; ending one re-sends the
-weights) do not count. A new set of live workers, or `hold` rounds, and it probes again.
+weights) do not count, nor do rounds dealt to all but completed by what the last lease
+holder had already computed ahead. A new set of live workers, or `hold` rounds, and it probes again.
 """
 
 import statistics
@@ -47,12 +48,16 @@ class Width:
         self.dealt = self.choice or ("all" if self.stretch % 4 in (0, 3) else "one")
         return [one] if self.dealt == "one" else live
 
-    def observe(self, round_s: float) -> str | None:
-        """The round dealt by the last `use` took `round_s`; a sentence for the log when a
-        choice is made."""
+    def observe(self, round_s: float, ahead: bool = False) -> str | None:
+        """The round dealt by the last `use` took `round_s` (`ahead`: with sums a worker
+        computed ahead on a lease); a sentence for the log when a choice is made."""
         mode, self.dealt = self.dealt, None
         if mode is None:
             return None  # not probing (one worker, aggregators, --width-probe 0)
+        if mode == "all" and ahead and self.choice is None:
+            # Dealt to all, but done by what the last lease holder had computed ahead: it
+            # says nothing about all of them, and the stretch goes on without it.
+            return None
         if self.choice is not None:
             self.held += 1
             if self.held >= self.hold:  # conditions drift: measure again

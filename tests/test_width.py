@@ -68,3 +68,23 @@ def test_longer_probes_interleave_stretches_so_a_drifting_machine_weighs_on_both
     naive = Width(probe=8, hold=100)
     probe(naive)
     assert naive.choice == "all"
+
+
+def test_rounds_done_by_what_a_lease_holder_computed_ahead_say_nothing_about_all():
+    """After a stretch on one worker, the first rounds dealt to all can be completed by
+    the sums that worker had computed ahead: instantly. They do not count (the stretch goes
+    on without them), or one would lose to all on an illusion."""
+    w = Width(probe=4, hold=100)
+    for _ in range(WARMUP + 4):  # all: 2 ms a round
+        w.use(["a", "b"], "a")
+        w.observe(0.002)
+    for _ in range(WARMUP + 3):  # one: 1 ms a round
+        assert w.use(["a", "b"], "a") == ["a"]
+        w.observe(0.001)
+    w.use(["a", "b"], "a")
+    assert w.observe(0.001) is not None and w.choice == "one"
+    w = Width(probe=4, hold=100)
+    for _ in range(WARMUP + 4):
+        w.use(["a", "b"], "a")
+        w.observe(0.002, ahead=True)  # all done by sums computed ahead: none count
+    assert w.times["all"] == [] and w.use(["a", "b"], "a") == ["a", "b"]
