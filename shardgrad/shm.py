@@ -11,8 +11,9 @@ before the next TASKs go out), and a TASK is only worth anything while its round
 worker that reads the segment late, while the next round's weights go in, computes a result
 for a finished round, which the coordinator drops as late whatever it holds.
 
-The other way, a worker writes each block sum into a slot of a small ring in its own
-segment, and the GRADS carries the segment's name, the layout and a sequence number
+The other way, a worker computes each block sum straight into a slot of a small ring in
+its own segment (the canonical tree's last addition writes there: no copy), and the GRADS
+carries the segment's name, the layout and a sequence number
 (`{"shm", "shm_layout", "seq"}`). The coordinator copies the sum out when it takes the
 message, and every TASK it sends that worker says how far it has read (`grads_ack`: the
 newest seq it has taken or dropped). A slot is written again only after that: every

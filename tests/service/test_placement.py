@@ -153,10 +153,31 @@ def test_the_choice(svc):
     assert choose(rt, 0.002, dry_run_s=1.0) == ("workers", "a micro-batch takes 1000.0 ms or more")
 
 
-def test_a_failure_in_a_step_here_fails_the_job_not_the_coordinator(tmp_path, svc, monkeypatch):
+@pytest.fixture
+def coordinator_here(tmp_path):
+    """A Coordinator in this process that places every job on itself (no workers needed);
+    the test drives its loop with tick(). Shut down at teardown."""
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    made = []
+
+    def make():
+        made.append(Coordinator(
+            f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+            config=Config(inline_below_s=60.0),
+        ))  # fmt: skip
+        return made[-1]
+
+    yield make
+    for coord in made:
+        coord.shutdown()
+
+
+def test_a_failure_in_a_step_here_fails_the_job_not_the_coordinator(
+    coordinator_here, svc, monkeypatch
+):
     """In process: whatever raises while the coordinator computes a round (here, the
     step) ends that job `failed` with the reason; the coordinator's loop goes on."""
-    from shardgrad.coordinator.server import Config, Coordinator
     from shardgrad.engine import RoundEngine
 
     real_step = RoundEngine.step
@@ -167,32 +188,26 @@ def test_a_failure_in_a_step_here_fails_the_job_not_the_coordinator(tmp_path, sv
         return real_step(self, total)
 
     monkeypatch.setattr(RoundEngine, "step", step)
-    coord = Coordinator(
-        f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
-        config=Config(inline_below_s=60.0),
-    )  # fmt: skip
-    try:
-        spec = parse_spec(svc.SPEC_SGD)
-        job_id = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
-        coord.tick()  # starts it here (no workers needed), then each tick runs a slice
-        assert coord.job is not None and coord.job.placement == "coordinator"
-        while coord.job is not None:
-            coord.tick()
-        row = coord.store.job(job_id)
-        assert (row["state"], row["error"]) == ("failed", "round 3: RuntimeError: boom"), row
-        assert row["placement"] == "coordinator"
-    finally:
-        coord.shutdown()
+    coord = coordinator_here()
+    spec = parse_spec(svc.SPEC_SGD)
+    job_id = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+    coord.tick()  # starts it here (no workers needed), then each tick runs a slice
+    assert coord.job is not None and coord.job.placement == "coordinator"
+    while coord.job is not None:
+        coord.tick()
+    row = coord.store.job(job_id)
+    assert (row["state"], row["error"]) == ("failed", "round 3: RuntimeError: boom"), row
+    assert row["placement"] == "coordinator"
 
 
 @pytest.mark.parametrize("where", ["hand_in_early", "start_next_job"])
 def test_a_failure_in_the_loops_tick_fails_the_job_not_the_coordinator(
-    tmp_path, svc, monkeypatch, where
+    coordinator_here, svc, monkeypatch, where
 ):
     """In process: a bug that raises from the coordinator's `tick` (starting a job, or once
     it runs) fails that job with the reason instead of stopping the loop or raising again on
     every pass; the next job in the queue still runs. (Both jobs run here: no workers.)"""
-    from shardgrad.coordinator.server import Config, Coordinator
+    from shardgrad.coordinator.server import Coordinator
 
     real = getattr(Coordinator, where)
     calls = []
@@ -204,19 +219,13 @@ def test_a_failure_in_the_loops_tick_fails_the_job_not_the_coordinator(
         return real(self, *a, **kw)
 
     monkeypatch.setattr(Coordinator, where, broken)
-    coord = Coordinator(
-        f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
-        config=Config(inline_below_s=60.0),
-    )  # fmt: skip
-    try:
-        spec = parse_spec(svc.SPEC_SGD)
-        first = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
-        coord.tick()
-        row = coord.store.job(first)
-        assert row["state"] == "failed" and "RuntimeError: boom" in row["error"], row
-        assert coord.job is None and coord.counters["internal_error"] == 1
-        second = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
-        coord.tick()
-        assert coord.job is not None and coord.job.id == second
-    finally:
-        coord.shutdown()
+    coord = coordinator_here()
+    spec = parse_spec(svc.SPEC_SGD)
+    first = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+    coord.tick()
+    row = coord.store.job(first)
+    assert row["state"] == "failed" and "RuntimeError: boom" in row["error"], row
+    assert coord.job is None and coord.counters["internal_error"] == 1
+    second = coord.store.add_job(spec.name, spec.to_dict(), None, 42)
+    coord.tick()
+    assert coord.job is not None and coord.job.id == second
