@@ -99,6 +99,17 @@ def _write(seg, arrays, layout, base=0):
         np.copyto(np.ndarray(a.shape, a.dtype, buffer=seg.buf, offset=base + off), a)
 
 
+def _close(seg: shared_memory.SharedMemory) -> None:
+    """Close `seg`. If a view of it still lives (views come from a buffer export,
+    np.frombuffer, which refuses the close), its mapping is left to the views: it goes when
+    the last one does, never under one; the rest (the file descriptor) is closed now."""
+    try:
+        seg.close()
+    except BufferError:
+        seg._buf = seg._mmap = None  # (SharedMemory's own fields: the views hold the map)
+        seg.close()
+
+
 def _create(size):
     seg = shared_memory.SharedMemory(
         name=f"sg_{secrets.token_hex(8)}", create=True, size=max(size, 1)
@@ -114,6 +125,7 @@ class Attached:
     def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
         self.limits = limits
         self.segs: dict[str, shared_memory.SharedMemory] = {}
+        self.bytes: dict[str, np.ndarray] = {}  # name -> the segment as uint8 (see views)
 
     def attach(self, name) -> shared_memory.SharedMemory:
         if not isinstance(name, str) or not _NAME.match(name):
@@ -129,12 +141,14 @@ class Attached:
             if name not in _MADE_HERE:
                 resource_tracker.unregister(seg._name, "shared_memory")
             self.segs[name] = seg
+            self.bytes[name] = np.frombuffer(seg.buf, np.uint8)
         return seg
 
     def views(self, msg: wire.Message) -> list[np.ndarray]:
         """Read-only views of the arrays `msg` points at. ProtocolError if the name or the
         layout is not one a peer of ours could send."""
-        seg = self.attach(wire.field_of(msg, "shm", str))
+        name = wire.field_of(msg, "shm", str)
+        seg = self.attach(name)
         layout = wire.field_of(msg, "shm_layout", list)
         for i, entry in enumerate(layout):
             if not (isinstance(entry, list) and len(entry) == 3 and type(entry[2]) is int):
@@ -142,11 +156,14 @@ class Attached:
         # dtypes, shapes and counts: the checks of a message's own array frames
         specs = wire.array_specs([[str(i), d, s] for i, (d, s, _) in enumerate(layout)],
                                  self.limits)  # fmt: skip
-        out = []
+        out, whole = [], self.bytes[name]
         for (_, dtype, shape), (_, _, off) in zip(specs, layout, strict=True):
-            if off < 0 or off + dtype.itemsize * math.prod(shape) > seg.size:
+            end = off + dtype.itemsize * math.prod(shape)
+            if off < 0 or end > seg.size:
                 raise wire.ProtocolError(f"shm_layout entry at {off} runs past the segment's end")
-            arr = np.ndarray(shape, dtype, buffer=seg.buf, offset=off)
+            # Views of the buffer export (not np.ndarray(buffer=...), which numpy ties to the
+            # mmap itself): while one lives, closing the segment cannot unmap it under it.
+            arr = whole[off:end].view(dtype).reshape(shape)
             arr.flags.writeable = False
             out.append(arr)
         return out
@@ -154,11 +171,9 @@ class Attached:
     def close(self, name=None):
         for n in [name] if name is not None else list(self.segs):
             seg = self.segs.pop(n, None)
-            try:
-                if seg is not None:
-                    seg.close()
-            except BufferError:  # a view of it is still alive: the mapping goes with it
-                pass
+            self.bytes.pop(n, None)
+            if seg is not None:
+                _close(seg)
 
 
 class WeightsReader(Attached):
@@ -181,7 +196,6 @@ class GradsRing:
         self.seq = self.acked = 0
         self.bytes = None  # the segment as uint8: what every slot view is a view of
         self.views: dict = {}  # slot index -> its arrays' views
-        self.retired: list = []  # unlinked segments still mapped (see close)
 
     def ack(self, seq) -> None:
         if type(seq) is int:
@@ -231,19 +245,13 @@ class GradsRing:
 
     def close(self):
         if self.seg is not None:
+            # (a sum computed into a slot may still be referenced: a lease's open
+            # accumulation; _close leaves the mapping to it)
+            self.bytes, self.views = None, {}
+            _close(self.seg)
             self.seg.unlink()
-            self.retired.append(self.seg)
-            self.seg, self.bytes, self.views = None, None, {}
+            self.seg = None
         self.layout = None
-        # A sum computed into a slot may still be referenced (a lease's open accumulation):
-        # its segment stays mapped until then (the export refuses the close), and a later
-        # call closes it.
-        for seg in list(self.retired):
-            try:
-                seg.close()
-                self.retired.remove(seg)
-            except BufferError:
-                pass
 
 
 class GradsReader(Attached):
