@@ -86,13 +86,23 @@ def test_atomic_save_failure_between_write_and_rename(tmp_path, monkeypatch):
     assert meta == {"round": 1} and np.array_equal(arrays["w"], np.arange(3.0))
 
 
-def _break_disk(cl):
+def _break_disk(cl, c, job):
     """The state directory refuses job files from now on, as a full disk would: its `jobs`
-    directory is moved aside and a plain file takes its name (root ignores permissions)."""
-    jobs = os.path.join(cl.state_dir, "jobs")
-    os.rename(jobs, jobs + ".aside")
-    with open(jobs, "w") as f:
-        f.write("not a directory\n")
+    directory is moved aside and a plain file takes its name (root ignores permissions).
+    Done while the worker is stopped and the job cannot end on what it has computed ahead
+    (a lease runs at most 8 rounds ahead), so the job's end always meets the broken disk."""
+    for w in cl.workers:
+        w.send_signal(signal.SIGSTOP)
+    try:
+        now = job_status(c, job)
+        assert now["state"] == "running" and now["round"] + 10 < now["total_rounds"], now
+        jobs = os.path.join(cl.state_dir, "jobs")
+        os.rename(jobs, jobs + ".aside")
+        with open(jobs, "w") as f:
+            f.write("not a directory\n")
+    finally:
+        for w in cl.workers:
+            w.send_signal(signal.SIGCONT)
 
 
 def _mend_disk(cl):
@@ -109,12 +119,12 @@ def test_a_result_the_disk_refuses_is_retried_not_lost(make_cluster):
     """Checkpoints and then the result cannot be written: the failed checkpoints are counted
     and the job goes on; its end waits (no round past it, the reason in its status) and the
     write is retried until the disk is mended; then it is done, bitwise right."""
-    job_spec = spec(rounds=24, checkpoint_every=4)
+    job_spec = spec(rounds=40, checkpoint_every=4)
     cl = make_cluster(1).start()
     with cl.client() as c:
         job = c.submit(job_spec)
         wait_for(lambda: (job_status(c, job)["checkpoint_round"] or 0) >= 4, "a checkpoint")
-        _break_disk(cl)
+        _break_disk(cl, c, job)
         wait_for(lambda: "could not be written" in (job_status(c, job)["error"] or ""), "the end")
         failures = _write_errors(c)
         wait_for(lambda: _write_errors(c) > failures, "a retry")
@@ -128,13 +138,13 @@ def test_a_result_the_disk_refuses_is_retried_not_lost(make_cluster):
 
 
 def test_a_result_the_disk_keeps_refusing_fails_the_job_and_the_queue_goes_on(make_cluster):
-    job_spec, after = spec(rounds=12), spec(rounds=6, seed=11)
+    job_spec, after = spec(rounds=24), spec(rounds=6, seed=11)
     env = {"SHARDGRAD_FAULT_DELAY": DELAY, "SHARDGRAD_WRITE_RETRY": "1"}
     cl = make_cluster(1, env=env).start()
     with cl.client() as c:
         job = c.submit(job_spec)
         wait_for(lambda: round_of(c, job) >= 2, "round 2")
-        _break_disk(cl)
+        _break_disk(cl, c, job)
         with pytest.raises(ClientError, match="could not be written.*fix the state directory"):
             c.wait(job, timeout=60)
         ended = job_status(c, job)
