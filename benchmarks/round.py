@@ -295,7 +295,7 @@ def measure(a, ks, have_torch, with_demo):
         cluster.start_coordinator(env={"SHARDGRAD_WIDTH_PROBE": str(PROBE)})
         cluster.wait_workers(2)
         for _label, hidden, batch, k, res in rows:
-            res["local@auto"] = local_round_seconds(make_spec(hidden, batch, n_rounds, k), 5)
+            res["local@auto"] = local_round_seconds(make_spec(hidden, batch, n_rounds, k), a.warmup)
             res["auto"] = run_auto(cluster, hidden, batch, a.rounds, a.warmup, k)
         # one worker: stop the second (workers first, so its BYE reaches the coordinator)
         cluster.workers[-1].terminate()

@@ -24,14 +24,12 @@ STRETCH = 4  # counted rounds per stretch
 class Width:
     def __init__(self, probe: int = 16, hold: int = 2000):
         self.probe, self.hold = probe, hold
-        self.key: tuple = ()
-        self.choice: str | None = None
-        self.held = 0
         self.dealt: str | None = None  # how the round under way was dealt, if it counts
         self._restart(())
 
-    def _restart(self, key):
-        self.key, self.choice, self.held = key, None, 0
+    def _restart(self, key: tuple):
+        self.key, self.held = key, 0
+        self.choice: str | None = None
         self.times: dict[str, list] = {"all": [], "one": []}
         self.stretch, self.into = 0, 0  # the stretch under way, rounds dealt in it
 

@@ -27,6 +27,7 @@ must fit inside the segment with an allowed dtype, or the message is a ProtocolE
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
@@ -51,6 +52,7 @@ class WeightsBoard:
     def __init__(self):
         self.seg: shared_memory.SharedMemory | None = None
         self.layout: list = []
+        self.views: list = []  # where each array of the layout goes
         self.version = None
 
     def publish(self, arrays: list[np.ndarray], version) -> dict:
@@ -62,14 +64,17 @@ class WeightsBoard:
         if self.seg is None or self.seg.size < size or layout != self.layout:
             self.close()
             self.seg, self.layout, self.version = _create(size), layout, None
+            self.views = _views(np.frombuffer(self.seg.buf, np.uint8), layout)
         if version != self.version:
-            _write(self.seg, arrays, layout)
+            for view, a in zip(self.views, arrays, strict=True):
+                np.copyto(view, a)
             self.version = version
         return {"shm": self.seg.name, "shm_layout": layout}
 
     def close(self):
         if self.seg is not None:
-            self.seg.close()
+            self.views = []
+            _close(self.seg)
             self.seg.unlink()
             self.seg = None
 
@@ -85,18 +90,29 @@ def _layout_of(shapes) -> tuple[list, int]:
     layout, offset = [], 0
     for shape, dtype in shapes:
         dtype = np.dtype(dtype)
-        name = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, dtype.name)
-        layout.append([name, list(shape), offset])
+        layout.append([_dtype_name(dtype), list(shape), offset])
         offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64
     return layout, offset
 
 
-_DTYPE_NAMES: dict = {}
+@functools.cache
+def _dtype_name(dtype: np.dtype) -> str:
+    return dtype.name
 
 
-def _write(seg, arrays, layout, base=0):
-    for a, (_, _, off) in zip(arrays, layout, strict=True):
-        np.copyto(np.ndarray(a.shape, a.dtype, buffer=seg.buf, offset=base + off), a)
+def _views(whole: np.ndarray, layout, base: int = 0) -> list[np.ndarray]:
+    """Arrays at [dtype, shape, offset] entries of `whole`, a segment as uint8 taken through
+    a buffer export (np.frombuffer). Not np.ndarray(buffer=seg.buf): numpy ties those to
+    the mmap itself, which SharedMemory.close() then unmaps under a live view; an export
+    refuses the close instead (see _close)."""
+    out = []
+    for dtype, shape, off in layout:
+        dtype = np.dtype(dtype)
+        start = base + off
+        out.append(
+            whole[start : start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        )
+    return out
 
 
 def _close(seg: shared_memory.SharedMemory) -> None:
@@ -156,16 +172,14 @@ class Attached:
         # dtypes, shapes and counts: the checks of a message's own array frames
         specs = wire.array_specs([[str(i), d, s] for i, (d, s, _) in enumerate(layout)],
                                  self.limits)  # fmt: skip
-        out, whole = [], self.bytes[name]
+        entries = []
         for (_, dtype, shape), (_, _, off) in zip(specs, layout, strict=True):
-            end = off + dtype.itemsize * math.prod(shape)
-            if off < 0 or end > seg.size:
+            if off < 0 or off + dtype.itemsize * math.prod(shape) > seg.size:
                 raise wire.ProtocolError(f"shm_layout entry at {off} runs past the segment's end")
-            # Views of the buffer export (not np.ndarray(buffer=...), which numpy ties to the
-            # mmap itself): while one lives, closing the segment cannot unmap it under it.
-            arr = whole[off:end].view(dtype).reshape(shape)
+            entries.append((dtype, shape, off))
+        out = _views(self.bytes[name], entries)
+        for arr in out:
             arr.flags.writeable = False
-            out.append(arr)
         return out
 
     def close(self, name=None):
@@ -211,8 +225,6 @@ class GradsRing:
                 return None
             self.close()  # another job's layout: results for the old one are dropped unread
             self.seg, self.layout, self.size = _create(size * self.slots), layout, size
-            # Views through a buffer export (np.frombuffer), not np.ndarray(buffer=...): an
-            # export keeps the mapping alive while any view lives (see close).
             self.bytes = np.frombuffer(self.seg.buf, np.uint8)
             self.acked = self.seq  # nothing in the new segment is waiting to be read
         seq = self.seq + 1
@@ -220,13 +232,7 @@ class GradsRing:
             return None
         index = seq % self.slots
         if index not in self.views:
-            base = index * self.size
-            self.views[index] = [
-                self.bytes[base + off : base + off + math.prod(shape) * np.dtype(d).itemsize]
-                .view(d)
-                .reshape(shape)
-                for d, shape, off in layout
-            ]
+            self.views[index] = _views(self.bytes, layout, index * self.size)
         return self.views[index]
 
     def put(self, arrays: list[np.ndarray]) -> dict | None:

@@ -293,7 +293,7 @@ class Worker:
                 if self.raise_from is not None and rnd >= int(self.raise_from):
                     raise RuntimeError(f"injected fault (SHARDGRAD_FAULT_RAISE={self.raise_from})")
                 # Straight into the ring's next slot when it has one: no copy of the sum.
-                slot = self.ring.slot(rt.sum_layout()) if by_shm and not self.corrupt else None
+                slot = self.ring.slot(rt.sum_layout()) if by_shm else None
                 grads = rt.block_grad(rnd, lo, hi, out=slot)
             except Exception as e:  # job code: report it, stay alive for other work
                 self.fault(fields, e)

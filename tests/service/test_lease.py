@@ -224,14 +224,10 @@ def test_a_lease_holder_that_sends_garbage_ahead_cannot_hurt_the_coordinator(mak
     for rounds ahead (kept for later, so checked when they arrive) and lease ids of the
     wrong kind: each is a counted drop, never an internal error; a real worker then
     finishes the job with train_local's bits."""
-    import msgpack
     import numpy as np
     import zmq
 
     from shardgrad import wire
-
-    def header(**fields):
-        return msgpack.packb({"v": wire.PROTOCOL_VERSION, **fields}, use_bin_type=True)
 
     spec = svc.spec_with(svc.SPEC_SGD, name="svc-lease-garbage", verify=0.0)
     ref_state, _ = svc.local_reference(spec)
@@ -241,7 +237,9 @@ def test_a_lease_holder_that_sends_garbage_ahead_cannot_hurt_the_coordinator(mak
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.worker_address)
     try:
-        sock.send_multipart([header(type="READY", worker="fake-lease", info={"lease": True})])
+        sock.send_multipart(
+            wire.encode(wire.READY, {"worker": "fake-lease", "info": {"lease": True}})
+        )
         with cluster.client() as c:
             job = c.submit(spec)
             while True:  # its first TASK: the lease, with the training state
@@ -269,7 +267,7 @@ def test_a_lease_holder_that_sends_garbage_ahead_cannot_hurt_the_coordinator(mak
                 "the malformed ones counted as bad",
             )
             assert "internal_error" not in c.status()["counters"], c.status()["counters"]
-            sock.send_multipart([header(type="BYE", worker="fake-lease")])
+            sock.send_multipart(wire.encode(wire.BYE, {"worker": "fake-lease"}))
             cluster.add_worker()
             status = c.wait(job, timeout=120, poll=0.05)
             assert status["state"] == "done", status
