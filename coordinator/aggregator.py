@@ -42,7 +42,7 @@ from .job import Config
 from .membership import Membership
 from .rounds import Round, straggler_deadline
 from .verify import Verifier
-from .workers import check_grads, sender_of, worker_info
+from .workers import sender_of, worker_info
 
 log = logging.getLogger("shardgrad.aggregator")
 MAX_MEMBERS_SHOWN = 256  # rows of our table that travel upstream for `status`
@@ -332,7 +332,7 @@ class Aggregator:
         if msg.type == wire.FAULT:
             return self.failed(wid, block, wire.field_of(msg, "error", str)[:2000], msg)
         self.local.load(wid, msg)  # from a worker on our host: out of its ring
-        arrays = check_grads(msg, s.layout)
+        arrays = wire.check_grads(msg, s.layout)
         if not all_finite(arrays):
             return self.failed(wid, block, "the gradient has NaN/Inf", msg)
         verdict = r.deliver(block, arrays, wid, float(msg.get("compute_s", 0.0)))

@@ -104,7 +104,8 @@ class Checks:
         self.counters["rollbacks"] += 1
         job.engine.restore(arrays, meta)
         job.verifier.rolled_back(target)
-        job.gen, job.round, job.lease = job.gen + 1, None, None
+        self.end_lease()
+        job.gen, job.round = job.gen + 1, None
         job.leases.clear()
         job.early.clear()
         if not self.checkpoint():  # the one on disk may hold what the liar said: never resume

@@ -22,7 +22,8 @@ class Config:
     max_queued_jobs: int = 100
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
-    lease_window: int = 8  # rounds a lone worker may run ahead of our step (0: never)
+    lease_window: int = 8  # rounds workers on a lease may run ahead of our step (0: never)
+    peer_leases: bool = True  # workers on our host may share a lease (worker/peers.py)
     width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
     write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
@@ -34,6 +35,16 @@ class Config:
     client_burst: int = 400
     worker_rate: float = 2000.0  # per worker connection: far above heartbeats + GRADS
     worker_burst: int = 4000
+
+
+@dataclass
+class Lease:
+    """Workers running ahead of our step (worker.Lease): one alone, or several on our host
+    that send each other their sums (worker/peers.py)."""
+
+    id: int
+    blocks: dict  # member -> its blocks of every round (together: the whole round)
+    told: int = 0  # the round the last STEPPED said (sent every few rounds, not each)
 
 
 @dataclass
@@ -51,13 +62,14 @@ class ActiveJob:
     placement: str = "workers"  # or "coordinator": its rounds are computed here
     here_from: int = 0  # the round from which this coordinator life placed it
     next_checkpoint: float = 0.0  # (monotonic) placed here: none before this, see after_step
-    lease: tuple | None = None  # (worker, id, blocks): the lone worker running ahead of us
-    # Every lease of this timeline, id -> worker. What a worker computed ahead under one of
-    # them stands on this timeline's weights, so it is right for its round whoever else
+    lease: Lease | None = None  # the workers running ahead of us, if any
+    # Every lease of this timeline, id -> its members. What a worker computed ahead under one
+    # of them stands on this timeline's weights, so it is right for its round whoever else
     # computed the rounds between (the determinism contract); a rollback voids them all.
     leases: dict = field(default_factory=dict)
     width: Width = field(default_factory=Width)  # all live workers, or one on a lease
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
+    last_step: float = 0.0  # (monotonic) when a round last stepped, for the width's pace
     window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
     unwritten: str | None = None  # why its result could not be written yet (retried)
     write_retry: tuple = (0.0, 0.0, 1.0)  # (first failure, next attempt, delay): monotonic

@@ -1,10 +1,13 @@
-"""A lone worker runs ahead of the coordinator on a lease (docs/architecture.md, "Leases").
+"""Workers run ahead of the coordinator on a lease (docs/architecture.md, "Leases").
 
-When a round goes to exactly one worker, its TASK also carries the job's whole training
-state; the worker steps its own RoundEngine with its own sums (the coordinator's, bit for
-bit) and computes up to `window` rounds ahead. The coordinator still steps its own engine
-and sends STEPPED instead of a TASK while the lease lasts. What a worker sent for a round
-we have not started yet is kept (`ActiveJob.early`) and handed in when it starts.
+When a round goes to one worker alone, or to workers that all share our host, their TASKs
+also carry the job's whole training state and a lease; each worker steps its own
+RoundEngine with the round's sums (the coordinator's, bit for bit): alone, its own; in a
+lease of several, everyone's, which the members send each other straight (worker/peers.py).
+So they compute up to `window` rounds ahead of us without waiting for our step. The
+coordinator still steps its own engine (it stays the one truth) and sends STEPPED instead
+of TASKs while the lease lasts. What a worker sent for a round we have not started yet is
+kept (`ActiveJob.early`) and handed in when it starts.
 
 `Leases` is the part of the Coordinator that does this; it uses the coordinator's job,
 members, sockets and counters.
@@ -14,26 +17,61 @@ import logging
 import secrets
 
 from .. import wire
-from .workers import check_grads
+from ..core.sampling import tiles
+from ..shm import RING_SLOTS
+from .job import Lease
 
 log = logging.getLogger("shardgrad.coordinator")
 
 
 class Leases:
-    def grant_lease(self, wid, blocks, fields) -> list | None:
-        """Put a lease and the job's training state into the TASK `fields` for `wid`: the
-        frames to send with it, or None if the state would not fit (then a plain TASK)."""
+    def lease_group(self, use) -> list | None:
+        """The workers a round goes to, if they may run ahead of us on a lease: one alone,
+        or several on our host, each with a port for its peers' sums."""
+        if self.cfg.lease_window <= 0 or not use:
+            return None
+        infos = [self.members.workers[w].info for w in use]
+        if any(i.get("lease") is not True or "role" in i for i in infos):
+            return None
+        if len(use) > 1 and not self.cfg.peer_leases:
+            return None
+        if len(use) > 1 and not all(
+            "peer" in i and self.members.on_this_host(w) for w, i in zip(use, infos, strict=True)
+        ):
+            return None
+        return list(use)
+
+    def new_lease(self, assignment: dict, group: list) -> tuple | None:
+        """(Lease, state frames, state meta) for `group` with its blocks in `assignment`, or
+        None when it cannot have one: its blocks are not the whole round once (a check among
+        them), a member has more than its peers may read in place, the state is too big."""
         job = self.job
+        blocks = {w: list(assignment.get(w, ())) for w in group}
+        if not tiles(job.rt.n_micro, [b for bs in blocks.values() for b in bs]):
+            return None
+        if len(group) > 1 and max(map(len, blocks.values())) > RING_SLOTS // 2:
+            return None
         state, meta = job.engine.pack(copy=True)  # the weights too (a copy: ours step on)
         if not self.fits(state):
             return None
         meta["metrics"] = []
-        job.lease = (wid, secrets.randbits(31), blocks)
-        job.leases[job.lease[1]] = wid
-        fields["lease"] = {"id": job.lease[1], "window": job.window, "state": meta}
+        frames = [(f"state.{k}", a) for k, a in state.items()]
+        return Lease(secrets.randbits(31), blocks, told=job.engine.next_round), frames, meta
+
+    def lease_fields(self, wid, granted, fields) -> list:
+        """Put lease `granted` into `wid`'s TASK `fields`; the frames to send with it."""
+        lease, frames, meta = granted
+        fields["lease"] = {"id": lease.id, "window": self.job.window, "state": meta}
+        if len(lease.blocks) > 1:
+            peers = self.members.workers
+            fields["lease"]["peers"] = [
+                [p, peers[p].info["peer"], [list(b) for b in bs]]
+                for p, bs in lease.blocks.items()
+                if p != wid
+            ]
         if self.members.on_this_host(wid):
             fields.update(self.local.acked(wid))
-        return [(f"state.{k}", a) for k, a in state.items()]
+        return frames
 
     def keep_early(self, wid, msg, rnd):
         """A worker ahead on a lease sent a round we have not started (we wait on a check,
@@ -49,7 +87,7 @@ class Leases:
         if msg.type == wire.GRADS:
             self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
             msg.fields.pop("shm", None)
-            check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
+            wire.check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
         else:
             wire.field_of(msg, "error", str)
         kept.append(msg)
@@ -75,32 +113,30 @@ class Leases:
                 finally:
                     self.handing_in = False
 
-    def lone_worker(self, use) -> str | None:
-        """The one worker a round goes to, if it may run ahead of us alone (a lease)."""
-        if self.cfg.lease_window <= 0 or len(use) != 1:
-            return None
-        w = self.members.workers[use[0]]
-        return w.id if w.info.get("lease") is True and "role" not in w.info else None
-
     def stand_in(self, live) -> str | None:
         """The worker that would compute alone on a lease while the others stand by (and
         check the blocks `verify` draws), one on our host first; none with aggregators."""
         infos = [self.members.workers[w].info for w in live]
         if any("role" in i for i in infos):
             return None
-        able = [w for w, i in zip(live, infos, strict=True) if self.lone_worker([w])]
+        able = [w for w in live if self.lease_group([w])]
         return min(able, key=lambda w: (not self.members.on_this_host(w), w), default=None)
 
-    def stepped(self, wid):
-        """Tell the lone worker the rounds before this one are in the weights: its lease's
-        window moves on (and, on our host, how far we read its ring)."""
+    def stepped(self, wid, end=False):
+        """Tell a lease member the rounds before this one are in the weights: its lease's
+        window moves on (and, on our host, how far we read its ring). `end`: the lease is
+        over (a lease of several: a peer will not go on)."""
         job = self.job
-        fields = {"job": job.id, "lease": job.lease[1], "round": job.round.index}
+        lease = job.lease
+        fields = {"job": job.id, "lease": lease.id, "round": job.engine.next_round}
+        if end:
+            fields["end"] = True
         if self.members.on_this_host(wid):
             fields.update(self.local.acked(wid))
         if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
-            self.end_lease(wid)
-            self.members.leave(wid)
+            self.members.leave(wid)  # (its blocks are re-issued, ending the lease)
+            if not end:
+                self.end_lease(wid)
 
     def fits(self, arrays: dict) -> bool:
         """Whether a lease's state fits one message within the worker's limits (half of
@@ -111,8 +147,16 @@ class Leases:
             lim.max_frame_bytes
         )
 
-    def end_lease(self, wid):
-        """`wid` no longer runs ahead (a TASK, or its READY, said so): the next round goes
-        to it as a TASK. (What it computed ahead still counts: see ActiveJob.leases.)"""
-        if self.job.lease is not None and self.job.lease[0] == wid:
-            self.job.lease = None
+    def end_lease(self, wid=None):
+        """The lease `wid` is a member of (any, if None) ends: a TASK to it, its READY or a
+        fault said so. The other members of a lease of several are told, since they wait
+        for each other's sums; the next round goes out as TASKs. (What they computed ahead
+        still counts: see ActiveJob.leases.)"""
+        lease = self.job.lease
+        if lease is None or (wid is not None and wid not in lease.blocks):
+            return
+        if len(lease.blocks) > 1:
+            for member in lease.blocks:
+                if member != wid and self.members.is_live(member):
+                    self.stepped(member, end=True)
+        self.job.lease = None

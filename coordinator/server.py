@@ -50,7 +50,7 @@ from .rounds import Round, straggler_deadline
 from .store import Store
 from .verify import Verifier
 from .width import Width
-from .workers import check_grads, sender_of, worker_info
+from .workers import sender_of, worker_info
 
 log = logging.getLogger("shardgrad.coordinator")
 
@@ -252,7 +252,7 @@ class Coordinator(Checks, Leases):
             return
         if msg.type == wire.GRADS:
             self.local.load(wid, msg)  # from a worker on our host: out of its ring
-            arrays = check_grads(msg, self.job.layout)
+            arrays = wire.check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
         known = self.members.workers.get(wid)
@@ -273,7 +273,7 @@ class Coordinator(Checks, Leases):
         job_id, rnd, block = wire.require(msg, "job", "round", "block")
         lease = msg.get("lease")  # computed ahead, on this timeline's weights?
         if lease is not None and job is not None and job_id == job.id and type(rnd) is int:
-            if job.leases.get(lease if type(lease) is int else None) != wid:
+            if wid not in job.leases.get(lease if type(lease) is int else None, ()):
                 lease = False  # of another timeline or coordinator life: late
             elif r is None or rnd > r.index:
                 return self.keep_early(wid, msg, rnd)
@@ -286,9 +286,9 @@ class Coordinator(Checks, Leases):
         if block not in r.holders:
             self.counters["unknown_block"] += 1
             return None
-        if block in r.delivered or msg.get("worker") in r.results.get(block, ()):
-            self.counters["duplicate_grads"] += 1
-            return None
+        if block in r.delivered or any(wid in d.get(block, ()) for d in (r.results, r.failures)):
+            self.counters["duplicate_grads"] += 1  # (a worker's second failure of a block is
+            return None  # one: it sent it ahead on a lease, then again for a TASK)
         return block
 
     def on_grads(self, wid, block, arrays, msg):
@@ -300,7 +300,9 @@ class Coordinator(Checks, Leases):
         self.members.workers[wid].blocks_done += 1
         if "lease" in msg:
             self.counters["blocks_ahead"] += 1
-            r.ahead += 1
+            lease = self.job.lease
+            if lease is None or msg.get("lease") != lease.id:
+                r.ahead += 1  # computed under an earlier lease (see Width.observe)
         if verdict == "verified":
             self.counters["verified_blocks"] += 1
         elif verdict == "mismatch":
@@ -432,16 +434,28 @@ class Coordinator(Checks, Leases):
         job.round = Round(index, job.rt.n_micro, use, self.cfg.blocks_per_worker,
                           job.verifier.draw, self.members.capacities(use),
                           checkers=live)  # fmt: skip
-        alone, assignment = self.lone_worker(use), dict(job.round.assignment)
-        if job.lease is not None and assignment.get(job.lease[0]) == job.lease[2]:
-            self.stepped(job.lease[0])  # it is computing this round already
-            del assignment[job.lease[0]]  # (the rest: a stand-by checking a block of it)
-        self.send_blocks(assignment, lease_to=alone)
+        group, assignment = self.lease_group(use), dict(job.round.assignment)
+        lease = job.lease
+        if lease is not None and all(assignment.get(w) == b for w, b in lease.blocks.items()):
+            # They are computing this round already. A STEPPED moves their window and says
+            # how far we read their rings: each message costs both sides a wake-up, so it
+            # goes every quarter window (the ring has room for that; shm.GradsRing).
+            if index - lease.told >= max(1, job.window // 4):
+                lease.told = index
+                for wid in lease.blocks:
+                    self.stepped(wid)
+            for wid in lease.blocks:
+                del assignment[wid]  # (the rest: a stand-by checking a block of theirs)
+        self.send_blocks(assignment, lease_to=group)
 
-    def send_blocks(self, assignment: dict, lease_to: str | None = None):
-        """TASKs for `assignment`. To `lease_to` the TASK also carries the job's training
-        state and a lease (grant_lease). Any other TASK to a worker ends its lease."""
+    def send_blocks(self, assignment: dict, lease_to: list | None = None):
+        """TASKs for `assignment`. To the workers `lease_to` they also carry the job's
+        training state and a lease, when they can have one (new_lease). Any other TASK to a
+        worker ends its lease."""
         job, r = self.job, self.job.round
+        granted = self.new_lease(assignment, lease_to) if lease_to else None
+        if granted is not None:
+            self.end_lease()  # (whatever ran before)
         # The weights go out zero-copy, straight from the optimizer's arrays. They change
         # only when a round ends, and a TASK is only sent while its round runs: a frame
         # still in flight when they change belongs to a finished round, whose results are
@@ -460,8 +474,10 @@ class Coordinator(Checks, Leases):
             }
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
-            self.end_lease(wid)
-            frames = self.grant_lease(wid, blocks, fields) if wid == lease_to else None
+            member = granted is not None and wid in granted[0].blocks
+            if not member:
+                self.end_lease(wid)
+            frames = self.lease_fields(wid, granted, fields) if member else None
             if frames is None and here:
                 version = (job.id, job.gen, r.index)
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
@@ -469,6 +485,9 @@ class Coordinator(Checks, Leases):
                 frames = arrays
             if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
                 self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
+        if granted is not None:
+            job.lease = granted[0]
+            job.leases[job.lease.id] = set(job.lease.blocks)
 
     def repair_round(self):
         """Re-issue what dead (or quarantined) workers held; back up stragglers past the
@@ -488,10 +507,13 @@ class Coordinator(Checks, Leases):
         self._set_state("paused" if not live else "running")
         if time.monotonic() - r.started > self.deadline():
             lease = self.job.lease  # a lost STEPPED, a lease it never got: ask plainly
-            if lease is not None and lease[0] in live and (owed := r.owed_by(lease[0])):
-                log.info("round %d: the lease of %s ends (it owes %d block(s))", r.index,
-                         lease[0], len(owed))  # fmt: skip
-                self.send_blocks({lease[0]: owed})
+            owed = {
+                w: o for w in (lease.blocks if lease else ()) if w in live and (o := r.owed_by(w))
+            }
+            if owed:
+                log.info("round %d: the lease ends (%s owe %d block(s))", r.index,
+                         ", ".join(owed), sum(map(len, owed.values())))  # fmt: skip
+                self.send_blocks(owed)
             backups = r.backups(live)
             if backups:
                 log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
@@ -509,7 +531,7 @@ class Coordinator(Checks, Leases):
         t1 = time.monotonic()
         unchecked = self.unchecked_contributors(r)
         job.verifier.contributed(r.index, unchecked)
-        if job.leases and any(job.lease is None or w != job.lease[0] for w in unchecked):
+        if job.leases and any(job.lease is None or w not in job.lease.blocks for w in unchecked):
             # Weights now stand on someone's unchecked word: a lease holder computing on
             # its own weights would no longer match them, should that someone have lied.
             job.leases.clear()
@@ -517,12 +539,16 @@ class Coordinator(Checks, Leases):
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started
-        why = job.width.observe(round_s, ahead=r.ahead > 0)
+        # The width is chosen on the pace (step to step): with workers ahead on a lease, a
+        # round's own span can be our part alone.
+        pace, job.last_step = t2 - (job.last_step or r.started), t2
+        why = job.width.observe(pace, ahead=r.ahead > 0)
         if why:
             log.info("job %s: %s", job.id, why)
         compute = max(r.compute_s.values(), default=0.0)
         row.update(
             round_s=round_s,
+            pace_s=pace,  # what a round costs the job: ahead on a lease, not its span
             compute_s=compute,
             reduce_s=t1 - t0,
             overhead_s=round_s - compute,

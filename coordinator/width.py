@@ -1,18 +1,20 @@
 """How many of the live workers a job's rounds are spread over: all of them, or one on a
 lease (worker.Lease), whichever this job's rounds show to be faster.
 
-A round through N workers costs a round trip F plus its compute C/N; one worker on a lease
-pays no round trip at all (it steps its own copy), only C. So when C/N + F > C, as for a
+A round through N workers costs a round trip F plus its compute C/N (on a lease of several
+less F, but they share the machine); one worker on a lease pays no round trip at all (it
+steps its own copy), only C. So when C/N + F > C, as for a
 small model on few cores, a second worker makes the job slower, and the coordinator keeps
 the others standing by: live, checking the blocks `verify` draws, and taking over a lost
 lease holder's blocks. The bits are the same either way (the determinism contract).
 
 The choice is measured, not guessed: `probe` rounds on all live workers and `probe` on one,
 in stretches of STRETCH rounds ordered all, one, one, all, all, one, ... (so a machine
-whose speed drifts steadily weighs on both alike), and the lower median wins. The first rounds
-of each stretch (a lease's TASK carries the training state; ending one re-sends the
-weights) do not count, nor do rounds dealt to all but completed by what the last lease
-holder had already computed ahead. A new set of live workers, or `hold` rounds, and it probes again.
+whose speed drifts steadily weighs on both alike), and the lower median pace wins (step to
+step: what a round costs the job). The first rounds of each stretch (a lease's TASK
+carries the training state; ending one re-sends the weights) do not count, nor do rounds
+dealt to all but completed by what was computed ahead under an earlier lease. A new set
+of live workers, or `hold` rounds, and it probes again.
 """
 
 import statistics
@@ -47,13 +49,14 @@ class Width:
         return [one] if self.dealt == "one" else live
 
     def observe(self, round_s: float, ahead: bool = False) -> str | None:
-        """The round dealt by the last `use` took `round_s` (`ahead`: with sums a worker
-        computed ahead on a lease); a sentence for the log when a choice is made."""
+        """The round dealt by the last `use` cost `round_s` (its pace; `ahead`: with sums
+        computed ahead under an earlier lease); a sentence for the log when a choice is
+        made."""
         mode, self.dealt = self.dealt, None
         if mode is None:
             return None  # not probing (one worker, aggregators, --width-probe 0)
         if mode == "all" and ahead and self.choice is None:
-            # Dealt to all, but done by what the last lease holder had computed ahead: it
+            # Dealt to all, but done by what the last lease's holder had computed ahead: it
             # says nothing about all of them, and the stretch goes on without it.
             return None
         if self.choice is not None:

@@ -1,25 +1,7 @@
-"""Checks on what workers send: a GRADS's arrays against the model, READY's self-report."""
-
-import numpy as np
+"""Checks on what workers send: READY's self-report, who a message is from. (A GRADS's
+arrays are checked against the model by wire.check_grads: workers check their peers' too.)"""
 
 from .. import wire
-
-
-def check_grads(msg, layout) -> list[np.ndarray]:
-    """The GRADS arrays (gradients in parameter order, BatchNorm statistics, loss last),
-    each checked against `layout` = JobRuntime.sum_layout(): [(shape, dtype)]; ProtocolError
-    naming the first that does not fit."""
-    want = list(layout)
-    arrays = []
-    for name, (shape, dtype) in zip(wire.sum_names(len(want)), want, strict=True):
-        a = msg.arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
-            raise wire.ProtocolError(
-                f"GRADS array '{name}': expected {dtype}{list(shape)}, got {got}"
-            )
-        arrays.append(a)
-    return arrays
 
 
 def worker_info(msg) -> dict:
@@ -34,8 +16,11 @@ def worker_info(msg) -> dict:
         out["pid"] = info["pid"]
     if info.get("shm") is True:  # on our host (ipc://): the weights via shared memory
         out["shm"] = True
-    if info.get("lease") is True:  # it can run ahead alone (worker.Lease)
+    if info.get("lease") is True:  # it can run ahead on a lease (worker.Lease)
         out["lease"] = True
+    peer = info.get("peer")  # where peers in a lease of several send it their sums
+    if isinstance(peer, str) and peer.startswith("ipc://") and len(peer) <= 200:
+        out["peer"] = peer
     # An aggregator (coordinator/aggregator.py) says so, and how many workers it has now.
     if info.get("role") == "aggregator" and type(info.get("workers")) is int:
         out["role"], out["workers"] = "aggregator", max(0, min(info["workers"], 100_000))

@@ -54,6 +54,13 @@ def tree_sum(leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, know
     return add_arrays(left, right, out)
 
 
+def tiles(n: int, blocks) -> bool:
+    """`blocks` cover [0, n) exactly once: the whole round, which a lease needs to step."""
+    edges = sorted(blocks)
+    starts = [lo for lo, _ in edges]
+    return bool(edges) and starts[0] == 0 and [hi for _, hi in edges] == starts[1:] + [n]
+
+
 def add_arrays(left: Sequence[np.ndarray], right: Sequence[np.ndarray], out=None) -> list:
     if out is None:
         return [np.add(a, b) for a, b in zip(left, right, strict=True)]

@@ -41,6 +41,7 @@ def cmd_coordinator(a):
         min_deadline=a.min_deadline,
         inline_below_s=a.inline_below,
         lease_window=a.lease_window,
+        peer_leases=a.peer_leases == "on",
         width_probe=a.width_probe,
         write_retry_s=a.write_retry,
     )
@@ -305,10 +306,18 @@ def parser():
         "--lease-window",
         type=int,
         default=int(ENV("SHARDGRAD_LEASE_WINDOW", 8)),
-        help="rounds a lone worker may compute ahead of the coordinator's step, stepping "
-        "its own copy of the training state (same bits); 0: every round waits for the "
+        help="rounds workers on a lease may compute ahead of the coordinator's step, "
+        "stepping their own copy of the training state (same bits); 0: every round waits for the "
         "coordinator; at most 64, and fewer for a model whose sums pass 8 MiB "
         "[SHARDGRAD_LEASE_WINDOW, default 8]",
+    )
+    s.add_argument(
+        "--peer-leases",
+        choices=("on", "off"),
+        default=ENV("SHARDGRAD_PEER_LEASES", "on"),
+        help="on: workers on the coordinator's host run ahead on one lease together, "
+        "sending each other their sums (the coordinator steps off the round's path; same "
+        "bits); off: only a lone worker runs ahead [SHARDGRAD_PEER_LEASES, default on]",
     )
     s.add_argument(
         "--width-probe",

@@ -201,11 +201,17 @@ class WeightsReader(Attached):
         return self.views(msg)
 
 
-class GradsRing:
-    """The worker's side of the gradients: `slots` slots in its own segment."""
+RING_SLOTS = 4  # at least; a lease of several reads peers' slots in place: worker/peers.py
 
-    def __init__(self, slots: int = 4, max_bytes: int = 256 << 20):
-        self.slots, self.max_bytes = slots, max_bytes
+
+class GradsRing:
+    """The worker's side of the gradients: `slots` slots in its own segment (by default
+    RING_SLOTS to 16, as many as fit 64 MiB: workers ahead on a lease hear how far we read
+    only every few rounds)."""
+
+    def __init__(self, slots: int | None = None, max_bytes: int = 256 << 20):
+        self.fixed, self.max_bytes = slots, max_bytes
+        self.slots = slots or RING_SLOTS
         self.seg, self.layout, self.size = None, None, 0
         self.seq = self.acked = 0
         self.bytes = None  # the segment as uint8: what every slot view is a view of
@@ -221,10 +227,12 @@ class GradsRing:
         them is not copied again by `put`."""
         layout, size = _layout_of(shapes)
         if layout != self.layout:
-            if size * self.slots > self.max_bytes:
+            slots = self.fixed or max(RING_SLOTS, min(16, (64 << 20) // max(size, 1)))
+            if size * slots > self.max_bytes:
                 return None
             self.close()  # another job's layout: results for the old one are dropped unread
-            self.seg, self.layout, self.size = _create(size * self.slots), layout, size
+            self.seg, self.layout, self.size = _create(size * slots), layout, size
+            self.slots = slots
             self.bytes = np.frombuffer(self.seg.buf, np.uint8)
             self.acked = self.seq  # nothing in the new segment is waiting to be read
         seq = self.seq + 1

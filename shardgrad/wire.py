@@ -44,7 +44,10 @@ TASK = "TASK"  # a round's assignment: {"job", "gen", "round", "blocks", "spec"}
 # (to an aggregator also "layout": [[shape, dtype], ...] of a GRADS, to check its workers')
 STOP_JOB = "STOP_JOB"  # job finished / cancelled / failed: drop its state
 # a lone worker's lease (TASK "lease"): rounds before "round" are in the weights, go on
-STEPPED = "STEPPED"  # {"job", "lease", "round"} (+ "grads_ack" on the shared-memory path)
+STEPPED = "STEPPED"  # {"job", "lease", "round"} (+ "grads_ack" on the shared-memory path,
+# "end": true when a lease of several workers ends for all of them)
+# worker -> worker, in a lease of several (worker.Lease): a block sum of one of its rounds
+SUMS = "SUMS"  # {"worker", "lease", "round", "block"} + ring fields (shm) or arrays
 # client -> coordinator
 SUBMIT = "SUBMIT"
 STATUS = "STATUS"
@@ -61,6 +64,7 @@ WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE, RECALL})  # worke
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, JOBS, CANCEL, METRICS, FETCH})  # client port
 TO_WORKER_TYPES = frozenset({TASK, STOP_JOB, STEPPED, HEARTBEAT})  # worker side
 TO_CLIENT_TYPES = frozenset({OK, ERROR})  # client side
+PEER_TYPES = frozenset({SUMS})  # a worker's peer port
 
 RESERVED_KEYS = frozenset({"type", "v", "arrays"})
 ALLOWED_DTYPES = frozenset({"float32", "float64", "int64", "int32", "uint8", "bool"})
@@ -442,3 +446,18 @@ def apply_socket_limits(sock, limits: Limits = DEFAULT_LIMITS, hwm: int = 1000) 
     sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.SNDHWM, hwm)
+
+
+def check_grads(msg, layout) -> list[np.ndarray]:
+    """The GRADS arrays (gradients in parameter order, BatchNorm statistics, loss last),
+    each checked against `layout` = JobRuntime.sum_layout(): [(shape, dtype)]; ProtocolError
+    naming the first that does not fit."""
+    want = list(layout)
+    arrays = []
+    for name, (shape, dtype) in zip(sum_names(len(want)), want, strict=True):
+        a = msg.arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+            raise ProtocolError(f"GRADS array '{name}': expected {dtype}{list(shape)}, got {got}")
+        arrays.append(a)
+    return arrays

@@ -7,9 +7,11 @@ worker reports a FAULT for that block and goes on: a bad job fails alone, never 
 Stale TASKs (a newer round or timeline of the same job is already queued) are skipped;
 bad messages are logged and dropped. On SIGTERM it finishes its block and says BYE.
 
-A lone worker may get a lease with its TASK (the job's whole training state): it then
-steps its own copy of the RoundEngine and runs up to `window` rounds ahead of the
-coordinator, whose STEPPED messages move the window. Any TASK ends the lease.
+A worker may get a lease with its TASK (the job's whole training state): it then steps
+its own copy of the RoundEngine and runs up to `window` rounds ahead of the coordinator,
+whose STEPPED messages move the window. Alone, it steps with its own sums; in a lease of
+several (workers on one host), with everyone's, which its peers send it straight
+(worker/peers.py). Any TASK ends the lease.
 """
 
 import logging
@@ -25,11 +27,12 @@ import numpy as np
 import zmq
 
 from .. import wire
-from ..core.sampling import all_finite, tree_sum
+from ..core.sampling import all_finite, tiles, tree_sum
 from ..engine import RoundEngine
 from ..jobspec import parse_spec
 from ..shm import GradsRing, WeightsReader, usable
 from ..training import JobRuntime
+from .peers import Peers
 
 log = logging.getLogger("shardgrad.worker")
 
@@ -89,22 +92,30 @@ class Heartbeat(threading.Thread):
 
 
 class Lease:
-    """The rounds a lone worker runs ahead: its own RoundEngine, restored from the state the
-    coordinator sent, stepped with its own sums, which are the coordinator's bit for bit
-    (the determinism contract); so its next round's weights are the coordinator's too."""
+    """The rounds a worker runs ahead: its own RoundEngine, restored from the state the
+    coordinator sent, stepped with the round's block sums (its own, and its `peers'`), which
+    are the coordinator's bit for bit (the determinism contract); so its next round's
+    weights are the coordinator's too."""
 
-    def __init__(self, job, lease_id, window, blocks, engine, by_shm):
+    def __init__(self, job, lease_id, window, blocks, engine, by_shm, peers):
         self.job, self.id, self.window, self.blocks = job, lease_id, window, blocks
         self.engine, self.by_shm = engine, by_shm
+        self.peers: dict = peers  # peer -> (endpoint, its blocks): a lease of several
+        self.got: dict = {}  # round -> block -> a peer's sum (Peers.take)
         self.known = engine.next_round  # the coordinator's next round, as far as we know
 
     def can_go(self) -> bool:
         e = self.engine
         return not e.done and e.next_round < self.known + self.window
 
-    def step(self, sums: list) -> None:
-        n = self.engine.rt.n_micro
-        self.engine.step(tree_sum(_never, 0, n, known=dict(zip(self.blocks, sums, strict=True))))
+    def missing(self) -> bool:
+        """Some peer's sum of the round we are in has not come yet."""
+        have = self.got.get(self.engine.next_round, {})
+        return len(have) < sum(len(blocks) for _, blocks in self.peers.values())
+
+    def step(self, known: dict) -> None:
+        self.got.pop(self.engine.next_round, None)
+        self.engine.step(tree_sum(_never, 0, self.engine.rt.n_micro, known=known))
 
 
 class Worker:
@@ -127,6 +138,8 @@ class Worker:
         self.queue: deque = deque()
         self.lease: Lease | None = None
         self.steps_seen: tuple = (None, 0)  # (lease id, round) of the newest STEPPED
+        self.ended = None  # the lease a STEPPED {"end": true} last ended (it may come first)
+        self.peers: Peers | None = None  # our port for a lease of several (on one host)
         self.stopping = False
         self.dropped = 0
         # Test hooks (docs/architecture.md, fault injection); never set in production.
@@ -146,6 +159,11 @@ class Worker:
         if self.security:
             self.security.apply(self.sock)
         self.sock.connect(self.address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        if self.shm is not None:  # on the coordinator's host: we may share a lease
+            self.peers = Peers(self.ctx, self.limits)
+            self.poller.register(self.peers.inbox, zmq.POLLIN)
         self.register()
         # (beats carry the READY's info: a restarted coordinator may hear a beat first)
         heartbeat = Heartbeat(
@@ -160,8 +178,8 @@ class Worker:
                     heartbeat.reregister.clear()
                     self.register()
                 if not self.queue and self.lease is not None and self.lease.can_go():
-                    self.drain()
-                    if not self.queue:
+                    self.drain()  # (a STEPPED in it may end the lease)
+                    if not self.queue and self.lease is not None:
                         self.run_ahead()
                     continue
                 if not self.queue:
@@ -182,12 +200,19 @@ class Worker:
             heartbeat.stop.set()
             heartbeat.join(2)
             self.ring.close()
+            if self.shm is not None:
+                self.shm.close()
+            if self.peers is not None:
+                self.peers.close()
             self.sock.close()
             self.ctx.term()
 
     def info(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None,
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None,
                 "lease": True}  # fmt: skip
+        if self.peers is not None:
+            info["peer"] = self.peers.endpoint
+        return info
 
     def register(self):
         self.lease = None  # READY says we hold nothing
@@ -221,6 +246,10 @@ class Worker:
             self.steps_seen = (lid, rnd)  # (it may come before its lease is set up)
             if self.lease is not None and lid == self.lease.id:
                 self.lease.known = max(self.lease.known, rnd)
+        if msg.get("end") is True:  # a lease of several ended: a peer will not go on
+            self.ended = lid
+            if self.lease is not None and lid == self.lease.id:
+                self.lease = None
 
     def superseded(self, job, when):
         """A newer round (or rollback timeline) of `job` is queued, or the job was stopped:
@@ -252,34 +281,77 @@ class Worker:
             rt = self.runtime(job, spec)
             if lease is not None:
                 engine = RoundEngine(rt)
-                engine.restore(*lease[2:])  # the weights, optimizer, accumulation, buffers
+                engine.restore(lease[2], lease[3])  # the weights, optimizer, accumulation, buffers
             else:
                 rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
         except Exception as e:  # job code (model, data): every block reports it
             setup_error = e
         stale = lambda: self.superseded(job, when)  # noqa: E731
-        sums = self.compute_blocks(job, rnd, blocks, rt, stale, by_shm, setup_error)
+        share = self.sharing(lease[0], lease[4]) if lease is not None else None
+        sums = self.compute_blocks(job, rnd, blocks, rt, stale, by_shm, setup_error, share=share)
         if sums is not None and engine is not None and engine.next_round == rnd:
-            if _tiles(rt.n_micro, blocks):
-                self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm)
+            peers = lease[4]
+            everyone = blocks + [b for _, theirs in peers.values() for b in theirs]
+            able = not peers or self.peers is not None  # (granted only to those with a port)
+            if tiles(rt.n_micro, everyone) and self.ended != lease[0] and able:
+                self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm, peers)
                 if self.steps_seen[0] == lease[0]:
                     self.lease.known = max(self.lease.known, self.steps_seen[1])
-                self.lease.step(sums)
+                self.advance(self.lease, sums)
 
     def run_ahead(self):
         """One round of the lease, on our own weights; a message from the coordinator
         (a TASK, STOP_JOB) ends it, as does a block that raises or is not finite."""
         lease = self.lease
         rnd, stale = lease.engine.next_round, lambda: bool(self.queue)
+        share = self.sharing(lease.id, lease.peers)
+        extra = {"lease": lease.id}
         sums = self.compute_blocks(lease.job, rnd, lease.blocks, lease.engine.rt, stale,
-                                   lease.by_shm, extra={"lease": lease.id})  # fmt: skip
+                                   lease.by_shm, extra=extra, share=share)  # fmt: skip
         if sums is None:
             self.lease = None
         else:
-            lease.step(sums)
+            self.advance(lease, sums)
 
-    def compute_blocks(self, job, rnd, blocks, rt, stale, by_shm, setup_error=None, extra=None):
-        """Send each block's sum (a FAULT if it raises); the sums if all went out finite."""
+    def sharing(self, lease_id, peers):
+        """What tells a lease's peers where each of our sums is (None: it has none). It goes
+        before our GRADS: they wait for it, the coordinator does not."""
+        if not peers or self.peers is None:
+            return None
+        endpoints = [endpoint for endpoint, _ in peers.values()]
+
+        def share(rnd, block, grads, ring):
+            fields = {"worker": self.id, "lease": lease_id, "round": rnd, "block": list(block)}
+            frames = None if ring else list(zip(wire.sum_names(len(grads)), grads, strict=True))
+            self.peers.send(endpoints, {**fields, **(ring or {})}, frames)
+
+        return share
+
+    def advance(self, lease, sums):
+        """Step the lease with its round's sums: ours, and in a lease of several our peers'
+        (ours went to them as they were made). Should the coordinator speak meanwhile, the
+        lease ends."""
+        rnd, known = lease.engine.next_round, dict(zip(lease.blocks, sums, strict=True))
+        if lease.peers:
+            layout = lease.engine.rt.sum_layout()
+            self.peers.take(lease, layout)  # (what came before this lease did)
+            while lease.missing():
+                if self.stopping or self.queue or self.lease is not lease:
+                    self.lease = None
+                    return
+                ready = dict(self.poller.poll(200))
+                if self.sock in ready:
+                    self.drain()
+                if self.peers.inbox in ready:
+                    self.peers.take(lease, layout)
+            known.update(lease.got[rnd])
+        lease.step(known)
+
+    def compute_blocks(
+        self, job, rnd, blocks, rt, stale, by_shm, setup_error=None, extra=None, share=None
+    ):
+        """Send each block's sum (a FAULT if it raises); the sums if all went out finite.
+        A finite sum goes to `share(rnd, block, sum, ring fields or None)` first."""
         sums, clean = [], True
         for lo, hi in blocks:
             self.drain()
@@ -308,6 +380,8 @@ class Worker:
             if self.corrupt and rnd >= self.corrupt_after:
                 self.maybe_corrupt(grads)
             ring = self.ring.put(grads) if by_shm else None
+            if share is not None and "nonfinite" not in fields:
+                share(rnd, (lo, hi), grads, ring)
             if ring is not None:
                 self.send(wire.GRADS, {**fields, **ring})
             else:
@@ -364,7 +438,8 @@ class Worker:
 
 
 def _lease_of(msg) -> tuple | None:
-    """A TASK's lease: (id, window, state arrays, state meta), or None."""
+    """A TASK's lease: (id, window, state arrays, state meta, peers), or None. `peers`:
+    peer -> (endpoint, its blocks), in a lease of several."""
     lease = msg.get("lease")
     if lease is None:
         return None
@@ -376,14 +451,13 @@ def _lease_of(msg) -> tuple | None:
     if not isinstance(meta, dict):
         raise ValueError("TASK lease: 'state' must be a map")
     arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
-    return lid, window, arrays, meta
-
-
-def _tiles(n: int, blocks) -> bool:
-    """`blocks` cover [0, n) exactly once: the whole round, which a lease needs to step."""
-    edges = sorted(blocks)
-    starts = [lo for lo, _ in edges]
-    return bool(edges) and starts[0] == 0 and [hi for _, hi in edges] == starts[1:] + [n]
+    peers = {}
+    for entry in lease.get("peers", []):
+        wid, endpoint, blocks = entry if isinstance(entry, list) and len(entry) == 3 else (0,) * 3
+        if not (isinstance(wid, str) and isinstance(endpoint, str) and usable(endpoint)):
+            raise ValueError(f"TASK lease: bad peer {str(entry)[:100]}")
+        peers[wid] = (endpoint, [(int(lo), int(hi)) for lo, hi in blocks])
+    return lid, window, arrays, meta, peers
 
 
 def _never(i):

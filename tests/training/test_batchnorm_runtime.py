@@ -113,8 +113,7 @@ def test_grads_without_the_statistics_are_refused():
     gradients but not the BatchNorm statistics (or the wrong dtype) is a bad message."""
     from types import SimpleNamespace
 
-    from shardgrad.coordinator.workers import check_grads
-    from shardgrad.wire import ProtocolError, sum_names
+    from shardgrad.wire import ProtocolError, check_grads, sum_names
 
     rt = JobRuntime(example())
     total = rt.block_grad(0, 0, 2)
