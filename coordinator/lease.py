@@ -81,7 +81,8 @@ class Leases:
         if kept is None or rnd > job.engine.next_round + job.window or len(kept) >= 64:
             self.counters["late_grads"] += 1  # before our round, or beyond any window we gave
             return None
-        if any(m.get("block") == msg.get("block") and m.type == msg.type for m in kept):
+        same = ("block", "lease")  # (of another lease it is no duplicate: one may be void)
+        if any(m.type == msg.type and all(m.get(k) == msg.get(k) for k in same) for m in kept):
             self.counters["duplicate_grads"] += 1
             return None
         if msg.type == wire.GRADS:

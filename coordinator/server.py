@@ -286,9 +286,12 @@ class Coordinator(Checks, Leases):
         if block not in r.holders:
             self.counters["unknown_block"] += 1
             return None
-        if block in r.delivered or any(wid in d.get(block, ()) for d in (r.results, r.failures)):
-            self.counters["duplicate_grads"] += 1  # (a worker's second failure of a block is
-            return None  # one: it sent it ahead on a lease, then again for a TASK)
+        failed = wid in r.failures.get(block, ()) and wid not in r.holders[block]
+        if block in r.delivered or wid in r.results.get(block, ()) or failed:
+            # (a failure of a block not given back to its worker is the same one again: it
+            # sent it ahead on a lease, then once more for a TASK)
+            self.counters["duplicate_grads"] += 1
+            return None
         return block
 
     def on_grads(self, wid, block, arrays, msg):

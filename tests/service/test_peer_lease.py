@@ -1,0 +1,112 @@
+"""Workers on the coordinator's host run ahead on one lease together (docs/architecture.md,
+"Several workers run ahead together"): each steps its own engine with everyone's sums,
+which they send each other straight (worker/peers.py). The weights stay `train --local`'s
+bit for bit, and nothing makes a member wait on a peer that will not send: a check drawn
+among its blocks, a peer killed or stopped, a block that raises.
+
+Every cluster here is flat (no aggregators): an aggregator never gets a lease.
+"""
+
+import signal
+
+import pytest
+from test_lease import SPEC_FULL
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+SLOW = {"SHARDGRAD_FAULT_DELAY": "0.002"}  # ~24 ms rounds: time to act mid-job
+
+
+def _counters(c) -> dict:
+    return c.status()["counters"]
+
+
+def _log(cluster) -> str:
+    with open(f"{cluster.log_dir}/coordinator.log") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("which", ["sgd", "full"])
+def test_workers_share_a_lease_with_the_bits_of_local(make_cluster, svc, n, which):
+    """Every round on all n workers, nearly all computed ahead on their shared lease; never
+    a wait for the straggler deadline (a member waiting on a peer that will not send)."""
+    spec = {"sgd": svc.SPEC_SGD, "full": SPEC_FULL}[which]
+    ref_state, ref_metrics = svc.local_reference(spec)
+    cluster = make_cluster(workers=n, aggregators=0)
+    with cluster.client() as c:
+        _, status, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, f"{n} workers on one lease vs train_local")
+        metrics = c.metrics(status["id"])
+        assert [m.get("loss") for m in metrics] == [m.get("loss") for m in ref_metrics]
+        assert {m["workers"] for m in metrics} == {n}
+        counters = _counters(c)
+        # (verify draws checks: a checked round goes out as TASKs, and the lease is granted
+        # again; every other round's blocks were computed ahead)
+        assert counters.get("blocks_ahead", 0) > len(metrics), counters
+        assert counters.get("backup_blocks", 0) == 0, counters
+    assert "the lease ends" not in _log(cluster)
+
+
+def test_many_checks_end_and_grant_the_lease_again_and_the_bits_hold(make_cluster, svc):
+    spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, verify=0.3, name="svc-peers-checks")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = make_cluster(workers=2, aggregators=0)
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, "a lease of two with many checks")
+        counters = _counters(c)
+        assert counters.get("verified_blocks", 0) > 0 and counters.get("blocks_ahead", 0) > 0
+        assert counters.get("backup_blocks", 0) == 0, counters
+    assert "the lease ends" not in _log(cluster)
+
+
+def test_with_peer_leases_off_only_a_lone_worker_runs_ahead(make_cluster, svc):
+    ref_state, _ = svc.local_reference(svc.SPEC_SGD)
+    cluster = make_cluster(workers=2, aggregators=0, env={"SHARDGRAD_PEER_LEASES": "off"})
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, svc.SPEC_SGD)
+        svc.assert_bitwise_equal(weights, ref_state, "--peer-leases off vs train_local")
+        assert _counters(c).get("blocks_ahead", 0) == 0
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGSTOP past liveness"])
+def test_a_member_lost_mid_lease(make_cluster, svc, how):
+    """The others wait for its sums until the coordinator re-issues its blocks (a TASK ends
+    their lease); a stopped member that comes back goes on, and what it sends for the
+    ended lease is late. The job ends with train_local's bits."""
+    spec = svc.spec_with(svc.SPEC_SGD, epochs=8, name="svc-peers-lost")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = make_cluster(workers=3, aggregators=0, env=SLOW)
+    with cluster.client() as c:
+        job = c.submit(spec)
+        svc.wait_for(lambda: _counters(c).get("blocks_ahead", 0) >= 30, 60, "a shared lease")
+        victim = cluster.workers[1]
+        if how == "kill -9":
+            victim.kill()
+            victim.wait(30)
+        else:
+            victim.send_signal(signal.SIGSTOP)
+        svc.wait_for(lambda: _counters(c).get("workers_died", 0) >= 1, 60, "the member lost")
+        if how != "kill -9":
+            victim.send_signal(signal.SIGCONT)
+        status = c.wait(job, timeout=120, poll=0.05)
+        assert status["state"] == "done", status
+        svc.assert_bitwise_equal(c.fetch(job), ref_state, f"a member {how} mid-lease")
+        assert c.metrics(job)[-1]["workers"] in (2, 3)
+
+
+def test_a_member_whose_job_code_raises_ends_the_lease_for_all(make_cluster, svc):
+    """One of two raises on every block from round 4 on: its FAULTs end the lease (the
+    other is told, never left waiting), the other recomputes, the bits hold."""
+    spec = svc.spec_with(svc.SPEC_SGD, name="svc-peers-faulty")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = make_cluster(workers=0, aggregators=0)
+    cluster.add_worker(env={"SHARDGRAD_FAULT_RAISE": "4"})
+    cluster.add_worker()
+    cluster.wait_workers(2)
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, spec, timeout=120)
+        svc.assert_bitwise_equal(weights, ref_state, "beside a member whose code raises")
+        counters = _counters(c)
+        assert counters.get("job_faults", 0) > 0 and counters.get("backup_blocks", 0) == 0
