@@ -208,13 +208,15 @@ class Round:
     def backups(self, live: list[str]) -> dict[str, list]:
         """Straggling blocks (one holder still owes them) for idle workers, one each. A
         worker that already answered for a block never backs it up (its second answer would
-        be dropped, and a checked block needs a different worker). Worker -> blocks."""
+        be dropped, and a checked block needs a different worker), nor one whose attempt at
+        it failed. Worker -> blocks."""
         idle, out = self.idle(live), {}
         for b in self.pending():
             if len(self.waiting_on(b)) != 1:
                 continue
             free = [w for w in idle if w not in out and w not in self.holders[b]]
             free = [w for w in free if w not in self.results.get(b, ())]
+            free = [w for w in free if w not in self.failures.get(b, ())]  # (it would again)
             if free:
                 self.holders[b].add(free[0])
                 out[free[0]] = [b]
