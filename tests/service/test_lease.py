@@ -74,8 +74,16 @@ def test_a_lone_worker_runs_ahead_with_the_bits_of_local(make_cluster, svc, whic
         svc.assert_bitwise_equal(weights, ref_state, "one worker on a lease vs train_local")
         metrics = c.metrics(status["id"])
         assert [m.get("loss") for m in metrics] == [m.get("loss") for m in ref_metrics]
-        # all but the first round (its TASK carried the lease) were computed ahead
-        assert _ahead(c) == len(ref_metrics) - 1, c.status()["counters"]
+        # All but the first round (its TASK carried the lease) were computed ahead. A worker
+        # that heard no answer to its heartbeats for a while (the coordinator busy with the
+        # submit's dry run on a loaded machine) registers anew: its READY says it holds
+        # nothing, which ends the lease; at most two rounds then go out as TASKs again.
+        with open(f"{cluster.log_dir}/worker-1.log") as f:
+            anew = f.read().count("registering anew")
+        assert len(ref_metrics) - 1 - 2 * anew <= _ahead(c) <= len(ref_metrics) - 1, (
+            c.status()["counters"],
+            anew,
+        )
 
 
 def test_without_leases_the_bits_are_the_same(make_cluster, svc):
