@@ -42,6 +42,7 @@ KNOWN_COUNTERS = (
     "internal_error",
     "job_faults",
     "late_grads",
+    "leases_granted",
     "quarantined",
     "rate_limited",
     "refused",

@@ -55,6 +55,7 @@ class Leases:
         if not self.fits(state):
             return None
         meta["metrics"] = []
+        self.counters["leases_granted"] += 1
         frames = [(f"state.{k}", a) for k, a in state.items()]
         return Lease(secrets.randbits(31), blocks, told=job.engine.next_round), frames, meta
 
@@ -123,12 +124,12 @@ class Leases:
         able = [w for w in live if self.lease_group([w])]
         return min(able, key=lambda w: (not self.members.on_this_host(w), w), default=None)
 
-    def stepped(self, wid, end=False):
-        """Tell a lease member the rounds before this one are in the weights: its lease's
-        window moves on (and, on our host, how far we read its ring). `end`: the lease is
-        over (a lease of several: a peer will not go on)."""
+    def stepped(self, wid, lease=None, end=False):
+        """Tell a member of `lease` (the job's) the rounds before this one are in the
+        weights: its lease's window moves on (and, on our host, how far we read its ring).
+        `end`: the lease is over (a lease of several: a peer will not go on)."""
         job = self.job
-        lease = job.lease
+        lease = lease or job.lease
         fields = {"job": job.id, "lease": lease.id, "round": job.engine.next_round}
         if end:
             fields["end"] = True
@@ -151,13 +152,21 @@ class Leases:
     def end_lease(self, wid=None):
         """The lease `wid` is a member of (any, if None) ends: a TASK to it, its READY or a
         fault said so. The other members of a lease of several are told, since they wait
-        for each other's sums; the next round goes out as TASKs. (What they computed ahead
-        still counts: see ActiveJob.leases.)"""
-        lease = self.job.lease
+        for each other's sums: what they still owe of the round under way goes to them as
+        a TASK (they may have stopped before it), else a STEPPED {end}. The next round goes
+        out as TASKs. (What they computed ahead still counts: see ActiveJob.leases.)"""
+        job = self.job
+        lease = job.lease
         if lease is None or (wid is not None and wid not in lease.blocks):
             return
-        if len(lease.blocks) > 1:
-            for member in lease.blocks:
-                if member != wid and self.members.is_live(member):
-                    self.stepped(member, end=True)
-        self.job.lease = None
+        job.lease = None  # (first: the TASKs below end nothing more)
+        if len(lease.blocks) == 1:
+            return
+        for member in lease.blocks:
+            if member == wid or not self.members.is_live(member):
+                continue
+            owed = job.round.owed_by(member) if wid is not None and job.round else []
+            if owed:
+                self.send_blocks({member: owed})
+            else:
+                self.stepped(member, lease, end=True)

@@ -54,6 +54,7 @@ class Round:
         # When half the blocks were in: what the healthy workers take, stragglers aside.
         self.half_time: float | None = None
         self.checks: set[tuple] = set()
+        self.checking: dict[str, list] = {}  # worker -> the blocks it got as a check
         self.ahead = 0  # block sums a worker computed ahead on a lease
         self.checked = checked
         self.assignment: dict[str, list] = {}
@@ -80,6 +81,7 @@ class Round:
         for b in checks:
             for wid, blocks in self.reissue([b], workers, avoid=set(self.holders[b])).items():
                 self.assignment.setdefault(wid, []).extend(blocks)
+                self.checking.setdefault(wid, []).extend(blocks)
                 added.setdefault(wid, []).extend(blocks)
         return added
 

@@ -420,7 +420,7 @@ class Coordinator(Checks, Leases):
         job = self.job
         live = self.members.live()
         if self.capacity() < job.rt.spec.min_workers:
-            job.lease = None
+            self.end_lease()
             if job.state != "paused":
                 log.warning("job %s paused: %d live worker(s), needs %d", job.id,
                             self.capacity(), job.rt.spec.min_workers)  # fmt: skip
@@ -438,23 +438,30 @@ class Coordinator(Checks, Leases):
                           job.verifier.draw, self.members.capacities(use),
                           checkers=live)  # fmt: skip
         group, assignment = self.lease_group(use), dict(job.round.assignment)
-        lease = job.lease
-        if lease is not None and all(assignment.get(w) == b for w, b in lease.blocks.items()):
-            # They are computing this round already. A STEPPED moves their window and says
-            # how far we read their rings: each message costs both sides a wake-up, so it
-            # goes every quarter window (the ring has room for that; shm.GradsRing).
-            if index - lease.told >= max(1, job.window // 4):
-                lease.told = index
-                for wid in lease.blocks:
+        lease, checking, checks = job.lease, job.round.checking, {}
+        own = {w: [b for b in bs if b not in checking.get(w, ())] for w, bs in assignment.items()}
+        going = lease is not None and all(own.get(w) == b for w, b in lease.blocks.items())
+        # They are computing this round already. A STEPPED moves their window and says how
+        # far we read their rings: each message costs both sides a wake-up, so it goes every
+        # quarter window (the ring has room for that; shm.GradsRing).
+        if going and index - lease.told >= max(1, job.window // 4):
+            lease.told = index
+            for wid in list(lease.blocks):
+                if job.lease is lease:  # (a STEPPED that cannot go out ends it)
                     self.stepped(wid)
+        if going and job.lease is lease:
             for wid in lease.blocks:
                 del assignment[wid]  # (the rest: a stand-by checking a block of theirs)
+                if checking.get(wid) and len(lease.blocks) > 1:  # a member checks a peer's:
+                    checks[wid] = checking[wid]  # on this round's weights, still on its lease
         self.send_blocks(assignment, lease_to=group)
+        self.send_blocks(checks, check=True)
 
-    def send_blocks(self, assignment: dict, lease_to: list | None = None):
+    def send_blocks(self, assignment: dict, lease_to: list | None = None, check=False):
         """TASKs for `assignment`. To the workers `lease_to` they also carry the job's
         training state and a lease, when they can have one (new_lease). Any other TASK to a
-        worker ends its lease."""
+        worker ends its lease, but a `check` (a member of a lease of several computes a
+        peer's block on this round's weights, and goes on ahead after)."""
         job, r = self.job, self.job.round
         granted = self.new_lease(assignment, lease_to) if lease_to else None
         if granted is not None:
@@ -478,7 +485,9 @@ class Coordinator(Checks, Leases):
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             member = granted is not None and wid in granted[0].blocks
-            if not member:
+            if check:
+                fields["check"] = True
+            elif not member:
                 self.end_lease(wid)
             frames = self.lease_fields(wid, granted, fields) if member else None
             if frames is None and here:
@@ -538,7 +547,7 @@ class Coordinator(Checks, Leases):
             # Weights now stand on someone's unchecked word: a lease holder computing on
             # its own weights would no longer match them, should that someone have lied.
             job.leases.clear()
-            job.lease = None
+            self.end_lease()
         row = engine.step(total)
         t2 = time.monotonic()
         round_s = t2 - r.started

@@ -150,7 +150,7 @@ class Attached:
         if seg is None:
             try:
                 seg = shared_memory.SharedMemory(name=name)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # (ValueError: an empty segment)
                 raise wire.ProtocolError(f"shared memory {name}: {e}") from None
             # Attaching registers it with this process's resource tracker, which would
             # unlink the owner's segment when we exit (Python < 3.13): we do not own it.
@@ -216,6 +216,7 @@ class GradsRing:
         self.seq = self.acked = 0
         self.bytes = None  # the segment as uint8: what every slot view is a view of
         self.views: dict = {}  # slot index -> its arrays' views
+        self.retired: list = []  # segments left for their readers (retire)
 
     def ack(self, seq) -> None:
         if type(seq) is int:
@@ -230,7 +231,7 @@ class GradsRing:
             slots = self.fixed or max(RING_SLOTS, min(16, (64 << 20) // max(size, 1)))
             if size * slots > self.max_bytes:
                 return None
-            self.close()  # another job's layout: results for the old one are dropped unread
+            self.retire()  # another job's layout (or a new segment after retire)
             self.seg, self.layout, self.size = _create(size * slots), layout, size
             self.slots = slots
             self.bytes = np.frombuffer(self.seg.buf, np.uint8)
@@ -257,15 +258,25 @@ class GradsRing:
         shifted = [[d, shape, base + off] for d, shape, off in self.layout]
         return {"shm": self.seg.name, "shm_layout": shifted, "seq": self.seq}
 
-    def close(self):
+    def retire(self, keep: int = 2):
+        """Write the next sums into a new segment, and leave this one as it is to whoever
+        may still read it (a peer of a lease that ended; the coordinator, a GRADS still in
+        flight). The `keep` newest retired segments stay; older ones go."""
         if self.seg is not None:
-            # (a sum computed into a slot may still be referenced: a lease's open
-            # accumulation; _close leaves the mapping to it)
-            self.bytes, self.views = None, {}
-            _close(self.seg)
-            self.seg.unlink()
-            self.seg = None
-        self.layout = None
+            self.retired.append(self.seg)
+            self.seg, self.bytes, self.views, self.layout = None, None, {}, None
+        while len(self.retired) > keep:
+            self._drop(self.retired.pop(0))
+
+    def close(self):
+        self.retire(keep=0)
+
+    @staticmethod
+    def _drop(seg):
+        # (a sum computed into a slot may still be referenced: a lease's open accumulation;
+        # _close leaves the mapping to it)
+        _close(seg)
+        seg.unlink()
 
 
 class GradsReader(Attached):

@@ -181,3 +181,27 @@ def test_a_reader_closes_a_segment_while_a_view_of_it_lives():
         del view
     finally:
         ring.close()
+
+
+def test_a_retired_ring_segment_stays_for_its_readers_until_two_more_retire():
+    """After a lease of several ends, a worker's next sums go to a new segment: a slow peer
+    (or a GRADS still in flight) reads the old one, untouched and still linked, until two
+    newer segments have retired too."""
+    ring, reader = shm.GradsRing(), shm.GradsReader()
+    try:
+        old = ring.put([np.full(3, 1.0, np.float32)])
+        names = [old["shm"]]
+        for value in (2.0, 3.0, 4.0):
+            ring.retire()
+            names.append(ring.put([np.full(3, value, np.float32)])["shm"])
+            if value == 2.0:  # one retire on: the old sum is still there, by name
+                msg = wire.Message(wire.GRADS, {**old, "worker": "w"}, {})
+                reader.load("w", msg)
+                assert msg.arrays["loss"].tolist() == [1.0, 1.0, 1.0]
+        assert len(set(names)) == 4
+        assert not os.path.exists(f"/dev/shm/{names[0]}")  # the third retire let it go
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names[1:])
+    finally:
+        ring.close()
+        reader.close()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)

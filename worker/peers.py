@@ -8,7 +8,9 @@ in place needs no lock: a worker writes round r+2's sums only once it has every 
 sums of round r+1, which a peer sends only after stepping round r, so after reading ours
 of round r. A peer may still be reading our round r+1 slots, never older ones; the ring
 writes a slot again `shm.RING_SLOTS` puts later, and the coordinator grants such a lease
-only while each member holds at most RING_SLOTS // 2 blocks a round.
+only while each member holds at most RING_SLOTS // 2 blocks a round. Once the lease ends
+nothing keeps a slow peer in step, so the ring moves to a new segment
+(GradsRing.retire) and leaves the old one to its readers.
 
 Nothing a peer sends is trusted further than the coordinator trusts a GRADS: the lease id,
 the sender, its block and every array's shape and dtype are checked (the shared memory's
@@ -91,6 +93,8 @@ class Peers:
 
     def _keep(self, lease, msg, layout) -> None:
         wid, rnd, block = wire.require(msg, "worker", "round", "block")
+        if type(wid) is not str:
+            raise wire.ProtocolError(f"SUMS 'worker' must be a string, got {type(wid).__name__}")
         if type(rnd) is not int or rnd < lease.engine.next_round:
             return
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
@@ -104,7 +108,18 @@ class Peers:
             views = self.rings.views(msg)
             self.ring_of[wid] = name
             msg.arrays = dict(zip(wire.sum_names(len(views)), views, strict=True))
-        lease.got.setdefault(rnd, {})[tuple(block)] = wire.check_grads(msg, layout)
+        got = lease.got.setdefault(rnd, {})
+        if tuple(block) not in got:  # (the first: a second SUMS for it changes nothing)
+            got[tuple(block)] = wire.check_grads(msg, layout)
+
+    def only(self, peers: dict) -> None:
+        """A new lease with `peers` (peer -> (endpoint, blocks)): let go of the sockets and
+        rings of those not in it."""
+        endpoints = {endpoint for endpoint, _ in peers.values()}
+        for endpoint in [e for e in self.out if e not in endpoints]:
+            self.out.pop(endpoint).close(0)
+        for wid in [w for w in self.ring_of if w not in peers]:
+            self.rings.close(self.ring_of.pop(wid))
 
     def close(self) -> None:
         for sock in [self.inbox, *self.out.values()]:

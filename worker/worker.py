@@ -187,7 +187,8 @@ class Worker:
                         self.drain()
                     continue
                 msg = self.queue.popleft()
-                self.lease = None  # a TASK or STOP_JOB: the coordinator leads again
+                if not _is_check(msg):
+                    self.drop_lease()  # a TASK or STOP_JOB: the coordinator leads again
                 if msg.type == wire.TASK:
                     self.do_task(msg)
                 elif msg.type == wire.STOP_JOB:
@@ -214,8 +215,16 @@ class Worker:
             info["peer"] = self.peers.endpoint
         return info
 
+    def drop_lease(self):
+        """We no longer run ahead. After a lease of several, our ring starts a new segment:
+        within the lease, the lockstep kept us from writing a slot a peer might still read
+        (worker/peers.py); outside it nothing does, and a peer may be slow to learn the end."""
+        if self.lease is not None and self.lease.peers:
+            self.ring.retire()
+        self.lease = None
+
     def register(self):
-        self.lease = None  # READY says we hold nothing
+        self.drop_lease()  # READY says we hold nothing
         self.send(wire.READY, {"info": self.info()})
 
     def send(self, msg_type, fields, arrays=None):
@@ -249,7 +258,7 @@ class Worker:
         if msg.get("end") is True:  # a lease of several ended: a peer will not go on
             self.ended = lid
             if self.lease is not None and lid == self.lease.id:
-                self.lease = None
+                self.drop_lease()
 
     def superseded(self, job, when):
         """A newer round (or rollback timeline) of `job` is queued, or the job was stopped:
@@ -276,6 +285,8 @@ class Worker:
             self.dropped += 1
             log.warning("dropped a bad TASK: %s", e)
             return
+        if _is_check(msg) and self.lease is not None and self.lease.job == job:
+            return self.check(msg, job, rnd, blocks, weights)
         rt = engine = setup_error = None
         try:  # once per TASK, not per block: the weights are the same for all of them
             rt = self.runtime(job, spec)
@@ -295,21 +306,41 @@ class Worker:
             able = not peers or self.peers is not None  # (granted only to those with a port)
             if tiles(rt.n_micro, everyone) and self.ended != lease[0] and able:
                 self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm, peers)
+                if self.peers is not None:
+                    self.peers.only(peers)  # (those who left: their sockets and rings go)
                 if self.steps_seen[0] == lease[0]:
                     self.lease.known = max(self.lease.known, self.steps_seen[1])
                 self.advance(self.lease, sums)
+
+    def check(self, msg, job, rnd, blocks, weights):
+        """A peer's blocks to check, on the round's weights, while our lease goes on: its
+        engine shares our parameters, so they are put back after."""
+        rt, when = self.lease.engine.rt, _when(msg)
+        ours = [np.array(p.data, copy=True) for p in rt.params]
+        try:
+            rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
+        except Exception as e:  # (the coordinator's weights: what raises here is malformed)
+            self.dropped += 1
+            log.warning("dropped a bad check TASK: %s", e)
+        else:
+            stale = lambda: self.superseded(job, when)  # noqa: E731
+            # As frames: a put into our ring would bring the reuse of a slot a peer may
+            # still read closer (worker/peers.py).
+            self.compute_blocks(job, rnd, blocks, rt, stale, by_shm=False)
+        finally:
+            rt.set_weights(ours)
 
     def run_ahead(self):
         """One round of the lease, on our own weights; a message from the coordinator
         (a TASK, STOP_JOB) ends it, as does a block that raises or is not finite."""
         lease = self.lease
-        rnd, stale = lease.engine.next_round, lambda: bool(self.queue)
+        rnd, stale = lease.engine.next_round, lambda: not all(map(_is_check, self.queue))
         share = self.sharing(lease.id, lease.peers)
         extra = {"lease": lease.id}
         sums = self.compute_blocks(lease.job, rnd, lease.blocks, lease.engine.rt, stale,
                                    lease.by_shm, extra=extra, share=share)  # fmt: skip
         if sums is None:
-            self.lease = None
+            self.drop_lease()
         else:
             self.advance(lease, sums)
 
@@ -336,8 +367,10 @@ class Worker:
             layout = lease.engine.rt.sum_layout()
             self.peers.take(lease, layout)  # (what came before this lease did)
             while lease.missing():
+                while self.queue and _is_check(self.queue[0]):  # (a peer waits on it too)
+                    self.do_task(self.queue.popleft())
                 if self.stopping or self.queue or self.lease is not lease:
-                    self.lease = None
+                    self.drop_lease()
                     return
                 ready = dict(self.poller.poll(200))
                 if self.sock in ready:
@@ -462,6 +495,11 @@ def _lease_of(msg) -> tuple | None:
 
 def _never(i):
     raise AssertionError(f"micro-batch {i} is in no block of the lease")
+
+
+def _is_check(msg) -> bool:
+    """A TASK that only asks a member of a lease of several to check a peer's block."""
+    return msg.type == wire.TASK and msg.get("check") is True
 
 
 def _when(msg) -> tuple[int, int]:

@@ -21,6 +21,11 @@ def _counters(c) -> dict:
     return c.status()["counters"]
 
 
+def _worker_log(cluster, i) -> str:
+    with open(f"{cluster.log_dir}/worker-{i}.log") as f:
+        return f.read()
+
+
 def _log(cluster) -> str:
     with open(f"{cluster.log_dir}/coordinator.log") as f:
         return f.read()
@@ -48,7 +53,9 @@ def test_workers_share_a_lease_with_the_bits_of_local(make_cluster, svc, n, whic
     assert "the lease ends" not in _log(cluster)
 
 
-def test_many_checks_end_and_grant_the_lease_again_and_the_bits_hold(make_cluster, svc):
+def test_checks_are_computed_by_members_without_ending_the_lease(make_cluster, svc):
+    """verify = 0.3: a member checks its peer's drawn block on that round's weights (a
+    check TASK), then goes on ahead on the same lease; the bits hold."""
     spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, verify=0.3, name="svc-peers-checks")
     ref_state, _ = svc.local_reference(spec)
     cluster = make_cluster(workers=2, aggregators=0)
@@ -56,8 +63,12 @@ def test_many_checks_end_and_grant_the_lease_again_and_the_bits_hold(make_cluste
         _, _, weights = svc.run_job(c, spec)
         svc.assert_bitwise_equal(weights, ref_state, "a lease of two with many checks")
         counters = _counters(c)
-        assert counters.get("verified_blocks", 0) > 0 and counters.get("blocks_ahead", 0) > 0
+        assert counters.get("verified_blocks", 0) > 10, counters
         assert counters.get("backup_blocks", 0) == 0, counters
+        # One lease for the whole job, but for a worker that registered anew (its heartbeats
+        # unanswered while the coordinator dry-ran the submit on a loaded machine).
+        anew = sum(_worker_log(cluster, i).count("registering anew") for i in (1, 2))
+        assert counters.get("leases_granted") <= 1 + anew, (counters, anew)
     assert "the lease ends" not in _log(cluster)
 
 
