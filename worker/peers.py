@@ -19,6 +19,7 @@ coordinator, which ends the lease with a TASK or a STEPPED {"end": true}.
 """
 
 import logging
+import os
 import shutil
 import tempfile
 from collections import deque
@@ -32,9 +33,9 @@ log = logging.getLogger("shardgrad.worker")
 
 
 class Peers:
-    def __init__(self, ctx: zmq.Context, limits: wire.Limits):
+    def __init__(self, ctx: zmq.Context, limits: wire.Limits, near: str | None = None):
         self.ctx, self.limits = ctx, limits
-        self.dir = tempfile.mkdtemp(prefix="sg-peer-")  # (0700: this user's processes only)
+        self.dir = _private_dir(near)
         self.endpoint = f"ipc://{self.dir}/in"
         self.inbox = self._socket(zmq.PULL)
         self.inbox.bind(self.endpoint)
@@ -126,3 +127,16 @@ class Peers:
             sock.close(0)
         self.rings.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _private_dir(near: str | None) -> str:
+    """A new directory for our port (0700: this user's processes only), beside the
+    coordinator's ipc socket `near` when we may write there (whoever cleans up after the
+    cluster then cleans up after us too, even after a kill -9), else in the temp dir."""
+    parent = os.path.dirname(near[len("ipc://") :]) if near and near.startswith("ipc://") else ""
+    if parent and os.access(parent, os.W_OK) and len(parent) < 80:  # (ipc paths: < 108)
+        try:
+            return tempfile.mkdtemp(prefix="sg-peer-", dir=parent)
+        except OSError:
+            pass
+    return tempfile.mkdtemp(prefix="sg-peer-")

@@ -162,7 +162,7 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         if self.shm is not None:  # on the coordinator's host: we may share a lease
-            self.peers = Peers(self.ctx, self.limits)
+            self.peers = Peers(self.ctx, self.limits, near=self.address)
             self.poller.register(self.peers.inbox, zmq.POLLIN)
         self.register()
         # (beats carry the READY's info: a restarted coordinator may hear a beat first)
