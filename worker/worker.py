@@ -294,7 +294,7 @@ class Worker:
                 engine = RoundEngine(rt)
                 engine.restore(lease[2], lease[3])  # the weights, optimizer, accumulation, buffers
             else:
-                rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
+                rt.set_weights(weights)
         except Exception as e:  # job code (model, data): every block reports it
             setup_error = e
         stale = lambda: self.superseded(job, when)  # noqa: E731
@@ -318,7 +318,7 @@ class Worker:
         rt, when = self.lease.engine.rt, _when(msg)
         ours = [np.array(p.data, copy=True) for p in rt.params]
         try:
-            rt.set_weights(weights or [msg.arrays[str(i)] for i in range(len(rt.params))])
+            rt.set_weights(weights)
         except Exception as e:  # (the coordinator's weights: what raises here is malformed)
             self.dropped += 1
             log.warning("dropped a bad check TASK: %s", e)
@@ -424,10 +424,10 @@ class Worker:
         return sums if clean else None
 
     def weights_of(self, msg) -> list | None:
-        """The weights a TASK points at in shared memory (None: they came as frames). If
+        """The weights a TASK carries: in shared memory, or its frames "0", "1", .... If
         they cannot be read here, ask for frames from now on: READY re-sends what we owe."""
-        if "shm" not in msg:
-            return None
+        if "shm" not in msg:  # (a count that does not fit the model fails in set_weights)
+            return [msg.arrays.get(str(i)) for i in range(len(msg.arrays))]
         if self.shm is not None:
             try:
                 return self.shm.arrays(msg)

@@ -78,8 +78,7 @@ def test_a_lone_worker_runs_ahead_with_the_bits_of_local(make_cluster, svc, whic
         # that heard no answer to its heartbeats for a while (the coordinator busy with the
         # submit's dry run on a loaded machine) registers anew: its READY says it holds
         # nothing, which ends the lease; at most two rounds then go out as TASKs again.
-        with open(f"{cluster.log_dir}/worker-1.log") as f:
-            anew = f.read().count("registering anew")
+        anew = _log(cluster, "worker-1").count("registering anew")
         assert len(ref_metrics) - 1 - 2 * anew <= _ahead(c) <= len(ref_metrics) - 1, (
             c.status()["counters"],
             anew,
@@ -181,8 +180,8 @@ def test_cancel_mid_lease_then_the_next_job_has_the_bits_of_local(make_cluster, 
 WIDTH = {"SHARDGRAD_WIDTH_PROBE": "4"}  # tests/conftest.py turns it off for the others
 
 
-def _log(cluster) -> str:
-    with open(f"{cluster.log_dir}/coordinator.log") as f:
+def _log(cluster, name="coordinator") -> str:
+    with open(f"{cluster.log_dir}/{name}.log") as f:
         return f.read()
 
 

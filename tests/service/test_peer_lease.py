@@ -10,7 +10,7 @@ Every cluster here is flat (no aggregators): an aggregator never gets a lease.
 import signal
 
 import pytest
-from test_lease import SPEC_FULL
+from test_lease import SPEC_FULL, _log
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -19,16 +19,6 @@ SLOW = {"SHARDGRAD_FAULT_DELAY": "0.002"}  # ~24 ms rounds: time to act mid-job
 
 def _counters(c) -> dict:
     return c.status()["counters"]
-
-
-def _worker_log(cluster, i) -> str:
-    with open(f"{cluster.log_dir}/worker-{i}.log") as f:
-        return f.read()
-
-
-def _log(cluster) -> str:
-    with open(f"{cluster.log_dir}/coordinator.log") as f:
-        return f.read()
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -67,7 +57,7 @@ def test_checks_are_computed_by_members_without_ending_the_lease(make_cluster, s
         assert counters.get("backup_blocks", 0) == 0, counters
         # One lease for the whole job, but for a worker that registered anew (its heartbeats
         # unanswered while the coordinator dry-ran the submit on a loaded machine).
-        anew = sum(_worker_log(cluster, i).count("registering anew") for i in (1, 2))
+        anew = sum(_log(cluster, f"worker-{i}").count("registering anew") for i in (1, 2))
         assert counters.get("leases_granted") <= 1 + anew, (counters, anew)
     assert "the lease ends" not in _log(cluster)
 
