@@ -6,7 +6,8 @@ HTTP threads never read them. Instead the loop *publishes* an immutable snapshot
 dicts, lists and tuples, built at most every PUBLISH_EVERY seconds, and at once when the
 active job starts, pauses, rolls back or ends) into `HttpServer.snapshot` with one reference
 assignment; handlers serve only from the snapshot they picked up. Per-round histograms are
-prometheus_client metrics (thread-safe) observed by the loop in `observe_round`.
+prometheus_client metrics (thread-safe) observed by the loop in `observe_round`; the
+Prometheus side itself is prom.py.
 
 Nothing here can change a job: only GET and HEAD exist, and no route returns weights.
 """
@@ -22,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
+from .prom import Metrics
+
 log = logging.getLogger("shardgrad.coordinator")
 
 PUBLISH_EVERY = 0.25  # seconds between snapshots while nothing else forces one
@@ -31,53 +34,6 @@ STATIC = {  # the only files served, with their content types (no path ever reac
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
-WORKER_STATES = ("alive", "suspect", "quarantined", "dead", "left")
-# Counters `status` can show, exported at 0 before they first happen so that a PromQL rate()
-# has a series from the start; any other counter name is exported as soon as it appears.
-KNOWN_COUNTERS = (
-    "backup_blocks",
-    "bad_message",
-    "duplicate_grads",
-    "forbidden",
-    "internal_error",
-    "job_faults",
-    "late_grads",
-    "leases_granted",
-    "quarantined",
-    "rate_limited",
-    "refused",
-    "revoked_key",
-    "rollbacks",
-    "unknown_block",
-    "unknown_worker",
-    "unroutable",
-    "verified_blocks",
-    "verify_mismatches",
-    "verify_skipped",
-    "worker_rate_limited",
-    "workers_died",
-    "write_errors",
-)
-# Rounds range from milliseconds (small MLPs on one machine) to minutes.
-TIME_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
-PHASES = ("round", "compute", "transfer", "reduce", "step")
 
 
 class HttpError(ValueError):
@@ -122,45 +78,8 @@ class Off:
 
 class HttpServer:
     def __init__(self, bind: str, url_file: str | None = None):
-        from prometheus_client import (
-            CollectorRegistry,
-            Counter,
-            Gauge,
-            Histogram,
-            disable_created_metrics,
-        )
-
-        disable_created_metrics()  # the *_created series only double what a scrape shows
-
         host, port = parse_bind(bind)
-        # A private registry: several coordinators may live in one process (the tests).
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.rounds = Counter(
-            "shardgrad_rounds", "Rounds completed (all jobs)", registry=self.registry
-        )
-        self.samples = Counter(
-            "shardgrad_samples", "Training samples processed (all jobs)", registry=self.registry
-        )
-        self.steps = Counter(
-            "shardgrad_optimizer_steps", "Optimizer steps taken (all jobs)", registry=self.registry
-        )
-        self.hist = {
-            phase: Histogram(
-                f"shardgrad_{phase}_seconds",
-                f"Seconds of each round spent in {phase}"
-                if phase != "round"
-                else "Seconds per round, TASK sent to the last block reduced and stepped",
-                buckets=TIME_BUCKETS,
-                registry=self.registry,
-            )
-            for phase in PHASES
-        }
-        self.samples_per_s = Gauge(
-            "shardgrad_samples_per_second",
-            "Samples per second over the last round",
-            registry=self.registry,
-        )
-        self.registry.register(_SnapshotCollector(self))
+        self.metrics = Metrics(lambda: self.snapshot)
         self.snapshot: dict | None = None  # replaced whole, never mutated
         self._last_publish = 0.0
         self._job_key = ()  # (active job id, its state) at the last publish
@@ -193,16 +112,7 @@ class HttpServer:
 
     # ---- called by the coordinator's loop --------------------------------------------------
     def observe_round(self, job_id: str, row: dict) -> None:
-        self.rounds.inc()
-        self.samples.inc(_num(row.get("samples_per_s")) * _num(row.get("round_s")))
-        if row.get("loss") is not None:
-            self.steps.inc()
-        for phase in PHASES:
-            v = row.get(f"{phase}_s")
-            if v is not None and math.isfinite(v):
-                self.hist[phase].observe(max(0.0, v))
-        if row.get("samples_per_s") is not None:
-            self.samples_per_s.set(row["samples_per_s"])
+        self.metrics.observe_round(row)
 
     def publish(self, coord, force: bool = False) -> None:
         """Build a fresh snapshot from the coordinator's state (loop thread only)."""
@@ -275,10 +185,6 @@ def _job_rows(store, limit: int = 100) -> list[dict]:
     return [dict(r) for r in rows][::-1]
 
 
-def _num(v) -> float:
-    return float(v) if isinstance(v, int | float) and math.isfinite(v) else 0.0
-
-
 def _clean(obj):
     """JSON for browsers: NaN and Infinity are not JSON, they become null."""
     if isinstance(obj, float):
@@ -299,102 +205,6 @@ def _write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-# ---- Prometheus: what the snapshot knows -----------------------------------------------------
-class _SnapshotCollector:
-    """Gauges and counters read from the latest snapshot at scrape time."""
-
-    def __init__(self, app: HttpServer):
-        self.app = app
-
-    def describe(self):
-        return []  # built per scrape from the snapshot; nothing to check at registration
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        snap = self.app.snapshot or {"workers": [], "counters": {}, "jobs": []}
-        by_state = GaugeMetricFamily(
-            "shardgrad_workers", "Workers known to the coordinator, by state", labels=["state"]
-        )
-        states = {s: 0 for s in WORKER_STATES}
-        for w in snap["workers"]:
-            states[w["state"]] = states.get(w["state"], 0) + 1
-        for state, n in states.items():
-            by_state.add_metric([state], n)
-        yield by_state
-        blocks = CounterMetricFamily(
-            "shardgrad_worker_blocks_done",
-            "Gradient blocks delivered by each worker (since it last joined)",
-            labels=["worker"],
-        )
-        beat = GaugeMetricFamily(
-            "shardgrad_worker_last_heartbeat_seconds",
-            "Seconds since each worker was last heard from",
-            labels=["worker", "state"],
-        )
-        for w in snap["workers"]:
-            blocks.add_metric([w["id"]], w["blocks_done"])
-            beat.add_metric([w["id"], w["state"]], w["last_heartbeat_s"])
-        yield blocks
-        yield beat
-        counts = dict.fromkeys(KNOWN_COUNTERS, 0)
-        counts.update(snap["counters"])
-        for name, value in sorted(counts.items()):
-            metric = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-            yield CounterMetricFamily(
-                f"shardgrad_{metric}", f"Coordinator counter '{name}' (as in status)", value
-            )
-        yield from _job_metrics(snap["jobs"], snap.get("metrics", {}))
-
-
-def _last(rows, key):
-    """The latest value of `key` in a job's metrics rows (loss is only on step rounds,
-    accuracy / mse only at epoch ends)."""
-    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
-
-
-def _job_metrics(jobs, metrics):
-    from prometheus_client.core import GaugeMetricFamily
-
-    fams = {
-        "state": GaugeMetricFamily(
-            "shardgrad_jobs", "Jobs in the queue database, by state", labels=["state"]
-        ),
-        "round": GaugeMetricFamily(
-            "shardgrad_job_round", "Rounds done by each job", labels=["job_id", "name"]
-        ),
-        "total": GaugeMetricFamily(
-            "shardgrad_job_rounds", "Rounds each job runs in all", labels=["job_id", "name"]
-        ),
-        "loss": GaugeMetricFamily(
-            "shardgrad_job_loss", "Training loss at the last optimizer step", labels=["job_id"]
-        ),
-        "accuracy": GaugeMetricFamily(
-            "shardgrad_job_heldout_accuracy",
-            "Held-out accuracy at the last evaluation (epoch end)",
-            labels=["job_id"],
-        ),
-        "mse": GaugeMetricFamily(
-            "shardgrad_job_heldout_mse",
-            "Held-out mean squared error at the last evaluation (epoch end)",
-            labels=["job_id"],
-        ),
-    }
-    states: dict[str, int] = {}
-    for j in jobs:
-        states[j["state"]] = states.get(j["state"], 0) + 1
-        fams["round"].add_metric([j["id"], j["name"]], j["round"] or 0)
-        fams["total"].add_metric([j["id"], j["name"]], j["total_rounds"] or 0)
-        rows = metrics.get(j["id"], ())
-        for key in ("loss", "accuracy", "mse"):
-            v = _last(rows, key)
-            if isinstance(v, int | float):
-                fams[key].add_metric([j["id"]], v)
-    for state in ("queued", "running", "paused", "done", "failed", "cancelled"):
-        fams["state"].add_metric([state], states.get(state, 0))
-    yield from fams.values()
 
 
 # ---- the HTTP server ----------------------------------------------------------------------------
@@ -446,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            return 200, CONTENT_TYPE_LATEST, generate_latest(app.registry)
+            return 200, CONTENT_TYPE_LATEST, generate_latest(app.metrics.registry)
         if not path.startswith("/api/"):
             return _error(404, f"no page {path!r}: try / , /metrics or /api/status")
         snap = app.snapshot

@@ -19,7 +19,6 @@ import os
 import secrets
 import signal
 import socket
-import threading
 import time
 from collections import deque
 
@@ -27,95 +26,16 @@ import numpy as np
 import zmq
 
 from .. import wire
-from ..core.sampling import all_finite, tiles, tree_sum
+from ..core.sampling import all_finite, tiles
 from ..engine import RoundEngine
 from ..jobspec import parse_spec
 from ..shm import GradsRing, WeightsReader, usable
 from ..training import JobRuntime
+from .heartbeat import Heartbeat
+from .lease import Lease, lease_of
 from .peers import Peers
 
 log = logging.getLogger("shardgrad.worker")
-
-
-class Heartbeat(threading.Thread):
-    """Sends HEARTBEAT every `interval` on its own socket, so a long backward never looks
-    like death (and a stopped or killed process does); and listens for the coordinator's
-    answers, so a silent coordinator is noticed here too (Paranoid Pirate, both ways)."""
-
-    def __init__(self, ctx, address, worker_id, interval, liveness=5, security=None, info=None):
-        super().__init__(daemon=True, name="heartbeat")
-        self.ctx, self.address, self.worker_id, self.interval = ctx, address, worker_id, interval
-        self.liveness, self.security = liveness, security
-        # An aggregator's beats carry its role and worker count, so a restarted coordinator
-        # that hears a beat before a READY still deals it the right share.
-        self.info = info
-        self.stop = threading.Event()
-        self.reregister = threading.Event()  # set when the coordinator answers again
-
-    def run(self):
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"{self.worker_id}#hb".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)  # never queue up a backlog of stale heartbeats
-        if self.security:
-            self.security.apply(sock)
-        sock.connect(self.address)
-        heard, silent = time.monotonic(), False
-        try:
-            while not self.stop.is_set():
-                try:
-                    beat = {"worker": self.worker_id}
-                    if self.info is not None:
-                        beat["info"] = self.info()
-                    wire.send_msg(sock, wire.HEARTBEAT, beat, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-                deadline = time.monotonic() + self.interval
-                while (wait := deadline - time.monotonic()) > 0 and not self.stop.is_set():
-                    if sock.poll(wait * 1000):
-                        sock.recv_multipart()  # any answer will do: it is alive
-                        heard = time.monotonic()
-                        if silent:
-                            silent = False
-                            log.warning("coordinator answers again: registering anew")
-                            self.reregister.set()
-                silence = time.monotonic() - heard
-                if not silent and silence > self.interval * self.liveness:
-                    silent = True
-                    log.warning(
-                        "coordinator silent for %.1f s (%d heartbeats unanswered)",
-                        silence,
-                        self.liveness,
-                    )
-        finally:
-            sock.close(0)
-
-
-class Lease:
-    """The rounds a worker runs ahead: its own RoundEngine, restored from the state the
-    coordinator sent, stepped with the round's block sums (its own, and its `peers'`), which
-    are the coordinator's bit for bit (the determinism contract); so its next round's
-    weights are the coordinator's too."""
-
-    def __init__(self, job, lease_id, window, blocks, engine, by_shm, peers):
-        self.job, self.id, self.window, self.blocks = job, lease_id, window, blocks
-        self.engine, self.by_shm = engine, by_shm
-        self.peers: dict = peers  # peer -> (endpoint, its blocks): a lease of several
-        self.got: dict = {}  # round -> block -> a peer's sum (Peers.take)
-        self.known = engine.next_round  # the coordinator's next round, as far as we know
-
-    def can_go(self) -> bool:
-        e = self.engine
-        return not e.done and e.next_round < self.known + self.window
-
-    def missing(self) -> bool:
-        """Some peer's sum of the round we are in has not come yet."""
-        have = self.got.get(self.engine.next_round, {})
-        return len(have) < sum(len(blocks) for _, blocks in self.peers.values())
-
-    def step(self, known: dict) -> None:
-        self.got.pop(self.engine.next_round, None)
-        self.engine.step(tree_sum(_never, 0, self.engine.rt.n_micro, known=known))
 
 
 class Worker:
@@ -277,7 +197,7 @@ class Worker:
             job, rnd, blocks, spec = wire.require(msg, "job", "round", "blocks", "spec")
             blocks = [(int(lo), int(hi)) for lo, hi in blocks]
             when = _when(msg)
-            lease = _lease_of(msg)
+            lease = lease_of(msg)
             weights = None if lease else self.weights_of(msg)
             by_shm = self.shm is not None and "grads_ack" in msg  # it reads our ring
             self.ring.ack(msg.get("grads_ack"))
@@ -468,33 +388,6 @@ class Worker:
             rt = JobRuntime(parse_spec(spec, files=False), self.data_root, verify_data=False)
             self.runtimes = {job: rt}  # one job at a time: drop the previous one's data
         return rt
-
-
-def _lease_of(msg) -> tuple | None:
-    """A TASK's lease: (id, window, state arrays, state meta, peers), or None. `peers`:
-    peer -> (endpoint, its blocks), in a lease of several."""
-    lease = msg.get("lease")
-    if lease is None:
-        return None
-    if not isinstance(lease, dict):
-        raise ValueError("TASK 'lease' must be a map")
-    lid, window, meta = lease.get("id"), lease.get("window"), lease.get("state")
-    if type(lid) is not int or type(window) is not int or not 1 <= window <= 64:
-        raise ValueError(f"TASK lease: bad id or window ({lid!r}, {window!r})")
-    if not isinstance(meta, dict):
-        raise ValueError("TASK lease: 'state' must be a map")
-    arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
-    peers = {}
-    for entry in lease.get("peers", []):
-        wid, endpoint, blocks = entry if isinstance(entry, list) and len(entry) == 3 else (0,) * 3
-        if not (isinstance(wid, str) and isinstance(endpoint, str) and usable(endpoint)):
-            raise ValueError(f"TASK lease: bad peer {str(entry)[:100]}")
-        peers[wid] = (endpoint, [(int(lo), int(hi)) for lo, hi in blocks])
-    return lid, window, arrays, meta, peers
-
-
-def _never(i):
-    raise AssertionError(f"micro-batch {i} is in no block of the lease")
 
 
 def _is_check(msg) -> bool:

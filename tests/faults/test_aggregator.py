@@ -188,7 +188,7 @@ def test_a_recall_of_the_running_round_drops_what_that_aggregator_sent(make_clus
 
     from shardgrad import wire
     from shardgrad.training import JobRuntime
-    from shardgrad.worker.worker import Heartbeat
+    from shardgrad.worker.heartbeat import Heartbeat
 
     job_spec = spec(rounds=4, verify=0.0)
     cl = make_cluster(0, aggregators=0)

@@ -1,0 +1,60 @@
+"""The rounds a worker runs ahead of the coordinator on a lease: its own RoundEngine, and
+the lease a TASK carries (docs/architecture.md, "A round, in order"). The worker's loop
+drives it."""
+
+from ..core.sampling import tree_sum
+from ..shm import usable
+
+
+class Lease:
+    """The rounds a worker runs ahead: its own RoundEngine, restored from the state the
+    coordinator sent, stepped with the round's block sums (its own, and its `peers'`), which
+    are the coordinator's bit for bit (the determinism contract); so its next round's
+    weights are the coordinator's too."""
+
+    def __init__(self, job, lease_id, window, blocks, engine, by_shm, peers):
+        self.job, self.id, self.window, self.blocks = job, lease_id, window, blocks
+        self.engine, self.by_shm = engine, by_shm
+        self.peers: dict = peers  # peer -> (endpoint, its blocks): a lease of several
+        self.got: dict = {}  # round -> block -> a peer's sum (Peers.take)
+        self.known = engine.next_round  # the coordinator's next round, as far as we know
+
+    def can_go(self) -> bool:
+        e = self.engine
+        return not e.done and e.next_round < self.known + self.window
+
+    def missing(self) -> bool:
+        """Some peer's sum of the round we are in has not come yet."""
+        have = self.got.get(self.engine.next_round, {})
+        return len(have) < sum(len(blocks) for _, blocks in self.peers.values())
+
+    def step(self, known: dict) -> None:
+        self.got.pop(self.engine.next_round, None)
+        self.engine.step(tree_sum(_never, 0, self.engine.rt.n_micro, known=known))
+
+
+def lease_of(msg) -> tuple | None:
+    """A TASK's lease: (id, window, state arrays, state meta, peers), or None. `peers`:
+    peer -> (endpoint, its blocks), in a lease of several."""
+    lease = msg.get("lease")
+    if lease is None:
+        return None
+    if not isinstance(lease, dict):
+        raise ValueError("TASK 'lease' must be a map")
+    lid, window, meta = lease.get("id"), lease.get("window"), lease.get("state")
+    if type(lid) is not int or type(window) is not int or not 1 <= window <= 64:
+        raise ValueError(f"TASK lease: bad id or window ({lid!r}, {window!r})")
+    if not isinstance(meta, dict):
+        raise ValueError("TASK lease: 'state' must be a map")
+    arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
+    peers = {}
+    for entry in lease.get("peers", []):
+        wid, endpoint, blocks = entry if isinstance(entry, list) and len(entry) == 3 else (0,) * 3
+        if not (isinstance(wid, str) and isinstance(endpoint, str) and usable(endpoint)):
+            raise ValueError(f"TASK lease: bad peer {str(entry)[:100]}")
+        peers[wid] = (endpoint, [(int(lo), int(hi)) for lo, hi in blocks])
+    return lid, window, arrays, meta, peers
+
+
+def _never(i):
+    raise AssertionError(f"micro-batch {i} is in no block of the lease")
