@@ -7,10 +7,12 @@ For MLPs 784-512-512-10 (B=1024) and 784-256-256-10 (B=256) on builtin:synthetic
 classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
 
   sg 1w, sg 2w    shardgrad on a local cluster (coordinator + 1 or 2 worker processes):
-                  global_batch / median pace_s (step to step) from the coordinator's
-                  metrics. Workers run ahead on a lease (one alone; two on one lease,
-                  sending each other their sums); "sg 2w" puts every round on both
-                  workers (--width-probe 0)
+                  global_batch / mean pace_s: the coordinator's steps' span from round 1
+                  (before it, nobody is ahead) to the last round, over its rounds. Not a
+                  median of paces: workers run ahead on a lease (one alone; two on one
+                  lease, sending each other their sums) and the coordinator may step a few
+                  rounds at once, so single paces are bursty; the span is what the job
+                  waits. "sg 2w" puts every round on both workers (--width-probe 0)
   sg 2w auto      the same 2-worker cluster as it runs by default: it times the job on both
                   workers and on one ahead on a lease, and keeps the faster ("on": how
                   many it chose); measured after its probes
@@ -18,7 +20,8 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   column is divided by a `train_local` run measured right before it, and
                   compared with DDP through the local run measured right after DDP.
                   --trials N repeats everything and ends with each ratio's median and range
-  local           `train_local` (the same spec in one process): B / median round time
+  local           `train_local` (the same spec in one process): B / mean round time, its
+                  step and its metrics row (evaluation) as in a job
   floor           the contract's floor: a hand-written NumPy step that keeps the contract
                   (k micro-batches, per-micro-batch weight gradients from one batched
                   np.matmul, summed by the canonical tree, SGD) — benchmarks/contract_floor.py
@@ -88,6 +91,10 @@ def make_spec(hidden, batch, rounds, n_micro=8):
         "rounds": rounds,
         "seed": 0,
         "verify": 0.0,  # verification's cost is measured on its own (benchmarks/verify_cost.py)
+        # Evaluation at each epoch's end is the same work in every column that has it; on
+        # all 8192 samples it would be a third of the 512 model's compute and swamp the
+        # rounds. The demo rows below time whole jobs, evaluation and all.
+        "eval": {"holdout": 1 / 128},
         "checkpoint_every": 10**6,  # measure rounds, not checkpoint writes
         "placement": "workers",  # these columns are about the workers (auto picks them too)
     }
@@ -107,14 +114,16 @@ def floor_step_seconds(hidden, batch, k, reps, warmup=3):
     return median(times[warmup:])
 
 
-def run_shardgrad(cluster, spec, warmup):
+def run_shardgrad(cluster, spec, warmup, span_from=1):
     with cluster.client(timeout=60) as c:
         job = c.submit(spec)
         status = c.wait(job, timeout=1800, poll=0.05)
         assert status["state"] == "done", status
-        rows = c.metrics(job)[warmup:]
-    keys = ("pace_s", "round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
-    return {**{k: median([r[k] for r in rows]) for k in keys}, "on": rows[-1]["workers"]}
+        rows = c.metrics(job)
+    keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
+    out = {k: median([r[k] for r in rows[warmup:]]) for k in keys}
+    out["pace_s"] = statistics.mean(r["pace_s"] for r in rows[span_from:])  # (see the top)
+    return {**out, "on": rows[-1]["workers"]}
 
 
 PROBE = 16  # the coordinator's default --width-probe
@@ -124,21 +133,21 @@ PROBE_ROUNDS = 2 * (PROBE + WARMUP * -(-PROBE // STRETCH))
 
 def run_auto(cluster, hidden, batch, rounds, warmup, k):
     """The default coordinator: its probes first, then the measured rounds."""
-    return run_shardgrad(
-        cluster, make_spec(hidden, batch, PROBE_ROUNDS + rounds + warmup, k), PROBE_ROUNDS + warmup
-    )
+    spec = make_spec(hidden, batch, PROBE_ROUNDS + rounds + warmup, k)
+    return run_shardgrad(cluster, spec, PROBE_ROUNDS + warmup, span_from=PROBE_ROUNDS)
 
 
 def local_round_seconds(spec, warmup):
-    """Median seconds per round of train_local's engine (evaluation excluded)."""
+    """Mean seconds per round of train_local's engine: its step and its metrics row
+    (which evaluates at an epoch's end), as run_local runs them."""
     times = []
     rt = JobRuntime(parse_spec(spec))
     engine = RoundEngine(rt)
     while not engine.done:
         t0 = time.perf_counter()
-        engine.step(rt.block_grad(engine.next_round, 0, rt.n_micro))
+        engine.record(engine.step(rt.block_grad(engine.next_round, 0, rt.n_micro)))
         times.append(time.perf_counter() - t0)
-    return median(times[warmup:])
+    return statistics.mean(times[warmup:])
 
 
 # ---- torch: eager in one process, and DDP with gloo ---------------------------------------
@@ -340,7 +349,11 @@ def print_tables(rows, torch_cols, demo, have_torch):
                 f"{got[n]:.2f}x" if n in got else "n/a" for n in RATIOS
             ) + " |"
         )  # fmt: skip
-    print("\nA 2-worker round, medians in ms:\n")
+    print(
+        "\nA 2-worker round in ms: pace is the mean (the span), the rest medians. Round and "
+        "transfer\nare a round's own span on the coordinator: ahead on a lease, its sums may "
+        "all be in before\nit starts (transfer < 0), so only pace says what a round costs.\n"
+    )
     print("| model | k | pace | round | slowest compute | transfer | reduce | step |")
     print("|---|---|---|---|---|---|---|---|")
     for label, _hidden, batch, k, res in rows:
@@ -400,7 +413,8 @@ def main():
         f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__}"
         + (f", torch {__import__('torch').__version__}" if have_torch else "")
-        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; medians; samples/s."
+        + f"; {a.rounds} measured rounds after {a.warmup} warm-up; samples/s: shardgrad and "
+        "local B / mean round (a span: see the top of this file), torch B / median step."
     )
     trials = []
     for t in range(a.trials):

@@ -26,6 +26,10 @@ class Config:
     peer_leases: bool = True  # workers on our host may share a lease (worker/peers.py)
     width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
     write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
+    # Our process's niceness: workers sharing our host get the CPU first. Ahead on a lease
+    # they never wait on our step, so what we do is off their path; and at the window's
+    # end they wait, so we get the CPU then (docs/architecture.md, the round).
+    nice: int = 10
     limits: wire.Limits = field(default_factory=lambda: wire.DEFAULT_LIMITS)
     # The client port gets much tighter limits (requests carry no arrays), a small queue per
     # peer and a per-peer token bucket (messages/s, burst); rate 0 turns the bucket off.

@@ -25,6 +25,7 @@ quarantine, rollback).
 """
 
 import logging
+import os
 import signal
 import time
 from collections import Counter
@@ -530,9 +531,19 @@ def main(
     http=None,
 ):
     """Run a coordinator until SIGTERM / SIGINT (it checkpoints, then exits)."""
+    yield_cpu((config or Config()).nice)  # before any thread: they inherit it
     coord = Coordinator(worker_bind, client_bind, state_dir, data_root, config, auth, http)
     signal.signal(signal.SIGTERM, coord.request_stop)
     signal.signal(signal.SIGINT, coord.request_stop)
     if ready:
         ready(coord)
     coord.serve()
+
+
+def yield_cpu(nice: int) -> None:
+    """Lower this thread's scheduling priority to `nice` (0..19; never raised: that takes
+    privileges). Threads it starts inherit it."""
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > now:
+        os.setpriority(os.PRIO_PROCESS, 0, min(nice, 19))
+        log.info("running at nice %d: workers on this host get the CPU first", min(nice, 19))

@@ -9,12 +9,14 @@ the others standing by: live, checking the blocks `verify` draws, and taking ove
 lease holder's blocks. The bits are the same either way (the determinism contract).
 
 The choice is measured, not guessed: `probe` rounds on all live workers and `probe` on one,
-in stretches of STRETCH rounds ordered all, one, one, all, all, one, ... (so a machine
-whose speed drifts steadily weighs on both alike), and the lower median pace wins (step to
-step: what a round costs the job). The first rounds of each stretch (a lease's TASK
-carries the training state; ending one re-sends the weights) do not count, nor do rounds
-dealt to all but completed by what was computed ahead under an earlier lease. A new set
-of live workers, or `hold` rounds, and it probes again.
+in stretches of STRETCH rounds (after WARMUP more) ordered all, one, one, all, all, one, ...
+(so a machine whose speed drifts steadily weighs on both alike), and the lower median
+stretch pace wins. A stretch's pace is its span from step to step over its rounds, the
+first ones included: ahead on a lease, workers may compute a stretch's later rounds while
+the coordinator is still on its first ones (it yields the CPU to them, and steps a few
+rounds at once), so the paces of single rounds say little. Rounds dealt to all but
+completed by what was computed ahead under an earlier lease do not count. A new set of
+live workers, or `hold` rounds, and it probes again.
 """
 
 import statistics
@@ -32,8 +34,9 @@ class Width:
     def _restart(self, key: tuple):
         self.key, self.held = key, 0
         self.choice: str | None = None
-        self.times: dict[str, list] = {"all": [], "one": []}
+        self.times: dict[str, list] = {"all": [], "one": []}  # stretch paces
         self.stretch, self.into = 0, 0  # the stretch under way, rounds dealt in it
+        self.spent = 0.0  # seconds of the stretch under way's counted rounds
 
     def use(self, live: list[str], one: str | None) -> list[str]:
         """The workers the next round goes to: `live`, or [`one`] (the worker that would
@@ -43,8 +46,8 @@ class Width:
             return live
         if tuple(live) != self.key:
             self._restart(tuple(live))
-        if self.choice is None and self.into == WARMUP + min(STRETCH, self.probe):
-            self.stretch, self.into = self.stretch + 1, 0
+        if self.choice is None and self.into == self._length():
+            self.stretch, self.into, self.spent = self.stretch + 1, 0, 0.0
         self.dealt = self.choice or ("all" if self.stretch % 4 in (0, 3) else "one")
         return [one] if self.dealt == "one" else live
 
@@ -65,15 +68,20 @@ class Width:
                 self._restart(self.key)
             return None
         self.into += 1
-        if self.into > WARMUP:
-            self.times[mode].append(round_s)
+        self.spent += round_s
+        if self.into == self._length():
+            self.times[mode].append(self.spent / self.into)
         one, every = self.times["one"], self.times["all"]
-        if len(one) < self.probe or len(every) < self.probe:
+        stretches = -(-self.probe // STRETCH)
+        if len(one) < stretches or len(every) < stretches:
             return None
         a, b = statistics.median(every), statistics.median(one)
         self.choice = "one" if b < a else "all"
         then = "one computes, the others stand by" if self.choice == "one" else "all compute"
         return (
             f"rounds take {b * 1e3:.2f} ms on one worker ahead on a lease and {a * 1e3:.2f} ms "
-            f"on all {len(self.key)} (medians of {self.probe}, in interleaved stretches): {then}"
+            f"on all {len(self.key)} (medians of {stretches} interleaved stretches): {then}"
         )
+
+    def _length(self) -> int:
+        return WARMUP + min(STRETCH, self.probe)

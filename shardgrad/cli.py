@@ -44,6 +44,7 @@ def cmd_coordinator(a):
         peer_leases=a.peer_leases == "on",
         width_probe=a.width_probe,
         write_retry_s=a.write_retry,
+        nice=a.nice,
     )
     from .coordinator.http import HttpError
 
@@ -334,6 +335,16 @@ def parser():
         help="seconds to keep retrying a finished job's result when the state directory "
         "refuses it (full disk); the job then fails with the reason "
         "[SHARDGRAD_WRITE_RETRY, default 300]",
+    )
+    s.add_argument(
+        "--nice",
+        type=int,
+        choices=range(20),
+        metavar="0..19",
+        default=int(ENV("SHARDGRAD_NICE", 10)),
+        help="the coordinator's scheduling niceness: workers on its host get the CPU first "
+        "(ahead on a lease they never wait for its step); 0: the same priority as they "
+        "[SHARDGRAD_NICE, default 10]",
     )
     s.add_argument(
         "--http",

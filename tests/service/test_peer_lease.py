@@ -7,6 +7,7 @@ among its blocks, a peer killed or stopped, a block that raises.
 Every cluster here is flat (no aggregators): an aggregator never gets a lease.
 """
 
+import os
 import signal
 
 import pytest
@@ -111,3 +112,30 @@ def test_a_member_whose_job_code_raises_ends_the_lease_for_all(make_cluster, svc
         svc.assert_bitwise_equal(weights, ref_state, "beside a member whose code raises")
         counters = _counters(c)
         assert counters.get("job_faults", 0) > 0 and counters.get("backup_blocks", 0) == 0
+
+
+def _nice(pid) -> set:
+    """The niceness of each thread of process `pid` (/proc/PID/task/TID/stat field 19)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+@pytest.mark.parametrize("nice", [None, "0", "3"])
+def test_the_coordinator_yields_the_cpu_to_its_workers(make_cluster, svc, nice):
+    """Every thread of the coordinator runs at --nice (default 10), set before it started
+    any; the workers keep ours. The bits do not depend on it."""
+    env = {} if nice is None else {"SHARDGRAD_NICE": nice}
+    cluster = make_cluster(workers=2, aggregators=0, env=env)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    want = max(ours, 10 if nice is None else int(nice))
+    assert _nice(cluster.coordinator.pid) == {want}
+    assert {n for w in cluster.workers for n in _nice(w.pid)} == {ours}
+    if nice is None:
+        ref_state, _ = svc.local_reference(svc.SPEC_SGD)
+        with cluster.client() as c:
+            _, _, weights = svc.run_job(c, svc.SPEC_SGD)
+        svc.assert_bitwise_equal(weights, ref_state, "a coordinator at nice 10")
+        assert f"running at nice {want}" in _log(cluster) or ours >= 10
