@@ -5,6 +5,8 @@ HTTP snapshot (workers by state, counters, jobs), never from the loop's own dict
 
 import math
 
+from ..engine import row_seconds
+
 WORKER_STATES = ("alive", "suspect", "quarantined", "dead", "left")
 # Counters `status` can show, exported at 0 before they first happen so that a PromQL rate()
 # has a series from the start; any other counter name is exported as soon as it appears.
@@ -98,7 +100,7 @@ class Metrics:
     def observe_round(self, row: dict) -> None:
         """A round's metrics row (loop thread)."""
         self.rounds.inc()
-        self.samples.inc(_num(row.get("samples_per_s")) * _num(row.get("round_s")))
+        self.samples.inc(_num(row.get("samples_per_s")) * _num(row_seconds(row)))
         if row.get("loss") is not None:
             self.steps.inc()
         for phase in PHASES:

@@ -486,7 +486,7 @@ class Coordinator(Jobs, Checks, Leases):
             ),
             blocks=len(r.holders),
             checked=len(r.checks),  # of which a second worker recomputed (verify)
-            samples_per_s=job.rt.global_batch / max(round_s, 1e-9),
+            samples_per_s=job.rt.global_batch / max(pace, 1e-9),  # (not its span: above)
         )
         # The deadline adapts to how long the healthy half of a round takes, so a
         # persistent straggler cannot stretch it to its own pace. The first round of a run

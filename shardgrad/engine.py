@@ -138,3 +138,10 @@ def weights_digest(state: dict[str, np.ndarray]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def row_seconds(row: dict):
+    """What a metrics row's round cost the job: its pace (step to step) where it has one (on
+    workers; ahead on a lease a round's own span can be the coordinator's part alone), else
+    its span (computed here, or `train --local`). A row's samples_per_s is the batch over it."""
+    return row.get("pace_s", row.get("round_s"))

@@ -8,6 +8,8 @@ import time
 
 from tqdm import tqdm
 
+from .engine import row_seconds
+
 FINAL_STATES = ("done", "failed", "cancelled")
 POLL_S = 0.2  # often enough for a lively bar, rare enough not to load the coordinator
 
@@ -147,12 +149,13 @@ class _Postfix:
 
 
 def _throughput(rows: list[dict]) -> float | None:
-    """Samples/s over the new rows, weighted by round time: one round's own figure jumps
-    around too much to read."""
-    timed = [r for r in rows if r.get("samples_per_s") and r.get("round_s")]
-    seconds = sum(r["round_s"] for r in timed)
+    """Samples/s over the new rows, weighted by what each round cost (its pace, else its
+    span: engine.row_seconds): one round's own figure jumps around too much to read."""
+    timed = [(r["samples_per_s"], row_seconds(r)) for r in rows if r.get("samples_per_s")]
+    timed = [(rate, s) for rate, s in timed if isinstance(s, int | float) and s > 0]
+    seconds = sum(s for _, s in timed)
     if seconds > 0:
-        return sum(r["samples_per_s"] * r["round_s"] for r in timed) / seconds
+        return sum(rate * s for rate, s in timed) / seconds
     last = [r["samples_per_s"] for r in rows if r.get("samples_per_s")]
     return last[-1] if last else None
 

@@ -21,7 +21,7 @@ import zmq
 from shardgrad.cluster import LocalCluster
 from shardgrad.demo import DEMO_SPEC, demo_spec, heldout_accuracy
 from shardgrad.jobspec import parse_spec
-from shardgrad.progress import format_status, watch
+from shardgrad.progress import _throughput, format_status, watch
 from shardgrad.training import train_local, weights_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,6 +287,17 @@ def test_watch_follows_the_job_to_the_end(tmp_path):
     assert "4/4" in text and "loss=0.2500" in text and "samples/s=100" in text
     # Metrics are read incrementally: each call asks only for rows not seen yet.
     assert client.metric_calls[:3] == [0, 2, 4]
+
+
+def test_the_bar_s_samples_per_s_is_samples_over_seconds_not_a_mean_of_bursts():
+    """Ahead on a lease the coordinator steps rounds in bursts: one round 30 ms after the
+    last, then three 0.1 ms apart. 4 x 256 samples in 30.3 ms is ~33,800/s; the mean of the
+    four rounds' own rates would say ~1,920,000/s."""
+    paces = [0.030, 0.0001, 0.0001, 0.0001]
+    rows = [{"samples_per_s": 256 / p, "pace_s": p, "round_s": 0.00005} for p in paces]
+    assert _throughput(rows) == pytest.approx(4 * 256 / sum(paces))
+    # rows without a pace (computed on the coordinator, train --local): their span
+    assert _throughput([{"samples_per_s": 10.0, "round_s": 2.0}]) == 10.0
 
 
 # ---- the demo ------------------------------------------------------------------------------

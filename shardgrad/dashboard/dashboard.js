@@ -236,6 +236,22 @@ function movingMean(points, window) {
   return out;
 }
 
+function movingRate(timed, window) {
+  // [round, samples/s, seconds] -> [round, samples over seconds of the last `window`]
+  const out = [];
+  let samples = 0, seconds = 0;
+  for (let i = 0; i < timed.length; i++) {
+    samples += timed[i][1] * timed[i][2];
+    seconds += timed[i][2];
+    if (i >= window) {
+      samples -= timed[i - window][1] * timed[i - window][2];
+      seconds -= timed[i - window][2];
+    }
+    if (i >= window - 1 && seconds > 0) out.push([timed[i][0], samples / seconds]);
+  }
+  return out;
+}
+
 function renderCharts(jobId) {
   const rows = (jobId && state.metrics.get(jobId)) || [];
   const title = jobId ? `${jobId}, ${rows.length} rounds` : "";
@@ -262,14 +278,18 @@ function renderCharts(jobId) {
   drawChart(document.getElementById("eval-chart"), evalSeries, {
     yLabel: acc.length ? "held-out accuracy" : "held-out mse" });
 
-  const rate = rows.filter((r) => typeof r.samples_per_s === "number")
-    .map((r) => [r.round, r.samples_per_s]);
-  const rateMean = movingMean(rate, Math.min(rate.length, 10));
+  // Each round weighs what it cost the job: its pace where it has one, else its span
+  // (engine.row_seconds). Ahead on a lease the coordinator steps rounds in bursts, so a
+  // plain mean of per-round rates would be ruled by the bursts' tiny paces.
+  const timed = rows.filter((r) => typeof r.samples_per_s === "number")
+    .map((r) => [r.round, r.samples_per_s, r.pace_s ?? r.round_s ?? 0]);
+  const rate = timed.map(([round, sps]) => [round, sps]);
+  const rateMean = movingRate(timed, Math.min(timed.length, 10));
   document.getElementById("rate-title").textContent = rateMean.length
     ? `${fmt(rateMean[rateMean.length - 1][1])} samples/s` : "";
   drawChart(document.getElementById("rate-chart"), [
     { name: "samples/s", color: "#2a9d55", points: rate, width: 1, opacity: 0.5 },
-    { name: "mean of 10", color: "#1b6b3a", points: rateMean, width: 2 },
+    { name: "last 10", color: "#1b6b3a", points: rateMean, width: 2 },
   ], { yLabel: "samples / s" });
 
   // The last 200 rounds: the breakdown of one round is what an operator compares.
