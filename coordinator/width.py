@@ -14,14 +14,14 @@ in stretches of STRETCH rounds (after WARMUP more) ordered all, one, one, all, a
 stretch pace wins. A stretch's pace is its span from step to step over its rounds, the
 first ones included: ahead on a lease, workers may compute a stretch's later rounds while
 the coordinator is still on its first ones (it yields the CPU to them, and steps a few
-rounds at once), so the paces of single rounds say little. Rounds dealt to all but
-completed by what was computed ahead under an earlier lease do not count. A new set of
+rounds at once), so the paces of single rounds say little. Rounds completed by what was
+computed ahead under an earlier lease (the other way's) do not count. A new set of
 live workers, or `hold` rounds, and it probes again.
 """
 
 import statistics
 
-WARMUP = 2  # rounds at the start of each stretch that do not count
+WARMUP = 2  # more rounds at the start of each stretch (its lease's grant), in its span
 STRETCH = 4  # counted rounds per stretch
 
 
@@ -58,9 +58,10 @@ class Width:
         mode, self.dealt = self.dealt, None
         if mode is None:
             return None  # not probing (one worker, aggregators, --width-probe 0)
-        if mode == "all" and ahead and self.choice is None:
-            # Dealt to all, but done by what the last lease's holder had computed ahead: it
-            # says nothing about all of them, and the stretch goes on without it.
+        if ahead and self.choice is None:
+            # Done by what the last lease's holders had computed ahead (the lone holder's
+            # before a stretch on all, the members' before one on one): it says nothing
+            # about this way, and the stretch goes on without it.
             return None
         if self.choice is not None:
             self.held += 1

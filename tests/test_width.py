@@ -104,3 +104,21 @@ def test_a_stretch_is_timed_by_its_span_not_its_rounds_paces():
         assert w.use(["a", "b"], "a") == ["a"]
         said = w.observe(0.002)
     assert w.choice == "one" and "3.40 ms on all" in said
+
+
+def test_rounds_done_by_what_the_members_computed_ahead_say_nothing_about_one():
+    """The other way round: after a stretch on all (ahead on their lease of several, the
+    members may be rounds ahead of our step), the first rounds dealt to one can be
+    completed by the members' sums. They do not count for one either."""
+    w = Width(probe=4, hold=100)
+    for _ in range(WARMUP + 4):  # all: 1 ms a round
+        w.use(["a", "b"], "a")
+        w.observe(0.001)
+    for _ in range(5):  # dealt to one, done at once by what the members computed ahead
+        assert w.use(["a", "b"], "a") == ["a"]
+        w.observe(0.00001, ahead=True)
+    assert w.times["one"] == [] and w.into == 0
+    for _ in range(WARMUP + 4):  # one: 2 ms a round
+        assert w.use(["a", "b"], "a") == ["a"]
+        w.observe(0.002)
+    assert w.choice == "all"
