@@ -24,4 +24,11 @@ os.environ.setdefault("SHARDGRAD_INLINE_BELOW", "0")
 # would be, and the multi-worker paths would go untested. tests/service/test_lease.py
 # turns it on.
 os.environ.setdefault("SHARDGRAD_WIDTH_PROBE", "0")
+# A coordinator yields the CPU (nice 10) on the premise that what competes with it is its
+# own workers, who wait for it at their lease window's end. Here it competes with the other
+# tests' processes, which never wait for it, and tests whose subject is how it handles a
+# flood or a malformed stream mid-job would time the scheduler instead (a job over before
+# the stream, a rate limit never reached). test_peer_lease.py checks the default and the
+# option; the benchmarks and `make demo` run with the default.
+os.environ.setdefault("SHARDGRAD_NICE", "0")
 # --- end placement -------------------------------------------------------------------------
