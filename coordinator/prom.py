@@ -53,7 +53,13 @@ TIME_BUCKETS = (
     60.0,
     300.0,
 )
-PHASES = ("round", "compute", "transfer", "reduce", "step")
+PHASES = ("pace", "round", "compute", "transfer", "reduce", "step")
+HELP = {
+    "pace": "Seconds per round from the previous step to its own: what a round costs the job "
+    "(rounds on workers only)",
+    "round": "Seconds per round, TASK sent to the last block reduced and stepped (ahead on a "
+    "lease, the coordinator's part alone)",
+}
 
 
 class Metrics:
@@ -82,9 +88,7 @@ class Metrics:
         self.hist = {
             phase: Histogram(
                 f"shardgrad_{phase}_seconds",
-                f"Seconds of each round spent in {phase}"
-                if phase != "round"
-                else "Seconds per round, TASK sent to the last block reduced and stepped",
+                HELP.get(phase, f"Seconds of each round spent in {phase}"),
                 buckets=TIME_BUCKETS,
                 registry=self.registry,
             )

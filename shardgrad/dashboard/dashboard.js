@@ -300,7 +300,8 @@ function renderCharts(jobId) {
     width: 1,
   }));
   const meanRound = recent.length
-    ? (1000 * recent.reduce((a, r) => a + (r.round_s || 0), 0)) / recent.length : null;
+    ? (1000 * recent.reduce((a, r) => a + (r.pace_s ?? r.round_s ?? 0), 0)) / recent.length
+    : null;  // (the pace: ahead on a lease, a round's own span can be our part alone)
   document.getElementById("time-title").textContent =
     meanRound === null ? "" : `mean ${fmt(meanRound, 3)} ms over the last ${recent.length}`;
   drawChart(document.getElementById("time-chart"), phases, { stacked: true, yLabel: "ms" });

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shardgrad.coordinator.http import HttpError, Off, http_server, parse_bind
 
-PHASES = ("round", "compute", "transfer", "reduce", "step")
+PHASES = ("pace", "round", "compute", "transfer", "reduce", "step")
 
 
 def _families(text):
