@@ -149,12 +149,14 @@ class Leases:
             lim.max_frame_bytes
         )
 
-    def end_lease(self, wid=None):
+    def end_lease(self, wid=None, sending=None):
         """The lease `wid` is a member of (any, if None) ends: a TASK to it, its READY or a
         fault said so. The other members of a lease of several are told, since they wait
         for each other's sums: what they still owe of the round under way goes to them as
-        a TASK (they may have stopped before it), else a STEPPED {end}. The next round goes
-        out as TASKs. (What they computed ahead still counts: see ActiveJob.leases.)"""
+        a TASK (they may have stopped before it), else a STEPPED {end}; but not those that
+        `sending` (the assignment whose TASKs end it) gives blocks: theirs is on its way.
+        The next round goes out as TASKs. (What they computed ahead still counts: see
+        ActiveJob.leases.)"""
         job = self.job
         lease = job.lease
         if lease is None or (wid is not None and wid not in lease.blocks):
@@ -163,7 +165,7 @@ class Leases:
         if len(lease.blocks) == 1:
             return
         for member in lease.blocks:
-            if member == wid or not self.members.is_live(member):
+            if member == wid or not self.members.is_live(member) or (sending or {}).get(member):
                 continue
             owed = job.round.owed_by(member) if wid is not None and job.round else []
             if owed:

@@ -402,7 +402,7 @@ class Coordinator(Jobs, Checks, Leases):
             if check:
                 fields["check"] = True
             elif not member:
-                self.end_lease(wid)
+                self.end_lease(wid, sending=assignment)
             frames = self.lease_fields(wid, granted, fields) if member else None
             if frames is None and here:
                 version = (job.id, job.gen, r.index)

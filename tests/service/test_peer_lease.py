@@ -141,3 +141,46 @@ def test_the_coordinator_yields_the_cpu_to_its_workers(make_cluster, svc, nice, 
             _, _, weights = svc.run_job(c, svc.SPEC_SGD)
         svc.assert_bitwise_equal(weights, ref_state, "a coordinator at nice 10")
         assert f"running at nice {want}" in _log(cluster) or ours >= 10
+
+
+def test_a_lease_of_several_ended_by_a_round_of_tasks_sends_each_member_one(tmp_path):
+    """In process: members A and B of a lease, and the next round goes out as plain TASKs
+    to both (no new lease: say a third worker, off this host, joined). The TASK to A ends
+    the lease; B, which this round's TASKs also reach, gets its own once, not a second
+    copy as "what it still owes" (it would compute the round twice). A member the round
+    does not reach is told the lease is over."""
+    import types
+
+    import numpy as np
+
+    from shardgrad import wire
+    from shardgrad.coordinator.job import Lease
+    from shardgrad.coordinator.rounds import Round
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60))  # fmt: skip
+    try:
+        sent = []
+        coord._send = lambda sock, to, kind, fields=None, frames=None: (
+            sent.append((to.decode(), kind, fields.get("blocks"))) or True
+        )
+        coord.members = types.SimpleNamespace(
+            is_live=lambda w: True, on_this_host=lambda w: False,
+            is_aggregator=lambda w: False, leave=lambda w: None,
+        )  # fmt: skip
+        rt = types.SimpleNamespace(weights=lambda: [np.zeros(2, np.float32)])
+        engine = types.SimpleNamespace(next_round=5)
+        coord.job = types.SimpleNamespace(
+            id="j", gen=0, spec={}, rt=rt, layout=[], leases={}, engine=engine
+        )
+        coord.job.lease = Lease(1, {"A": [(0, 4)], "B": [(4, 8)], "C": [(8, 12)]})
+        coord.job.round = Round(5, 12, ["A", "B"], per_worker=2)
+        coord.send_blocks(dict(coord.job.round.assignment))
+        tasks = [(to, blocks) for to, kind, blocks in sent if kind == wire.TASK]
+        assert sorted(to for to, _ in tasks) == ["A", "B"], sent
+        assert [(to, kind) for to, kind, _ in sent if kind != wire.TASK] == [("C", wire.STEPPED)]
+        assert coord.job.lease is None
+    finally:
+        coord.job = None  # (a stand-in: nothing to checkpoint)
+        coord.shutdown()
