@@ -58,7 +58,7 @@ from contract_floor import floor_step  # noqa: E402
 from shardgrad.cluster import LocalCluster  # noqa: E402
 from shardgrad.coordinator.width import STRETCH, WARMUP  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
-from shardgrad.engine import RoundEngine, run_local  # noqa: E402
+from shardgrad.engine import RoundEngine, row_seconds, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
 
@@ -254,7 +254,7 @@ def demo_rounds(cluster):
             wall = time.perf_counter() - t0  # submit to done: evaluation, checkpoints, all
             rows = c.metrics(job)
             where = status.get("placement")
-            paces = [r.get("pace_s", r["round_s"]) for r in rows]  # (computed here: no pace)
+            paces = [row_seconds(r) for r in rows]  # (computed here: no pace)
             seconds[placement] = (sum(paces), wall, where)
     return seconds, local, local_wall, len(rows)
 

@@ -164,11 +164,16 @@ class Leases:
         job.lease = None  # (first: the TASKs below end nothing more)
         if len(lease.blocks) == 1:
             return
-        for member in lease.blocks:
-            if member == wid or not self.members.is_live(member) or (sending or {}).get(member):
-                continue
-            owed = job.round.owed_by(member) if wid is not None and job.round else []
-            if owed:
-                self.send_blocks({member: owed})
-            else:
+        told = [m for m in lease.blocks if m != wid and not (sending or {}).get(m)]
+        owed = self.owed(told) if wid is not None and job.round else {}
+        if owed:
+            self.send_blocks(owed)
+        for member in told:
+            if member not in owed and self.members.is_live(member):
                 self.stepped(member, lease, end=True)
+
+    def owed(self, workers) -> dict:
+        """What each live one of `workers` still owes of the round under way (the blocks
+        to send it again, as a TASK), leaving out those that owe nothing."""
+        r, live = self.job.round, self.members.is_live
+        return {w: o for w in workers if live(w) and (o := r.owed_by(w))}

@@ -238,9 +238,7 @@ class Coordinator(Jobs, Checks, Leases):
                 # READY says it holds nothing (restarted, or re-registering): what this round
                 # still waits for from it goes out again (a result is accepted once).
                 self.end_lease(wid)
-                owed = self.job.round.owed_by(wid)
-                if owed and self.members.is_live(wid):
-                    self.send_blocks({wid: owed})
+                self.send_blocks(self.owed([wid]))
             return
         block = self._block_of(msg, wid)  # checked (and drops counted) before who sent it
         if block is None:
@@ -353,8 +351,10 @@ class Coordinator(Jobs, Checks, Leases):
                           checkers=live)  # fmt: skip
         group, assignment = self.lease_group(use), dict(job.round.assignment)
         lease, checking, checks = job.lease, job.round.checking, {}
-        own = {w: [b for b in bs if b not in checking.get(w, ())] for w, bs in assignment.items()}
-        going = lease is not None and all(own.get(w) == b for w, b in lease.blocks.items())
+        going = lease is not None and all(  # (their own blocks, what a stand-by checks aside)
+            [b for b in assignment.get(w, ()) if b not in checking.get(w, ())] == bs
+            for w, bs in lease.blocks.items()
+        )
         # They are computing this round already. A STEPPED moves their window and says how
         # far we read their rings: each message costs both sides a wake-up, so it goes every
         # quarter window (the ring has room for that; shm.GradsRing).
@@ -369,7 +369,8 @@ class Coordinator(Jobs, Checks, Leases):
                 if checking.get(wid) and len(lease.blocks) > 1:  # a member checks a peer's:
                     checks[wid] = checking[wid]  # on this round's weights, still on its lease
         self.send_blocks(assignment, lease_to=group)
-        self.send_blocks(checks, check=True)
+        if checks:
+            self.send_blocks(checks, check=True)
 
     def send_blocks(self, assignment: dict, lease_to: list | None = None, check=False):
         """TASKs for `assignment`. To the workers `lease_to` they also carry the job's
@@ -433,9 +434,7 @@ class Coordinator(Jobs, Checks, Leases):
         self._set_state("paused" if not live else "running")
         if time.monotonic() - r.started > self.deadline():
             lease = self.job.lease  # a lost STEPPED, a lease it never got: ask plainly
-            owed = {
-                w: o for w in (lease.blocks if lease else ()) if w in live and (o := r.owed_by(w))
-            }
+            owed = self.owed(lease.blocks if lease else ())
             if owed:
                 log.info("round %d: the lease ends (%s owe %d block(s))", r.index,
                          ", ".join(owed), sum(map(len, owed.values())))  # fmt: skip

@@ -16,6 +16,7 @@ import numpy as np
 from .cluster import LocalCluster
 from .core import nn
 from .core.tensor import Tensor, no_grad
+from .engine import row_seconds
 from .jobspec import JobSpec, parse_spec
 from .progress import watch
 from .training import JobRuntime, train_local, weights_digest
@@ -140,8 +141,8 @@ def _hold_dashboard(url: str | None) -> None:
 
 
 def _throughput(metrics: list[dict], global_batch: int) -> float:
-    """Samples per second over the whole job (total samples / total round time)."""
-    seconds = sum(m.get("round_s") or 0.0 for m in metrics)
+    """Samples per second over the whole job (total samples / what its rounds cost)."""
+    seconds = sum(row_seconds(m) or 0.0 for m in metrics)
     return len(metrics) * global_batch / seconds if seconds else float("nan")
 
 
@@ -194,7 +195,7 @@ def run_demo(
     )
     print(f"  held-out accuracy  {reported:.2%} (coordinator), {recomputed:.2%} (recomputed here)")
     rate = _throughput(metrics, spec.global_batch)
-    print(f"  throughput         {rate:,.0f} samples/s (over the rounds' own time)")
+    print(f"  throughput         {rate:,.0f} samples/s (over what its rounds cost, step to step)")
     if job.get("placement") == "coordinator":
         print(
             "  placement          the coordinator: a round computes faster in one process than "

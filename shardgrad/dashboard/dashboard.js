@@ -51,11 +51,18 @@ function evalText(job) {
   return "-";
 }
 
+// What a round cost the job (engine.row_seconds): its pace where it has one, else its span.
+// Ahead on a lease a round's own span can be the coordinator's part alone, and its steps
+// come in bursts.
+function rowSeconds(r) {
+  return r.pace_s ?? r.round_s;
+}
+
 function eta(job) {
-  // Remaining rounds times the mean of the last rounds' time: what the user would estimate.
+  // Remaining rounds times the mean of the last rounds' cost: what the user would estimate.
   if (!["running", "paused"].includes(job.state)) return null;
   const rows = state.metrics.get(job.id) || [];
-  const recent = rows.slice(-20).map((r) => r.round_s).filter((x) => typeof x === "number");
+  const recent = rows.slice(-20).map(rowSeconds).filter((x) => typeof x === "number");
   if (!recent.length) return null;
   const mean = recent.reduce((a, b) => a + b, 0) / recent.length;
   return Math.max(0, job.total_rounds - job.round) * mean;
@@ -278,11 +285,10 @@ function renderCharts(jobId) {
   drawChart(document.getElementById("eval-chart"), evalSeries, {
     yLabel: acc.length ? "held-out accuracy" : "held-out mse" });
 
-  // Each round weighs what it cost the job: its pace where it has one, else its span
-  // (engine.row_seconds). Ahead on a lease the coordinator steps rounds in bursts, so a
-  // plain mean of per-round rates would be ruled by the bursts' tiny paces.
+  // Each round weighs what it cost (rowSeconds): a plain mean of per-round rates would be
+  // ruled by the bursts' tiny paces.
   const timed = rows.filter((r) => typeof r.samples_per_s === "number")
-    .map((r) => [r.round, r.samples_per_s, r.pace_s ?? r.round_s ?? 0]);
+    .map((r) => [r.round, r.samples_per_s, rowSeconds(r) ?? 0]);
   const rate = timed.map(([round, sps]) => [round, sps]);
   const rateMean = movingRate(timed, Math.min(timed.length, 10));
   document.getElementById("rate-title").textContent = rateMean.length
@@ -300,8 +306,7 @@ function renderCharts(jobId) {
     width: 1,
   }));
   const meanRound = recent.length
-    ? (1000 * recent.reduce((a, r) => a + (r.pace_s ?? r.round_s ?? 0), 0)) / recent.length
-    : null;  // (the pace: ahead on a lease, a round's own span can be our part alone)
+    ? (1000 * recent.reduce((a, r) => a + (rowSeconds(r) ?? 0), 0)) / recent.length : null;
   document.getElementById("time-title").textContent =
     meanRound === null ? "" : `mean ${fmt(meanRound, 3)} ms over the last ${recent.length}`;
   drawChart(document.getElementById("time-chart"), phases, { stacked: true, yLabel: "ms" });
