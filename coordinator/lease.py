@@ -135,10 +135,8 @@ class Leases:
             fields["end"] = True
         if self.members.on_this_host(wid):
             fields.update(self.local.acked(wid))
-        if not self._send(self.workers, wid.encode(), wire.STEPPED, fields):
-            self.members.leave(wid)  # (its blocks are re-issued, ending the lease)
-            if not end:
-                self.end_lease(wid)
+        if not self._send(self.workers, wid.encode(), wire.STEPPED, fields) and not end:
+            self.end_lease(wid)  # (it has left: its blocks are re-issued)
 
     def fits(self, arrays: dict) -> bool:
         """Whether a lease's state fits one message within the worker's limits (half of

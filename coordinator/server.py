@@ -172,7 +172,20 @@ class Coordinator(Jobs, Checks, Leases):
         except zmq.ZMQError as e:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
             self.counters["unroutable"] += 1
             log.info("could not send %s: %s", msg_type, e)
+            if sock is self.workers:  # gone (its connection closed), or not reading
+                wid, w = identity.decode(), self.members.workers.get(identity.decode())
+                if e.errno == zmq.EHOSTUNREACH and w and w.state in ("alive", "suspect"):
+                    self.worker_died(wid, f"could not send {msg_type}: {e}")
+                self.members.leave(wid)  # (alive, it registers again with its heartbeat)
             return False
+
+    def worker_died(self, wid: str, why: str):
+        """Gone without a BYE: what it held is re-issued, its shared memory let go. Told by
+        the sweep (silent past liveness) or by the socket: a worker killed with -9 is seen
+        there first when a TASK or STEPPED is on its way to it."""
+        log.warning("worker %s is dead (%s)", wid, why)
+        self.counters["workers_died"] += 1
+        self.local.forget(wid)
 
     def tick(self):
         """Liveness, then the job's next move. Whatever raises here (a bug; its evaluation,
@@ -195,13 +208,8 @@ class Coordinator(Jobs, Checks, Leases):
 
     def _tick(self):
         for wid in self.members.sweep():
-            log.warning(
-                "worker %s is dead (no heartbeat for %.1f s)",
-                wid,
-                self.cfg.heartbeat_interval * self.cfg.liveness,
-            )
-            self.counters["workers_died"] += 1
-            self.local.forget(wid)
+            silent = self.cfg.heartbeat_interval * self.cfg.liveness
+            self.worker_died(wid, f"no heartbeat for {silent:.1f} s")
         job = self.job
         if job is None:
             self.start_next_job()
@@ -410,8 +418,8 @@ class Coordinator(Jobs, Checks, Leases):
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
             elif frames is None:
                 frames = arrays
-            if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
-                self.members.leave(wid)  # unreachable: repair_round re-issues its blocks
+            self._send(self.workers, wid.encode(), wire.TASK, fields, frames)
+            # (unsent, it has left: repair_round re-issues its blocks)
         if granted is not None:
             job.lease = granted[0]
             job.leases[job.lease.id] = set(job.lease.blocks)

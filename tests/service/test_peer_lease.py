@@ -184,3 +184,25 @@ def test_a_lease_of_several_ended_by_a_round_of_tasks_sends_each_member_one(tmp_
     finally:
         coord.job = None  # (a stand-in: nothing to checkpoint)
         coord.shutdown()
+
+
+def test_a_worker_whose_connection_is_gone_is_counted_dead_once(tmp_path):
+    """In process, a real ROUTER_MANDATORY socket: a TASK for a registered worker with no
+    connection (kill -9 closes it before its heartbeats stop) finds it dead: counted once,
+    out of the live set, its blocks re-issued, whatever else was still on its way to it.
+    A heartbeat's answer that finds no connection is not a worker's death."""
+    from shardgrad import wire
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60))  # fmt: skip
+    try:
+        coord.members.heard("A", {})
+        assert not coord._send(coord.workers, b"A#hb", wire.HEARTBEAT, {})
+        assert coord.members.live() == ["A"] and coord.counters["workers_died"] == 0
+        assert not coord._send(coord.workers, b"A", wire.TASK, {"job": "j"})
+        assert not coord._send(coord.workers, b"A", wire.STEPPED, {"job": "j"})
+        assert coord.members.live() == [] and coord.counters["workers_died"] == 1
+        assert coord.counters["unroutable"] == 3
+    finally:
+        coord.shutdown()
