@@ -213,6 +213,7 @@ class GradsRing:
         self.fixed, self.max_bytes = slots, max_bytes
         self.slots = slots or RING_SLOTS
         self.seg, self.layout, self.size = None, None, 0
+        self.shapes, self.laid_out = None, None  # the last shapes asked for, and their layout
         self.seq = self.acked = 0
         self.bytes = None  # the segment as uint8: what every slot view is a view of
         self.views: dict = {}  # slot index -> its arrays' views
@@ -226,7 +227,9 @@ class GradsRing:
         """Views of the slot the next `put` fills, for arrays of these (shape, dtype)s, or
         None (no slot free, or too big a model for the ring). A sum computed straight into
         them is not copied again by `put`."""
-        layout, size = _layout_of(shapes)
+        if shapes != self.shapes:  # (each round asks twice, as it computes and as it puts)
+            self.shapes, self.laid_out = list(shapes), _layout_of(shapes)
+        layout, size = self.laid_out
         if layout != self.layout:
             slots = self.fixed or max(RING_SLOTS, min(16, (64 << 20) // max(size, 1)))
             if size * slots > self.max_bytes:

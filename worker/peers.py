@@ -72,7 +72,7 @@ class Peers:
         for msg in [m for m in self.later if m.get("lease") == lease.id]:
             self.later.remove(msg)
             self.keep(lease, msg, layout)
-        while True:
+        while self.inbox.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than zmq.Again)
             try:
                 _, msg = wire.recv_msg(self.inbox, self.limits, expect_types=wire.PEER_TYPES,
                                        flags=zmq.NOBLOCK)  # fmt: skip
