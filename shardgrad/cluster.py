@@ -215,6 +215,21 @@ class LocalCluster:
         while self.coordinator.poll() is None:
             time.sleep(0.2)
 
+    def log_tail(self, name: str = "coordinator", lines: int = 40) -> str:
+        """The last `lines` lines of process `name`'s log ("" if it has none)."""
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_tails(self, lines: int = 30) -> str:
+        """Every process's last `lines` lines: what a failed test prints (CI keeps no files)."""
+        names = sorted(n[:-4] for n in os.listdir(self.log_dir) if n.endswith(".log"))
+        return "".join(
+            f"--- {n}.log, last {lines} lines:\n{self.log_tail(n, lines)}" for n in names
+        )
+
     def stop(self, timeout=10.0):
         # Workers first (their BYE still reaches the coordinator), then the coordinator.
         deadline = time.monotonic() + timeout

@@ -32,3 +32,17 @@ os.environ.setdefault("SHARDGRAD_WIDTH_PROBE", "0")
 # option; the benchmarks and `make demo` run with the default.
 os.environ.setdefault("SHARDGRAD_NICE", "0")
 # --- end placement -------------------------------------------------------------------------
+
+# --- a failed test, for fixtures that keep its cluster's logs -------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """item.sg_failed: its setup or call failed (read by fixtures at their teardown)."""
+    rep = (yield).get_result()
+    if rep.when in ("setup", "call") and rep.failed:
+        item.sg_failed = True
+
+
+# --- end a failed test ---------------------------------------------------------------------

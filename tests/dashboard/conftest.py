@@ -107,14 +107,6 @@ def _clusters():
         shutil.rmtree(cluster.tmp, ignore_errors=True)
 
 
-def log_tail(cluster, name="coordinator", lines=40):
-    try:
-        with open(os.path.join(cluster.log_dir, f"{name}.log"), errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
 @pytest.fixture(scope="session")
 def dash():
     import types
@@ -125,5 +117,4 @@ def dash():
         wait_for=wait_for,
         http_get=http_get,
         http_json=http_json,
-        log_tail=log_tail,
     )

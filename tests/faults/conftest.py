@@ -9,7 +9,7 @@ from shardgrad.cluster import LocalCluster
 
 
 @pytest.fixture
-def make_cluster(tmp_path):
+def make_cluster(tmp_path, request):
     clusters = []
 
     def make(workers, **kw):
@@ -22,5 +22,9 @@ def make_cluster(tmp_path):
         return cl
 
     yield make
+    failed = getattr(request.node, "sg_failed", False)  # (tests/conftest.py)
     for cl in clusters:
+        cl.cleanup = cl.cleanup and not failed
         cl.stop()
+        if failed:  # what each process said last: CI keeps no files
+            print(f"\n--- cluster logs kept in {cl.log_dir}\n{cl.log_tails()}")

@@ -137,21 +137,6 @@ def stop_cluster(cluster: LocalCluster, grace: float = 5.0) -> None:
     _stop_procs([cluster.coordinator] if cluster.coordinator is not None else [], grace)
 
 
-def log_tail(cluster: LocalCluster, name: str = "coordinator", lines: int = 40) -> str:
-    try:
-        with open(os.path.join(cluster.log_dir, f"{name}.log"), errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, "rep_" + rep.when, rep)
-
-
 @pytest.fixture
 def make_cluster(request):
     """make_cluster(workers=N, **LocalCluster kwargs) -> a started LocalCluster with N live
@@ -167,18 +152,11 @@ def make_cluster(request):
         return cluster
 
     yield make
-    failed = any(
-        getattr(request.node, f"rep_{when}", None) is not None
-        and getattr(request.node, f"rep_{when}").failed
-        for when in ("setup", "call")
-    )
+    failed = getattr(request.node, "sg_failed", False)  # (tests/conftest.py)
     for cluster in clusters:
         stop_cluster(cluster)
         if failed:
-            print(
-                f"\n--- cluster logs kept in {cluster.log_dir}; coordinator log tail:\n"
-                f"{log_tail(cluster)}"
-            )
+            print(f"\n--- cluster logs kept in {cluster.log_dir}\n{cluster.log_tails()}")
         else:
             shutil.rmtree(cluster.tmp, ignore_errors=True)
 
@@ -215,5 +193,4 @@ def svc():
         grow_to=grow_to,
         run_job=run_job,
         stop_cluster=stop_cluster,
-        log_tail=log_tail,
     )
