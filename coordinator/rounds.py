@@ -143,6 +143,12 @@ class Round:
             holders.discard(wid)
         self.unverified.pop(wid, None)
 
+    def unhold(self, wid: str, blocks: list[tuple]) -> None:
+        """`wid` never got `blocks` (its TASK could not be sent): they are not out with it."""
+        for b in blocks:
+            if b in self.holders:
+                self.holders[b].discard(wid)
+
     def _accept(self, block, arrays):
         self.delivered[block] = arrays
         if self.half_time is None and 2 * len(self.delivered) >= len(self.holders):

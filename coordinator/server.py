@@ -418,8 +418,11 @@ class Coordinator(Jobs, Checks, Leases):
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
             elif frames is None:
                 frames = arrays
-            self._send(self.workers, wid.encode(), wire.TASK, fields, frames)
-            # (unsent, it has left: repair_round re-issues its blocks)
+            if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
+                # It has left; its heartbeat may bring it back before repair_round looks,
+                # and a block it still held would wait for it forever (a check, which no
+                # backup may take): unheld, they are re-issued.
+                r.unhold(wid, blocks)
         if granted is not None:
             job.lease = granted[0]
             job.leases[job.lease.id] = set(job.lease.blocks)

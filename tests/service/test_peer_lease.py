@@ -206,3 +206,44 @@ def test_a_worker_whose_connection_is_gone_is_counted_dead_once(tmp_path):
         assert coord.counters["unroutable"] == 3
     finally:
         coord.shutdown()
+
+
+def test_a_block_whose_task_could_not_be_sent_is_re_issued_though_its_worker_is_back(
+    tmp_path,
+):
+    """In process, a real ROUTER_MANDATORY socket. B holds its own block and a check of
+    A's; the TASK to A finds no connection (say a restarted coordinator's TASK beat A's
+    main socket to it) and A is back by its next heartbeat before the round is repaired.
+    A's block must go out again: left held by A, nobody would ever ask for it (no backup
+    takes a check), and the round would wait forever (fc17)."""
+    import types
+
+    import numpy as np
+
+    from shardgrad.coordinator.rounds import Round
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60))  # fmt: skip
+    try:
+        real_send = coord._send
+        coord._send = lambda sock, to, *a, **k: to == b"B" or real_send(sock, to, *a, **k)
+        for w in ("A", "B"):
+            coord.members.heard(w, {})
+        rt = types.SimpleNamespace(weights=lambda: [np.zeros(2, np.float32)])
+        engine = types.SimpleNamespace(next_round=5)
+        coord.job = types.SimpleNamespace(
+            id="j", gen=0, spec={}, rt=rt, layout=[], leases={}, engine=engine, lease=None
+        )
+        r = coord.job.round = Round(5, 16, ["A", "B"], per_worker=1, checked=lambda b: b == (0, 8))
+        assert r.assignment == {"A": [(0, 8)], "B": [(8, 16), (0, 8)]}
+        coord.send_blocks(dict(r.assignment))
+        assert coord.members.live() == ["B"] and coord.counters["workers_died"] == 1
+        ones = [np.ones(2, np.float32)]
+        r.deliver((8, 16), ones, "B", 0.0)
+        assert r.deliver((0, 8), ones, "B", 0.0) == "waiting"
+        coord.members.heard("A", {})  # back, by a heartbeat
+        assert r.lost(coord.members.live()) == ({"A": [(0, 8)]}, 0)
+    finally:
+        coord.job = None
+        coord.shutdown()
