@@ -77,10 +77,10 @@ def _stop(procs, grace=5.0):
 
 
 @pytest.fixture
-def dash_cluster():
+def dash_cluster(request):
     """dash_cluster(workers=N, **LocalCluster kwargs) -> a started LocalCluster whose
     coordinator serves HTTP on 127.0.0.1:0 (its URL: cluster.http_url)."""
-    yield from _clusters()
+    yield from _clusters(request.node)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def module_cluster():
     yield from _clusters()
 
 
-def _clusters():
+def _clusters(test=None):
     clusters = []
 
     def make(workers=2, **kw):
@@ -101,10 +101,14 @@ def _clusters():
         return cluster
 
     yield make
+    failed = getattr(test, "sg_failed", False)  # (tests/conftest.py)
     for cluster in clusters:
         _stop(list(cluster.workers))
         _stop([cluster.coordinator] if cluster.coordinator is not None else [])
-        shutil.rmtree(cluster.tmp, ignore_errors=True)
+        if failed:
+            print(f"\n--- cluster logs kept in {cluster.log_dir}\n{cluster.log_tails()}")
+        else:
+            shutil.rmtree(cluster.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
