@@ -173,8 +173,8 @@ class Coordinator(Jobs, Checks, Leases):
             self.counters["unroutable"] += 1
             log.info("could not send %s: %s", msg_type, e)
             if sock is self.workers:  # gone (its connection closed), or not reading
-                wid, w = identity.decode(), self.members.workers.get(identity.decode())
-                if e.errno == zmq.EHOSTUNREACH and w and w.state in ("alive", "suspect"):
+                wid = identity.decode()
+                if e.errno == zmq.EHOSTUNREACH and self.members.is_live(wid):
                     self.worker_died(wid, f"could not send {msg_type}: {e}")
                 self.members.leave(wid)  # (alive, it registers again with its heartbeat)
             return False

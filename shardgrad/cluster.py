@@ -215,13 +215,17 @@ class LocalCluster:
         while self.coordinator.poll() is None:
             time.sleep(0.2)
 
-    def log_tail(self, name: str = "coordinator", lines: int = 40) -> str:
-        """The last `lines` lines of process `name`'s log ("" if it has none)."""
+    def log(self, name: str = "coordinator") -> str:
+        """Process `name`'s log so far ("" if it has none)."""
         try:
             with open(os.path.join(self.log_dir, f"{name}.log"), errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
+                return f.read()
         except OSError:
             return ""
+
+    def log_tail(self, name: str = "coordinator", lines: int = 40) -> str:
+        """The last `lines` lines of process `name`'s log."""
+        return "".join(self.log(name).splitlines(keepends=True)[-lines:])
 
     def log_tails(self, lines: int = 30) -> str:
         """Every process's last `lines` lines: what a failed test prints (CI keeps no files)."""

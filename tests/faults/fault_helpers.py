@@ -52,8 +52,7 @@ def reference_digest(job_spec):
 
 
 def log_has(cluster, name, text):
-    with open(os.path.join(cluster.log_dir, f"{name}.log"), errors="replace") as f:
-        return text in f.read()
+    return text in cluster.log(name)
 
 
 def upstream_of(cluster, i):

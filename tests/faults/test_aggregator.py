@@ -2,7 +2,6 @@
 Whatever the layout, whoever dies (a worker or a whole aggregator, kill -9 mid-round),
 lies or raises, the job's weights equal train --local's bit for bit."""
 
-import os
 import signal
 import time
 
@@ -29,8 +28,7 @@ def finish(c, job, timeout=180):
 
 
 def log_of(cl, name):
-    with open(os.path.join(cl.log_dir, f"{name}.log"), errors="replace") as f:
-        return f.read()
+    return cl.log(name)
 
 
 @pytest.mark.parametrize("aggregators,workers", [(1, 1), (1, 3), (2, 2), (2, 5)])

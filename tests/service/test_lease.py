@@ -181,8 +181,7 @@ WIDTH = {"SHARDGRAD_WIDTH_PROBE": "4"}  # tests/conftest.py turns it off for the
 
 
 def _log(cluster, name="coordinator") -> str:
-    with open(f"{cluster.log_dir}/{name}.log") as f:
-        return f.read()
+    return cluster.log(name)
 
 
 def test_the_job_is_timed_on_all_workers_and_on_one_and_the_bits_hold(make_cluster, svc):
