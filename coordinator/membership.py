@@ -42,9 +42,10 @@ class Membership:
         if wid in self.workers:
             self.workers[wid].state, self.workers[wid].reason = "quarantined", reason
 
-    def leave(self, wid: str) -> None:
+    def leave(self, wid: str, state: str = "left") -> None:
+        """Out of the live set: "left" (a BYE, or not reading) or "dead" (gone without one)."""
         if wid in self.workers:
-            self.workers[wid].state = "left"
+            self.workers[wid].state = state
 
     def sweep(self) -> list[str]:
         """Update verdicts; the ids that just died."""

@@ -174,9 +174,13 @@ class Coordinator(Jobs, Checks, Leases):
             log.info("could not send %s: %s", msg_type, e)
             if sock is self.workers:  # gone (its connection closed), or not reading
                 wid = identity.decode()
-                if e.errno == zmq.EHOSTUNREACH and self.members.is_live(wid):
-                    self.worker_died(wid, f"could not send {msg_type}: {e}")
-                self.members.leave(wid)  # (alive, it registers again with its heartbeat)
+                if self.members.is_live(wid):  # (a quarantined one stays so)
+                    gone = e.errno == zmq.EHOSTUNREACH
+                    if gone:
+                        self.worker_died(wid, f"could not send {msg_type}: {e}")
+                    # Dead as the sweep would say it (the dashboard shows it); alive after
+                    # all, it registers again with its next heartbeat.
+                    self.members.leave(wid, "dead" if gone else "left")
             return False
 
     def worker_died(self, wid: str, why: str):

@@ -203,6 +203,7 @@ def test_a_worker_whose_connection_is_gone_is_counted_dead_once(tmp_path):
         assert not coord._send(coord.workers, b"A", wire.TASK, {"job": "j"})
         assert not coord._send(coord.workers, b"A", wire.STEPPED, {"job": "j"})
         assert coord.members.live() == [] and coord.counters["workers_died"] == 1
+        assert coord.members.workers["A"].state == "dead"  # as the sweep says: the dashboard
         assert coord.counters["unroutable"] == 3
     finally:
         coord.shutdown()
