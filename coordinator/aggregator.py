@@ -86,6 +86,7 @@ class Aggregator:
         self.warm = None  # the job whose first share (the one that loads it) is done
         self.rate = RateLimit(Config.worker_rate, Config.worker_burst)  # as upstream's port
         self.members = Membership(heartbeat_interval, liveness)
+        self.boot = os.urandom(4).hex()  # in heartbeat answers, as the coordinator's
         # workers on this host: weights and block sums through shared memory, as upstream
         self.local = HostPeers(limits)
         self.share: Share | None = None
@@ -301,7 +302,7 @@ class Aggregator:
             if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:
-                self.send_down(msg.envelope[0].decode(), wire.HEARTBEAT, {})
+                self.send_down(msg.envelope[0].decode(), wire.HEARTBEAT, {"boot": self.boot})
             elif self.share is not None and (owed := self.share.round.owed_by(wid)):
                 self.send_blocks({wid: owed})  # it holds nothing now: what it owes, again
             return

@@ -58,6 +58,7 @@ class Coordinator(Jobs, Checks, Leases):
         self.data_root = data_root
         self.store = Store(state_dir)
         self.members = Membership(self.cfg.heartbeat_interval, self.cfg.liveness)
+        self.boot = os.urandom(4).hex()  # in heartbeat answers: a restart, however fast, shows
         self.local = HostPeers(self.cfg.limits)  # workers on this host: shared memory
         self.counters: Counter = Counter()
         self.job: ActiveJob | None = None
@@ -245,7 +246,7 @@ class Coordinator(Jobs, Checks, Leases):
             if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:  # answered, so a worker can tell we are alive
-                self._send(self.workers, msg.envelope[0], wire.HEARTBEAT, {})
+                self._send(self.workers, msg.envelope[0], wire.HEARTBEAT, {"boot": self.boot})
             elif self.job is not None and self.job.round is not None:
                 # READY says it holds nothing (restarted, or re-registering): what this round
                 # still waits for from it goes out again (a result is accepted once).

@@ -34,7 +34,7 @@ class Heartbeat(threading.Thread):
         if self.security:
             self.security.apply(sock)
         sock.connect(self.address)
-        heard, silent = time.monotonic(), False
+        heard, silent, boot = time.monotonic(), False, None
         try:
             while not self.stop.is_set():
                 try:
@@ -47,12 +47,18 @@ class Heartbeat(threading.Thread):
                 deadline = time.monotonic() + self.interval
                 while (wait := deadline - time.monotonic()) > 0 and not self.stop.is_set():
                     if sock.poll(wait * 1000):
-                        sock.recv_multipart()  # any answer will do: it is alive
-                        heard = time.monotonic()
+                        heard = time.monotonic()  # any answer will do: it is alive
+                        answer = _boot_of(sock)
                         if silent:
                             silent = False
                             log.warning("coordinator answers again: registering anew")
                             self.reregister.set()
+                        elif answer is not None and boot is not None and answer != boot:
+                            # restarted faster than `liveness` beats: it knows nothing of
+                            # what we hold or offer (a lease, a peer port) until a READY
+                            log.warning("coordinator restarted: registering anew")
+                            self.reregister.set()
+                        boot = answer if answer is not None else boot
                 silence = time.monotonic() - heard
                 if not silent and silence > self.interval * self.liveness:
                     silent = True
@@ -63,3 +69,13 @@ class Heartbeat(threading.Thread):
                     )
         finally:
             sock.close(0)
+
+
+def _boot_of(sock) -> str | None:
+    """The answering process's boot id (a new one each start), or None if the answer
+    has none or is not a well-formed HEARTBEAT."""
+    try:
+        _, msg = wire.recv_msg(sock, expect_types=(wire.HEARTBEAT,))
+        return wire.field_of(msg, "boot", str, None)
+    except wire.ProtocolError:
+        return None

@@ -8,7 +8,17 @@ import time
 
 import numpy as np
 import pytest
-from fault_helpers import DELAY, job_status, kill, reference_digest, round_of, spec, wait_for
+from fault_helpers import (
+    DELAY,
+    job_status,
+    kill,
+    log_has,
+    reference_digest,
+    round_of,
+    spec,
+    upstream_of,
+    wait_for,
+)
 
 from shardgrad.client import ClientError
 from shardgrad.coordinator.store import atomic_save, load
@@ -37,6 +47,10 @@ def test_kill9_coordinator_resumes_from_checkpoint(make_cluster):
         assert weights_digest(c.fetch(job)) == reference_digest(job_spec)
         c.wait(second, timeout=120)
         assert weights_digest(c.fetch(second)) == reference_digest(queued_spec)
+    # Silent for `liveness` beats, or answering with a new boot id if the restart was faster:
+    # either way each worker (or aggregator) says READY again.
+    for i in range(2):
+        assert log_has(cl, upstream_of(cl, i), "registering anew"), f"worker {i + 1}"
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(make_cluster):
