@@ -421,6 +421,10 @@ class Aggregator:
                 log.info("round %d: backing up %d straggling sub-block(s)", r.index,
                          len(backups))  # fmt: skip
                 self.send_blocks(backups)
+            if again := r.ask_again(live):  # a result lost on its way, which no backup takes
+                log.info("round %d: asking again for %d sub-block(s)", r.index,
+                         sum(map(len, again.values())))  # fmt: skip
+                self.send_blocks(again)
         self.flush()
 
     def deadline(self):

@@ -11,6 +11,7 @@ WORKER_STATES = ("alive", "suspect", "quarantined", "dead", "left")
 # Counters `status` can show, exported at 0 before they first happen so that a PromQL rate()
 # has a series from the start; any other counter name is exported as soon as it appears.
 KNOWN_COUNTERS = (
+    "asked_again",
     "backup_blocks",
     "bad_message",
     "duplicate_grads",

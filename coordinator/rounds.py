@@ -56,6 +56,7 @@ class Round:
         self.checks: set[tuple] = set()
         self.checking: dict[str, list] = {}  # worker -> the blocks it got as a check
         self.ahead = 0  # block sums a worker computed ahead on a lease
+        self.asked_again = False  # past the deadline, its holders were asked once more
         self.checked = checked
         self.assignment: dict[str, list] = {}
         if assignment is None:
@@ -208,6 +209,20 @@ class Round:
         for b in blocks:
             for wid, got in self.reissue([b], live, avoid=set(self.results.get(b, ()))).items():
                 out.setdefault(wid, []).extend(got)
+        return out
+
+    def ask_again(self, live: list[str]) -> dict[str, list]:
+        """Once a round, past its deadline: the blocks only one live worker is still expected
+        to answer for (a backup makes two). A result lost on its way (a reconnect drops what
+        was in flight) would otherwise wait forever where nobody else may take the block: a
+        check, or a round with no idle worker. Worker -> blocks."""
+        if self.asked_again:
+            return {}
+        self.asked_again = True
+        out: dict[str, list] = {}
+        for w in live:
+            if sole := [b for b in self.owed_by(w) if self.waiting_on(b) == {w}]:
+                out[w] = sole
         return out
 
     def idle(self, live: list[str]) -> list[str]:

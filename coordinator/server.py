@@ -460,6 +460,13 @@ class Coordinator(Jobs, Checks, Leases):
                 log.info("round %d: backing up %d straggling block(s)", r.index, len(backups))
                 self.counters["backup_blocks"] += len(backups)
                 self.send_blocks(backups)
+            # (a result lost on its way: nobody else may take a check)
+            for w, blocks in r.ask_again([w for w in live if w not in owed]).items():
+                log.info("round %d: asking %s again for %d block(s)", r.index, w, len(blocks))
+                self.counters["asked_again"] += len(blocks)
+                checks = [b for b in blocks if b in r.checking.get(w, ())]
+                self.send_blocks({w: [b for b in blocks if b not in checks]})
+                self.send_blocks({w: checks}, check=True)  # (a member of a lease stays on it)
 
     def deadline(self):
         cfg = self.cfg

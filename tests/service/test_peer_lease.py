@@ -248,3 +248,48 @@ def test_a_block_whose_task_could_not_be_sent_is_re_issued_though_its_worker_is_
     finally:
         coord.job = None
         coord.shutdown()
+
+
+def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline(tmp_path):
+    """In process. B checks A's block; A's answer and B's own block are in, B's check never
+    arrives (lost on its way: a reconnect drops what was in flight) though B stays alive.
+    No backup may take it (A answered for it; nobody else is idle), so past the deadline B
+    is asked once more, as a check; not again on the next pass."""
+    import types
+
+    import numpy as np
+
+    from shardgrad.coordinator.rounds import Round
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60, min_deadline=0.5))  # fmt: skip
+    try:
+        sent = []
+        coord._send = lambda sock, to, t, fields=None, arrays=None: not sent.append((to, t, fields))
+        for w in ("A", "B"):
+            coord.members.heard(w, {})
+        rt = types.SimpleNamespace(weights=lambda: [np.zeros(2, np.float32)])
+        engine = types.SimpleNamespace(next_round=5)
+        coord.job = types.SimpleNamespace(
+            id="j", gen=0, spec={}, rt=rt, layout=[], leases={}, engine=engine, lease=None,
+            round_times=[], state="running",
+        )  # fmt: skip
+        r = coord.job.round = Round(5, 16, ["A", "B"], per_worker=1, checked=lambda b: b == (0, 8))
+        ones = [np.ones(2, np.float32)]
+        r.deliver((0, 8), ones, "A", 0.0)
+        r.deliver((8, 16), ones, "B", 0.0)
+        coord.repair_round()
+        assert sent == [], "before the deadline nobody is asked"
+        r.started -= 1.0  # past the deadline
+        coord.repair_round()
+        assert [(to, t, f["blocks"], f.get("check")) for to, t, f in sent] == [
+            (b"B", "TASK", [[0, 8]], True)
+        ]
+        assert coord.counters["asked_again"] == 1 and coord.counters["backup_blocks"] == 0
+        coord.repair_round()
+        assert len(sent) == 1, "once a round"
+        assert r.deliver((0, 8), ones, "B", 0.0) == "verified" and r.complete()
+    finally:
+        coord.job = None
+        coord.shutdown()
