@@ -35,7 +35,9 @@ class Membership:
         if info and (
             info.get("pid") != w.info.get("pid") or info.get("seq", 0) >= w.info.get("seq", 0)
         ):
-            w.info.update(info)  # never an older count from the same process
+            # Replaced, not merged: a restarted process under the same id may no longer
+            # offer what the old one did (shared memory, a lease, a peer port).
+            w.info = dict(info)  # (never an older count from the same process)
         return False
 
     def quarantine(self, wid: str, reason: str) -> None:
