@@ -87,7 +87,7 @@ class Leases:
             self.counters["duplicate_grads"] += 1
             return None
         if msg.type == wire.GRADS:
-            self.local.load(wid, msg)  # out of the ring now: its slot is acked from here on
+            self.local.load(wid, msg, copy=True)  # kept past the next release()
             msg.fields.pop("shm", None)
             wire.check_grads(msg, job.layout)  # malformed: refused now, as any GRADS would be
         else:

@@ -159,8 +159,10 @@ class Round:
         return len(self.delivered) == len(self.holders)
 
     def total(self) -> list:
-        """Finish the canonical tree from the accepted block sums."""
-        return self.node_sum(0, self.n_micro)
+        """Finish the canonical tree from the accepted block sums: new arrays, never a
+        block's own (it may be a view of a worker's ring, written again after the round)."""
+        node = self.node_sum(0, self.n_micro)
+        return [a.copy() for a in node] if (0, self.n_micro) in self.delivered else node
 
     def node_sum(self, lo: int, hi: int) -> list:
         """Node [lo, hi) of the canonical tree from the accepted blocks inside it."""

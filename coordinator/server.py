@@ -59,7 +59,9 @@ class Coordinator(Jobs, Checks, Leases):
         self.store = Store(state_dir)
         self.members = Membership(self.cfg.heartbeat_interval, self.cfg.liveness)
         self.boot = os.urandom(4).hex()  # in heartbeat answers: a restart, however fast, shows
-        self.local = HostPeers(self.cfg.limits)  # workers on this host: shared memory
+        # Workers on this host: shared memory. Their sums are read in place, never copied:
+        # a slot is acked (may be written again) only when the next round starts.
+        self.local = HostPeers(self.cfg.limits, hold=True)
         self.counters: Counter = Counter()
         self.job: ActiveJob | None = None
         self.placements: dict[str, tuple[str, str]] = {}  # queued job -> (where, why)
@@ -256,8 +258,10 @@ class Coordinator(Jobs, Checks, Leases):
         block = self._block_of(msg, wid)  # checked (and drops counted) before who sent it
         if block is None:
             return
-        if msg.type == wire.GRADS:
-            self.local.load(wid, msg)  # from a worker on our host: out of its ring
+        if msg.type == wire.GRADS:  # from a worker on our host: in its ring
+            # A checked block's sum is compared, then summed: a copy, so that what was
+            # compared is what is summed, whatever its sender writes meanwhile.
+            self.local.load(wid, msg, copy=block in self.job.round.checks)
             arrays = wire.check_grads(msg, self.job.layout)
         else:
             error = wire.field_of(msg, "error", str)[:2000]
@@ -343,6 +347,7 @@ class Coordinator(Jobs, Checks, Leases):
     # ---- the round -------------------------------------------------------------------------
     def start_round(self):
         job = self.job
+        self.local.release()  # (no round runs) the sums read in place are done with
         live = self.members.live()
         if self.capacity() < job.rt.spec.min_workers:
             self.end_lease()

@@ -284,33 +284,51 @@ class GradsRing:
 
 class GradsReader(Attached):
     """The coordinator's side of the gradients: each worker's segment, and how far it has
-    read each worker's GRADS (sent back as `grads_ack`)."""
+    read each worker's GRADS (sent back as `grads_ack`; a worker writes a slot again only
+    once it is acked).
 
-    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
+    With `hold`, sums are read in place: a GRADS's slot counts as read only at `release()`,
+    which its reader calls when nothing it read is in use any more (the coordinator: as a
+    round starts, the last one done with). Without, each sum is copied out as it comes."""
+
+    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS, hold: bool = False):
         super().__init__(limits)
-        self.read: dict[str, int] = {}
+        self.hold = hold
+        self.read: dict[str, int] = {}  # worker -> the newest seq it may write over
+        self.seen: dict[str, int] = {}  # (hold) worker -> the newest seq taken, not released
         self.names: dict[str, str] = {}  # worker -> its segment's name
 
     def taken(self, wid: str, msg: wire.Message) -> None:
-        """GRADS `msg` from `wid` is dealt with (read, or dropped unread): its slot is free."""
-        seq = msg.get("seq")
-        if type(seq) is int and seq > self.read.get(wid, 0):
-            self.read[wid] = seq
+        """GRADS `msg` from `wid` is dealt with (read, or dropped unread): its slot is free,
+        or (hold) will be at `release()`."""
+        seq, book = msg.get("seq"), self.seen if self.hold else self.read
+        if type(seq) is int and seq > book.get(wid, 0):
+            book[wid] = seq
 
-    def load(self, wid: str, msg: wire.Message) -> None:
-        """Copy the arrays a GRADS points at into msg.arrays (names as on the wire)."""
+    def release(self) -> None:
+        """(hold) Nothing read so far is in use any more: every slot taken may be written."""
+        for wid, seq in self.seen.items():
+            self.read[wid] = max(seq, self.read.get(wid, 0))
+        self.seen.clear()
+
+    def load(self, wid: str, msg: wire.Message, copy: bool | None = None) -> None:
+        """Put the arrays a GRADS points at into msg.arrays (names as on the wire): views of
+        the slot with `hold` (unless `copy`), else copies."""
         name = msg.get("shm")
         old = self.names.get(wid)
         if old is not None and old != name:
-            self.close(old)  # the worker made a new ring (another job)
+            self.close(old)  # the worker made a new ring (another job; views stay valid)
         views = self.views(msg)
         self.names[wid] = name
         names = wire.sum_names(len(views))
-        msg.arrays = {n: np.array(v, copy=True) for n, v in zip(names, views, strict=True)}
+        if copy if copy is not None else not self.hold:
+            views = [np.array(v, copy=True) for v in views]
+        msg.arrays = dict(zip(names, views, strict=True))
 
     def forget(self, wid: str) -> None:
-        """`wid` left or died: let its segment go."""
+        """`wid` left or died: let its segment go (views of it stay valid)."""
         self.read.pop(wid, None)
+        self.seen.pop(wid, None)
         name = self.names.pop(wid, None)
         if name is not None:
             self.close(name)
@@ -320,8 +338,8 @@ class HostPeers:
     """The serving side of the path, for the workers on its host: the coordinator's, and
     each aggregator's for its own workers. One weights board, every local ring read."""
 
-    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS):
-        self.board, self.grads = WeightsBoard(), GradsReader(limits)
+    def __init__(self, limits: wire.Limits = wire.DEFAULT_LIMITS, hold: bool = False):
+        self.board, self.grads = WeightsBoard(), GradsReader(limits, hold)
 
     def task_fields(self, wid: str, weights: list[np.ndarray], version) -> dict:
         """What a TASK to local worker `wid` carries instead of weight frames."""
@@ -336,10 +354,13 @@ class HostPeers:
         if msg.type == wire.GRADS:
             self.grads.taken(wid, msg)
 
-    def load(self, wid: str, msg: wire.Message) -> None:
-        """A GRADS about to be used: its sum copied out of the ring into msg.arrays."""
+    def load(self, wid: str, msg: wire.Message, copy: bool | None = None) -> None:
+        """A GRADS about to be used: its sum out of the ring into msg.arrays (GradsReader)."""
         if "shm" in msg:
-            self.grads.load(wid, msg)
+            self.grads.load(wid, msg, copy)
+
+    def release(self) -> None:
+        self.grads.release()
 
     def forget(self, wid: str) -> None:
         self.grads.forget(wid)

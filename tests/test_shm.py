@@ -147,6 +147,37 @@ def test_block_sums_through_the_ring_bit_for_bit_and_a_slot_waits_for_its_ack():
         ring.close()
 
 
+def test_a_holding_reader_reads_in_place_and_acks_only_at_release():
+    """The coordinator's reader: a sum is a view of its slot, not a copy, and its slot is
+    acked (may be written again) only at release(), when the round is done with it; a
+    copy asked for (a checked block) is one."""
+    ring, reader = shm.GradsRing(slots=2), shm.GradsReader(hold=True)
+    try:
+        one, two = [np.full(4, 1.0, np.float32)], [np.full(4, 2.0, np.float32)]
+        msg = grads_msg(ring.put(one))
+        reader.load("w", msg)
+        reader.taken("w", msg)
+        view = msg.arrays["loss"]
+        assert not view.flags.owndata and not view.flags.writeable
+        checked = grads_msg(ring.put(two))
+        reader.load("w", checked, copy=True)
+        reader.taken("w", checked)
+        assert checked.arrays["loss"].flags.owndata
+        assert reader.read.get("w", 0) == 0, "nothing acked while the round may use it"
+        ring.ack(reader.read.get("w", 0))
+        assert ring.put(two) is None  # so the worker cannot write over the view
+        assert view.tolist() == [1.0] * 4
+        reader.release()
+        assert reader.read["w"] == 2 and reader.seen == {}
+        ring.ack(reader.read["w"])
+        assert ring.put([np.full(4, 3.0, np.float32)]) is not None
+        assert view.tolist() == [3.0] * 4  # (the round was over: the slot was its writer's)
+        assert checked.arrays["loss"].tolist() == [2.0] * 4
+    finally:
+        reader.forget("w")
+        ring.close()
+
+
 def test_a_model_too_big_for_the_ring_goes_as_frames():
     ring = shm.GradsRing(slots=4, max_bytes=1024)
     assert ring.put([np.zeros(1024, np.float32)]) is None
