@@ -196,9 +196,13 @@ class Aggregator:
             wire.send_msg(self.down, msg_type, fields, arrays, identity=wid.encode(),
                           flags=zmq.NOBLOCK)  # fmt: skip
             return True
-        except zmq.ZMQError as e:  # gone, or its queue is full
-            log.warning("worker %s is gone (could not send %s: %s)", wid, msg_type, e)
-            self.members.leave(wid)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH), or its queue is full
+            if self.members.is_live(wid):  # (as the coordinator's _send)
+                log.warning("worker %s is gone (could not send %s: %s)", wid, msg_type, e)
+                gone = e.errno == zmq.EHOSTUNREACH
+                if gone:
+                    self.local.forget(wid)
+                self.members.leave(wid, "dead" if gone else "left")
             return False
 
     def tick(self):
@@ -283,7 +287,8 @@ class Aggregator:
                 here = self.members.on_this_host(wid)
                 if here:
                     task.update(self.local.task_fields(wid, s.weights, (s.job, *s.when)))
-                self.send_down(wid, wire.TASK, task, None if here else arrays)
+                if self.send_down(wid, wire.TASK, task, None if here else arrays):
+                    self.members.busy(wid)
 
     # ---- downstream: our workers -----------------------------------------------------------
     def on_worker(self, msg):
@@ -302,6 +307,7 @@ class Aggregator:
             if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:
+                self.members.beat(wid, msg.get("idle"))
                 self.send_down(msg.envelope[0].decode(), wire.HEARTBEAT, {"boot": self.boot})
             elif self.share is not None and (owed := self.share.round.owed_by(wid)):
                 self.send_blocks({wid: owed})  # it holds nothing now: what it owes, again
@@ -421,7 +427,8 @@ class Aggregator:
                 log.info("round %d: backing up %d straggling sub-block(s)", r.index,
                          len(backups))  # fmt: skip
                 self.send_blocks(backups)
-            if again := r.ask_again(live):  # a result lost on its way, which no backup takes
+            # a result lost on its way, which no backup takes
+            if again := r.ask_again(self.members.idle(live), self.deadline()):
                 log.info("round %d: asking again for %d sub-block(s)", r.index,
                          sum(map(len, again.values())))  # fmt: skip
                 self.send_blocks(again)

@@ -14,6 +14,7 @@ class WorkerInfo:
     state: str = "alive"  # alive | suspect | dead | left | quarantined
     reason: str = ""  # why it is quarantined
     info: dict = field(default_factory=dict)
+    idle: bool = False  # its last heartbeat said it had nothing to do (none since a TASK)
 
 
 class Membership:
@@ -95,6 +96,19 @@ class Membership:
 
     def capacities(self, wids) -> dict[str, int]:
         return {w: self.capacity(w) for w in wids}
+
+    def beat(self, wid: str, idle) -> None:
+        """What a heartbeat says of the worker's main loop (True: nothing to do)."""
+        if wid in self.workers:
+            self.workers[wid].idle = idle is True
+
+    def busy(self, wid: str) -> None:
+        """A TASK is on its way to it: whatever its last heartbeat said is out of date."""
+        if wid in self.workers:
+            self.workers[wid].idle = False
+
+    def idle(self, wids) -> list[str]:
+        return [w for w in wids if w in self.workers and self.workers[w].idle]
 
     def is_live(self, wid: str) -> bool:
         w = self.workers.get(wid)

@@ -56,7 +56,7 @@ class Round:
         self.checks: set[tuple] = set()
         self.checking: dict[str, list] = {}  # worker -> the blocks it got as a check
         self.ahead = 0  # block sums a worker computed ahead on a lease
-        self.asked_again = False  # past the deadline, its holders were asked once more
+        self.asked: dict[str, float] = {}  # worker -> when it was last asked again
         self.checked = checked
         self.assignment: dict[str, list] = {}
         if assignment is None:
@@ -213,18 +213,17 @@ class Round:
                 out.setdefault(wid, []).extend(got)
         return out
 
-    def ask_again(self, live: list[str]) -> dict[str, list]:
-        """Once a round, past its deadline: the blocks only one live worker is still expected
-        to answer for (a backup makes two). A result lost on its way (a reconnect drops what
-        was in flight) would otherwise wait forever where nobody else may take the block: a
-        check, or a round with no idle worker. Worker -> blocks."""
-        if self.asked_again:
-            return {}
-        self.asked_again = True
-        out: dict[str, list] = {}
-        for w in live:
-            if sole := [b for b in self.owed_by(w) if self.waiting_on(b) == {w}]:
-                out[w] = sole
+    def ask_again(self, idle: list[str], every: float) -> dict[str, list]:
+        """Blocks that only one worker is still expected to answer for (a backup makes two)
+        while it says it has nothing to do (`idle`, by its heartbeat): its TASK or its
+        result was lost on the way (a reconnect drops what was in flight). Nobody else may
+        take a check, so the round would wait forever. Each worker at most once every
+        `every` seconds. Worker -> blocks."""
+        now, out = time.monotonic(), {}
+        for w in idle:
+            sole = [b for b in self.owed_by(w) if self.waiting_on(b) == {w}]
+            if sole and now - self.asked.get(w, -every) >= every:
+                self.asked[w], out[w] = now, sole
         return out
 
     def idle(self, live: list[str]) -> list[str]:

@@ -248,6 +248,7 @@ class Coordinator(Jobs, Checks, Leases):
             if self.members.heard(wid, worker_info(msg)):
                 log.info("worker %s joined", wid)
             if msg.type == wire.HEARTBEAT:  # answered, so a worker can tell we are alive
+                self.members.beat(wid, msg.get("idle"))
                 self._send(self.workers, msg.envelope[0], wire.HEARTBEAT, {"boot": self.boot})
             elif self.job is not None and self.job.round is not None:
                 # READY says it holds nothing (restarted, or re-registering): what this round
@@ -428,7 +429,9 @@ class Coordinator(Jobs, Checks, Leases):
                 fields.update(self.local.task_fields(wid, job.rt.weights(), version))
             elif frames is None:
                 frames = arrays
-            if not self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
+            if self._send(self.workers, wid.encode(), wire.TASK, fields, frames):
+                self.members.busy(wid)
+            else:
                 # It has left; its heartbeat may bring it back before repair_round looks,
                 # and a block it still held would wait for it forever (a check, which no
                 # backup may take): unheld, they are re-issued.
@@ -466,7 +469,8 @@ class Coordinator(Jobs, Checks, Leases):
                 self.counters["backup_blocks"] += len(backups)
                 self.send_blocks(backups)
             # (a result lost on its way: nobody else may take a check)
-            for w, blocks in r.ask_again([w for w in live if w not in owed]).items():
+            idle = self.members.idle(w for w in live if w not in owed)
+            for w, blocks in r.ask_again(idle, self.deadline()).items():
                 log.info("round %d: asking %s again for %d block(s)", r.index, w, len(blocks))
                 self.counters["asked_again"] += len(blocks)
                 checks = [b for b in blocks if b in r.checking.get(w, ())]

@@ -1,6 +1,6 @@
 """The worker's heartbeat thread against a real ROUTER playing the coordinator: an answer
 from a restarted coordinator (a new boot id) makes the worker register anew, even when the
-restart was too fast for any beat to go unanswered."""
+restart was too fast for any beat to go unanswered. Beats say whether the worker is idle."""
 
 import time
 
@@ -15,13 +15,15 @@ def test_a_new_boot_id_in_the_answers_makes_the_worker_register_anew(tmp_path):
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(f"ipc://{tmp_path}/w")
-    beat = Heartbeat(ctx, f"ipc://{tmp_path}/w", "w1", interval=0.02, liveness=1000)
+    beat = Heartbeat(
+        ctx, f"ipc://{tmp_path}/w", "w1", interval=0.02, liveness=1000, idle=lambda: True
+    )
 
     def answer(boot, beats):
         for _ in range(beats):
             assert router.poll(10_000), "no heartbeat came"
             _, msg = wire.recv_msg(router, router=True, expect_types=(wire.HEARTBEAT,))
-            assert msg["worker"] == "w1"
+            assert msg["worker"] == "w1" and msg["idle"] is True  # (nothing to do)
             wire.reply(router, msg, wire.HEARTBEAT, {"boot": boot})
 
     try:

@@ -16,13 +16,18 @@ class Heartbeat(threading.Thread):
     like death (and a stopped or killed process does); and listens for the coordinator's
     answers, so a silent coordinator is noticed here too (Paranoid Pirate, both ways)."""
 
-    def __init__(self, ctx, address, worker_id, interval, liveness=5, security=None, info=None):
+    def __init__(
+        self, ctx, address, worker_id, interval, liveness=5, security=None, info=None, idle=None
+    ):
         super().__init__(daemon=True, name="heartbeat")
         self.ctx, self.address, self.worker_id, self.interval = ctx, address, worker_id, interval
         self.liveness, self.security = liveness, security
         # An aggregator's beats carry its role and worker count, so a restarted coordinator
         # that hears a beat before a READY still deals it the right share.
         self.info = info
+        # A worker's beats say whether its main loop has nothing to do: one that owes a block
+        # yet is idle lost a TASK or a result on the way, and is asked again.
+        self.idle = idle
         self.stop = threading.Event()
         self.reregister = threading.Event()  # set when the coordinator answers again
 
@@ -41,6 +46,8 @@ class Heartbeat(threading.Thread):
                     beat = {"worker": self.worker_id}
                     if self.info is not None:
                         beat["info"] = self.info()
+                    if self.idle is not None:
+                        beat["idle"] = self.idle()
                     wire.send_msg(sock, wire.HEARTBEAT, beat, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass

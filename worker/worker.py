@@ -61,6 +61,7 @@ class Worker:
         self.ended = None  # the lease a STEPPED {"end": true} last ended (it may come first)
         self.peers: Peers | None = None  # our port for a lease of several (on one host)
         self.stopping = False
+        self.idle = False  # nothing queued, nothing to compute ahead: our heartbeats say so
         self.dropped = 0
         # Test hooks (docs/architecture.md, fault injection); never set in production.
         env = os.environ.get
@@ -88,7 +89,7 @@ class Worker:
         # (beats carry the READY's info: a restarted coordinator may hear a beat first)
         heartbeat = Heartbeat(
             self.ctx, self.address, self.id, self.interval, self.liveness, self.security,
-            self.info,
+            self.info, lambda: self.idle,
         )  # fmt: skip
         heartbeat.start()
         log.info("worker %s connected to %s", self.id, self.address)
@@ -98,14 +99,17 @@ class Worker:
                     heartbeat.reregister.clear()
                     self.register()
                 if not self.queue and self.lease is not None and self.lease.can_go():
+                    self.idle = False
                     self.drain()  # (a STEPPED in it may end the lease)
                     if not self.queue and self.lease is not None:
                         self.run_ahead()
                     continue
                 if not self.queue:
+                    self.idle = True
                     if self.sock.poll(200):
                         self.drain()
                     continue
+                self.idle = False
                 msg = self.queue.popleft()
                 if not _is_check(msg):
                     self.drop_lease()  # a TASK or STOP_JOB: the coordinator leads again

@@ -167,7 +167,7 @@ def test_a_lease_of_several_ended_by_a_round_of_tasks_sends_each_member_one(tmp_
         )
         coord.members = types.SimpleNamespace(
             is_live=lambda w: True, on_this_host=lambda w: False,
-            is_aggregator=lambda w: False, leave=lambda w: None,
+            is_aggregator=lambda w: False, leave=lambda w: None, busy=lambda w: None,
         )  # fmt: skip
         rt = types.SimpleNamespace(weights=lambda: [np.zeros(2, np.float32)])
         engine = types.SimpleNamespace(next_round=5)
@@ -253,8 +253,9 @@ def test_a_block_whose_task_could_not_be_sent_is_re_issued_though_its_worker_is_
 def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline(tmp_path):
     """In process. B checks A's block; A's answer and B's own block are in, B's check never
     arrives (lost on its way: a reconnect drops what was in flight) though B stays alive.
-    No backup may take it (A answered for it; nobody else is idle), so past the deadline B
-    is asked once more, as a check; not again on the next pass."""
+    No backup may take it (A answered for it), so past the deadline B is asked once more,
+    as a check, but only once its heartbeat says it has nothing to do (busy, it may still
+    be computing it), and not again within the deadline."""
     import types
 
     import numpy as np
@@ -283,12 +284,17 @@ def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline
         assert sent == [], "before the deadline nobody is asked"
         r.started -= 1.0  # past the deadline
         coord.repair_round()
+        assert sent == [], "B may still be computing it"
+        coord.members.beat("B", True)  # its heartbeat: nothing to do
+        coord.repair_round()
         assert [(to, t, f["blocks"], f.get("check")) for to, t, f in sent] == [
             (b"B", "TASK", [[0, 8]], True)
         ]
         assert coord.counters["asked_again"] == 1 and coord.counters["backup_blocks"] == 0
+        assert coord.members.idle(["A", "B"]) == [], "the TASK makes it busy"
+        coord.members.beat("B", True)  # (a beat sent before the TASK reached it)
         coord.repair_round()
-        assert len(sent) == 1, "once a round"
+        assert len(sent) == 1, "not again within the deadline"
         assert r.deliver((0, 8), ones, "B", 0.0) == "verified" and r.complete()
     finally:
         coord.job = None
