@@ -197,12 +197,10 @@ class Aggregator:
                           flags=zmq.NOBLOCK)  # fmt: skip
             return True
         except zmq.ZMQError as e:  # gone (EHOSTUNREACH), or its queue is full
-            if self.members.is_live(wid):  # (as the coordinator's _send)
+            if self.members.is_live(wid):
                 log.warning("worker %s is gone (could not send %s: %s)", wid, msg_type, e)
-                gone = e.errno == zmq.EHOSTUNREACH
-                if gone:
-                    self.local.forget(wid)
-                self.members.leave(wid, "dead" if gone else "left")
+            if self.members.unreachable(wid, e.errno == zmq.EHOSTUNREACH):
+                self.local.forget(wid)
             return False
 
     def tick(self):

@@ -50,6 +50,15 @@ class Membership:
         if wid in self.workers:
             self.workers[wid].state = state
 
+    def unreachable(self, wid: str, gone: bool) -> bool:
+        """A send to live `wid` failed: its connection is `gone` (EHOSTUNREACH: dead, as the
+        sweep would say) or it is not reading (left; alive after all, its next heartbeat
+        registers it again). A quarantined one stays so. True if it just died."""
+        if not self.is_live(wid):
+            return False
+        self.leave(wid, "dead" if gone else "left")
+        return gone
+
     def sweep(self) -> list[str]:
         """Update verdicts; the ids that just died."""
         now, died = time.monotonic(), []

@@ -177,13 +177,8 @@ class Coordinator(Jobs, Checks, Leases):
             log.info("could not send %s: %s", msg_type, e)
             if sock is self.workers:  # gone (its connection closed), or not reading
                 wid = identity.decode()
-                if self.members.is_live(wid):  # (a quarantined one stays so)
-                    gone = e.errno == zmq.EHOSTUNREACH
-                    if gone:
-                        self.worker_died(wid, f"could not send {msg_type}: {e}")
-                    # Dead as the sweep would say it (the dashboard shows it); alive after
-                    # all, it registers again with its next heartbeat.
-                    self.members.leave(wid, "dead" if gone else "left")
+                if self.members.unreachable(wid, e.errno == zmq.EHOSTUNREACH):
+                    self.worker_died(wid, f"could not send {msg_type}: {e}")
             return False
 
     def worker_died(self, wid: str, why: str):
