@@ -9,7 +9,7 @@ rules get `xp = T`, and the walk itself is recorded, so it can be differentiated
 import numpy as np
 
 from .ops import NP, sum_to
-from .tensor import OPS, T, Tensor, apply, enable_grad, no_grad
+from .tensor import OPS, T, Tensor, _changes, apply, enable_grad, no_grad
 
 _FREED = (
     "Trying to backward through the graph a second time (or directly access saved tensors "
@@ -56,26 +56,23 @@ def _topological(roots):
 
 def _check_saved(node):
     """Every value a rule of an input that needs grad will read must be unchanged since
-    the forward (PyTorch's version counter check)."""
+    the forward (PyTorch's saved-tensor check; tensor.py `_changes` says how we know)."""
     if node.freed:
         raise RuntimeError(_FREED)
-    op = node.op
-    if not op.saves_any:
-        return
-    versions = node.versions  # None for an input that is no Tensor (nothing to check)
-    for edge in node.edges:
-        for j in op.saves[0 if op.variadic else edge[0]]:
+    op, inputs = node.op, node.inputs
+    for i, *_ in node.edges:
+        for j in op.saves[0 if op.variadic else i]:
             if j < 0:
-                counter, version = node.out_version
-            elif j < len(versions) and versions[j] is not None:
-                counter, version = node.inputs[j]._version, versions[j]
+                counter = node.out_version
+            elif j < len(inputs) and isinstance(inputs[j], Tensor):
+                counter = inputs[j]._version
             else:
                 continue
-            if counter[0] != version:
+            if counter[1] > node.changes:
                 raise RuntimeError(
                     "one of the variables needed for gradient computation has been modified "
                     f"by an inplace operation: the input of {node.name()} is at version "
-                    f"{counter[0]}; expected version {version} instead. Hint: do the in-place "
+                    f"{counter[0]}, changed after the forward saved it. Hint: do the in-place "
                     "change after backward, or use an out-of-place op (x = x + 1, not x += 1)."
                 )
 
@@ -187,7 +184,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 continue
             if t._retains_grad and capture is None and current:
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
-            if node.freed or node.op.saves_any:  # (the call is the cost of a cheap op)
+            if node.freed or node.changes != _changes[0]:  # (an in-place change since)
                 _check_saved(node)
             _vjps(node, g, create_graph, pending)
     if not retain_graph:

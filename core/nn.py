@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import functional as F
-from .tensor import Tensor
+from .tensor import Tensor, bump_version
 
 
 class Parameter(Tensor):
@@ -164,7 +164,7 @@ class Module:
                 )
             if isinstance(p, Tensor):
                 p.data[...] = value
-                p._version[0] += 1
+                bump_version(p)
             else:  # a buffer
                 p[...] = value
 

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from .tensor import bump_version
+
 
 class Optimizer:
     defaults: dict = {}
@@ -38,7 +40,7 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 self._update(p.data, p.grad.data, self.state.setdefault(i, {}), group)
-                p._version[0] += 1
+                bump_version(p)
 
     def state_dict(self):
         state = {

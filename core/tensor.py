@@ -56,19 +56,16 @@ class enable_grad(_SetGrad):
 
 class Node:
     """What backward needs of one op application: its inputs (Tensors or constants) and
-    their arrays then (`datas`), their version counters then (`versions`), its parameters
-    and its output array. `edges` lists the inputs that needed a gradient then: (index,
-    tensor, the history it had then, the key of that vertex of the graph)."""
+    their arrays then (`datas`), its parameters, its output array and the output's version
+    counter. `edges` lists the inputs that needed a gradient then: (index, tensor, the
+    history it had then, the key of that vertex of the graph). `changes`: the count of
+    in-place changes when it was made."""
 
-    __slots__ = ("op", "inputs", "datas", "versions", "edges", "params", "out", "out_version")
-    __slots__ += ("freed",)
-
-    def __init__(self, op, inputs, datas, versions, edges, params, out, out_version):
-        self.op, self.inputs, self.datas, self.params, self.out = op, inputs, datas, params, out
-        # Edges point at the history an input had when it was used, so an in-place op on
-        # that input later (which gives it a new grad_fn) cannot reroute this gradient.
-        self.versions, self.edges = versions, edges
-        self.out_version, self.freed = out_version, False
+    __slots__ = ("op", "inputs", "datas", "edges", "params", "out", "out_version", "freed")
+    __slots__ += ("changes",)
+    # Made by apply field by field: no __init__ call on every op's hot path. Edges point at
+    # the history an input had when it was used, so an in-place op on that input later
+    # (which gives it a new grad_fn) cannot reroute this gradient.
 
     def name(self):
         return f"{self.op.name.capitalize()}Backward"
@@ -77,19 +74,29 @@ class Node:
         return f"<{self.name()}>"
 
 
+# PyTorch's saved-tensor check without saving versions: every in-place change counts in
+# `_changes`, and a tensor's version counter is [version, the count at its last change].
+# A value a node saved was changed since iff its counter's count is above the node's
+# `changes`; a node made after the last change anywhere needs no check at all.
+_changes = [0]
+
+
+def bump_version(t):
+    _changes[0] += 1
+    t._version[:] = t._version[0] + 1, _changes[0]
+
+
 def apply(op, *inputs, **params):
     """Run `op` forward on NumPy data and record it if the result needs a gradient."""
-    datas, versions, edges = [], [], []
+    datas, edges = [], []
     for a in inputs:  # one pass: the hot path of every op
         if isinstance(a, Tensor):
-            fn = a.grad_fn
             if a.requires_grad:  # the backward walk's edge, its vertex key precomputed
+                fn = a.grad_fn
                 edges.append((len(datas), a, fn, id(fn) if fn is not None else id(a)))
             datas.append(a.data)
-            versions.append(a._version[0])
         else:
             datas.append(a)
-            versions.append(None)
     try:
         out = op.forward(*datas, **params)
     except (ValueError, IndexError) as e:
@@ -97,16 +104,19 @@ def apply(op, *inputs, **params):
             str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray)
         )
         raise ValueError(f"{op.name}: cannot apply to shapes {shapes}: {e}") from None
-    t = Tensor.__new__(Tensor)
-    t.data = out if type(out) is np.ndarray else np.asarray(out)
-    t.grad = t.grad_fn = t._hooks = None
-    t._version = [0]
-    t._retains_grad = False
+    if type(out) is not np.ndarray:
+        out = np.asarray(out)
+    t = _new(Tensor)
+    t.data, t.grad, t._hooks, t._retains_grad = out, None, None, False
+    t._version = version = [0, 0]
     if edges and _mode.enabled:
         t.requires_grad = True
-        t.grad_fn = Node(op, inputs, datas, versions, edges, params, t.data, (t._version, 0))
+        t.grad_fn = n = _new_node(Node)
+        n.op, n.inputs, n.datas, n.edges, n.params = op, inputs, datas, edges, params
+        n.out, n.out_version, n.freed, n.changes = out, version, False, _changes[0]
     else:
         t.requires_grad = False
+        t.grad_fn = None
     return t
 
 
@@ -155,7 +165,7 @@ class Tensor:
     def __init__(self, data, requires_grad=False, dtype=None):
         self.data = _as_array(data, dtype)
         self.grad = self.grad_fn = self._hooks = None
-        self._version = [0]
+        self._version = [0, 0]
         self._retains_grad = False
         self.requires_grad = False
         if requires_grad:
@@ -251,7 +261,7 @@ class Tensor:
     def _wrap(data, version=None):
         t = Tensor.__new__(Tensor)
         t.data, t.grad, t.grad_fn, t._hooks = data, None, None, None
-        t._version = version if version is not None else [0]
+        t._version = version if version is not None else [0, 0]
         t.requires_grad = t._retains_grad = False
         return t
 
@@ -267,10 +277,13 @@ class Tensor:
             old.requires_grad, old.grad_fn = True, self.grad_fn
             result = apply(OPS[name], old, *others, **params)
             self.data[...] = result.data
-            self._version[0] += 1
-            self.grad_fn = result.grad_fn
-            self.grad_fn.out = self.data
-            self.grad_fn.out_version = (self._version, self._version[0])
+            bump_version(self)
+            node = self.grad_fn = result.grad_fn
+            node.out, node.out_version = self.data, self._version
+            # Its output is self as changed now; the old value it read is gone: a rule
+            # that reads it can no longer run.
+            gone = any(0 in node.op.saves[i] for i, *_ in node.edges)
+            node.changes = -1 if gone else _changes[0]
             return self
         other_data = [o.data if isinstance(o, Tensor) else o for o in others]
         result = OPS[name].forward(self.data, *other_data, **params)
@@ -280,7 +293,7 @@ class Tensor:
                 f"a tensor of shape {self.shape}"
             )
         self.data[...] = result
-        self._version[0] += 1
+        bump_version(self)
         if any(isinstance(o, Tensor) and o.requires_grad for o in others) and _mode.enabled:
             raise RuntimeError(
                 "in-place op with a tensor that requires grad on a tensor that doesn't"
@@ -305,12 +318,12 @@ class Tensor:
     def copy_(self, src):
         with no_grad():
             self.data[...] = src.data if isinstance(src, Tensor) else src
-        self._version[0] += 1
+        bump_version(self)
         return self
 
     def fill_(self, value):
         self.data.fill(value)
-        self._version[0] += 1
+        bump_version(self)
         return self
 
     def zero_(self):
@@ -344,7 +357,7 @@ class Tensor:
         if self.requires_grad and _mode.enabled:
             raise RuntimeError("in-place assignment into a tensor that requires grad")
         self.data[_index(index)] = value.data if isinstance(value, Tensor) else value
-        self._version[0] += 1
+        bump_version(self)
 
     def _compare(self, o, fn):
         return Tensor._wrap(fn(self.data, o.data if isinstance(o, Tensor) else o))
@@ -366,6 +379,9 @@ class Tensor:
 
     def __ne__(self, o):
         return self._compare(o, np.not_equal)
+
+
+_new, _new_node = Tensor.__new__, Node.__new__
 
 
 def _index(index):

@@ -26,7 +26,7 @@ from .core.sampling import (
     tree_split,
     tree_sum,
 )
-from .core.tensor import Tensor, no_grad
+from .core.tensor import Tensor, bump_version, no_grad
 from .datasets import check_against_model, load_dataset, resolve_data_path
 from .engine import run_local, weights_digest  # noqa: F401  (re-exported)
 from .jobspec import JobSpec
@@ -210,7 +210,7 @@ class JobRuntime:
     def set_weights(self, arrays) -> None:
         for p, a in zip(self.params, arrays, strict=True):
             np.copyto(p.data, a)
-            p._version[0] += 1
+            bump_version(p)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Parameters and buffers (BatchNorm's running statistics), named and ordered as

@@ -266,6 +266,51 @@ def test_inplace_on_saved_output_raises():
         y.sum().backward()
 
 
+def test_inplace_op_whose_rule_reads_the_overwritten_value_raises():
+    x = t64([1.0, 2.0])
+    w = t64([3.0, 4.0])
+    a = x * 2.0
+    a.mul_(w)  # w's gradient needs a's old value, which mul_ overwrote (as in PyTorch)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        a.sum().backward()
+
+
+def test_inplace_op_whose_rules_need_no_old_value_is_fine():
+    x = t64([1.0, 2.0])
+    a = x * 2.0
+    a.mul_(3.0)  # x's gradient needs only the constant
+    a.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [6.0, 6.0])
+
+
+def test_inplace_change_through_a_detached_alias_raises():
+    x = t64([1.0, 2.0])
+    a = x * 2.0
+    b = a * a
+    a.detach().add_(1.0)  # shares a's version counter, as in PyTorch
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        b.sum().backward()
+
+
+def test_optimizer_step_between_forward_and_backward_raises():
+    w = t64([1.0, 2.0])
+    x = t64([3.0, 4.0])
+    y = (w * x).sum()  # x's gradient needs w
+    w.grad = sg.tensor([1.0, 1.0], dtype=np.float64)
+    sg.optim.SGD([w], lr=0.1).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_a_change_before_the_forward_is_fine():
+    x = t64([1.0, 2.0])
+    a = x * 2.0
+    a.add_(1.0)
+    b = a * a  # saved after the change
+    b.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [12.0, 20.0])
+
+
 def test_inplace_on_unsaved_tensor_is_fine_and_correct(torch):
     def fn(m, x):
         a = x * 2.0
