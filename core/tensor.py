@@ -93,7 +93,7 @@ def apply(op, *inputs, **params):
         if isinstance(a, Tensor):
             if a.requires_grad:  # the backward walk's edge, its vertex key precomputed
                 fn = a.grad_fn
-                edges.append((len(datas), a, fn, id(fn) if fn is not None else id(a)))
+                edges.append((len(datas), a, fn, fn if fn is not None else a))
             datas.append(a.data)
         else:
             datas.append(a)
@@ -104,7 +104,7 @@ def apply(op, *inputs, **params):
             str(tuple(a.shape)) for a in inputs if isinstance(a, Tensor | np.ndarray)
         )
         raise ValueError(f"{op.name}: cannot apply to shapes {shapes}: {e}") from None
-    if type(out) is not np.ndarray:
+    if type(out) is not _ndarray:
         out = np.asarray(out)
     t = _new(Tensor)
     t.data, t.grad, t._hooks, t._retains_grad = out, None, None, False
@@ -381,7 +381,7 @@ class Tensor:
         return self._compare(o, np.not_equal)
 
 
-_new, _new_node = Tensor.__new__, Node.__new__
+_new, _new_node, _ndarray = Tensor.__new__, Node.__new__, np.ndarray
 
 
 def _index(index):
