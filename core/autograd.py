@@ -97,42 +97,28 @@ def _seed(root, grad, create_graph):
     return g
 
 
-def _vjps(node, g, pending):
+def _vjps(node, g, create_graph, pending):
     """Add the gradient of every input of `node` that needs one to `pending` (by key)."""
-    op, out, args, params = node.op, node.out, node.datas, node.params
+    op, params = node.op, node.params
+    if create_graph:
+        xp, args = T, node.inputs
+        out = apply(op, *args, **params) if op.uses_out else None  # recomputed: on graph
+    else:
+        xp, out, args = NP, node.out, node.datas
     for i, a, _, key in node.edges:
         if op.variadic:
-            ga = op.vjps[0](i, NP, g, out, *args, **params)
+            ga = op.vjps[0](i, xp, g, out, *args, **params)
         elif params:
-            ga = op.vjps[i](NP, g, out, *args, **params)
+            ga = op.vjps[i](xp, g, out, *args, **params)
         else:  # (no empty dict to unpack: the cheap common case)
-            ga = op.vjps[i](NP, g, out, *args)
+            ga = op.vjps[i](xp, g, out, *args)
         ad = a.data
         if ga.shape != ad.shape:
-            ga = sum_to(ga, ad.shape)
-        elif type(ga) is not np.ndarray:
+            ga = apply(OPS["sum_to"], ga, shape=ad.shape) if create_graph else sum_to(ga, ad.shape)
+        elif not create_graph and type(ga) is not np.ndarray:
             ga = np.asarray(ga)  # NumPy returns scalars from 0-d arithmetic
         if ga.dtype is not ad.dtype and ga.dtype != ad.dtype:  # `is`: the cheap common case
-            ga = ga.astype(ad.dtype)
-        prev = pending.get(key)
-        pending[key] = ga if prev is None else prev + ga
-
-
-def _vjps_graph(node, g, pending):
-    """_vjps with create_graph: the rules get Tensors and `xp = T`, so what they compute
-    is recorded, and can be differentiated again."""
-    op, inputs, params = node.op, node.inputs, node.params
-    out = apply(op, *inputs, **params) if op.uses_out else None  # recomputed: on the graph
-    for i, a, _, key in node.edges:
-        if op.variadic:
-            ga = op.vjps[0](i, T, g, out, *inputs, **params)
-        else:
-            ga = op.vjps[i](T, g, out, *inputs, **params)
-        ad = a.data
-        if ga.shape != ad.shape:
-            ga = apply(OPS["sum_to"], ga, shape=ad.shape)
-        if ga.dtype is not ad.dtype and ga.dtype != ad.dtype:
-            ga = apply(_CAST, ga, dtype=ad.dtype)
+            ga = ga.astype(ad.dtype) if not create_graph else apply(_CAST, ga, dtype=ad.dtype)
         prev = pending.get(key)
         pending[key] = ga if prev is None else prev + ga
 
@@ -183,7 +169,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
         g, key = _seed(r, g, create_graph), _key(r, r.grad_fn)
         pending[key] = g if key not in pending else pending[key] + g
     order, handed = _topological(roots), set()
-    vjps, free = _vjps_graph if create_graph else _vjps, not retain_graph
+    free = not retain_graph
     ctx = enable_grad() if create_graph else no_grad()
     with ctx:
         for t, node, key in order:
@@ -205,7 +191,7 @@ def run_backward(roots, grads, retain_graph=None, create_graph=False, inputs=Non
                 t.grad = g if create_graph else Tensor._wrap(_owned(g, handed))
             if node.freed or node.changes != _changes[0]:  # (an in-place change since)
                 _check_saved(node)
-            vjps(node, g, pending)
+            _vjps(node, g, create_graph, pending)
             if free and node.op.saves_any:  # (as PyTorch: as soon as its rules have run)
                 node.freed, node.out, node.datas = True, None, None
 
