@@ -96,6 +96,10 @@ class Aggregator:
         self.info = {"role": "aggregator", "workers": 0, "seq": 0}
         self.stopping = False
         self.endpoint = None
+        # fault injection (tests): the N-th sum we send up is lost, as a reconnect loses
+        # what was in flight
+        self.drop_up = int(os.environ.get("SHARDGRAD_FAULT_DROP_UP", "0") or 0)
+        self.sent_up = 0
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, ready=None):
@@ -117,7 +121,7 @@ class Aggregator:
         self.endpoint = self.down.getsockopt_string(zmq.LAST_ENDPOINT)
         heartbeat = Heartbeat(
             self.ctx, self.upstream, self.id, self.interval, self.liveness, self.security,
-            info=lambda: self.info,
+            info=lambda: self.info, idle=self.idle,
         )  # fmt: skip
         heartbeat.start()
         self.register()
@@ -172,6 +176,13 @@ class Aggregator:
     def capacity(self) -> int:
         """Our live workers, counting those behind aggregators below us (a tree of them)."""
         return sum(self.members.capacities(self.members.live()).values())
+
+    def idle(self) -> bool:
+        """Nothing we were given is still to send up: our heartbeats say so (read on their
+        thread), so a block the coordinator still waits for from us was lost on its way,
+        either way, and it asks again (as it does a worker's)."""
+        s = self.share
+        return s is None or not (s.blocks or s.unassigned)
 
     def register(self):
         """READY upstream with our capacity: the coordinator deals blocks by it."""
@@ -398,7 +409,9 @@ class Aggregator:
             fields["compute_s"] = max(r.compute_s.values(), default=0.0)
             sums = r.node_sum(*b)
             names = wire.sum_names(len(sums))
-            self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
+            self.sent_up += 1
+            if self.sent_up != self.drop_up:
+                self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
             s.blocks.remove(b)
             if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
                 took = r.half_time if r.half_time is not None else time.monotonic() - r.started

@@ -248,3 +248,23 @@ def test_a_recall_of_the_running_round_drops_what_that_aggregator_sent(make_clus
         beat.join(5)
         sock.close(0)
         ctx.term()
+
+
+def test_a_sum_lost_between_an_aggregator_and_the_coordinator_is_asked_again(make_cluster):
+    """The aggregator's third block sum never reaches the coordinator (a reconnect drops
+    what was in flight; here a fault hook drops it). It is the only member, so no backup can
+    take that block and the round would wait forever. Its heartbeats say it owes nothing,
+    so past the deadline the coordinator asks it again; the weights are right."""
+    job_spec = spec(rounds=8)
+    env = {"SHARDGRAD_FAULT_DELAY": DELAY, "SHARDGRAD_MIN_DEADLINE": "1"}
+    cl = make_cluster(0, aggregators=1, env=env)
+    cl.start_coordinator()
+    cl.start_aggregator(0, env={"SHARDGRAD_FAULT_DROP_UP": "3"})
+    cl.add_worker()
+    cl.add_worker()
+    cl.wait_workers(2)
+    with cl.client() as c:
+        job = c.submit(job_spec)
+        assert finish(c, job) == reference_digest(job_spec)
+        assert c.status()["counters"].get("asked_again", 0) >= 1
+    assert "asking aggregator-0 again" in log_of(cl, "coordinator")
