@@ -404,8 +404,17 @@ defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 # and bias (k, out) is k micro-batches at once: slice i of everything is micro-batch i, and
 # every product is one batched (3-D) matmul, which computes each slice exactly as it would
 # alone, so a micro-batch's bits do not depend on k (docs/architecture.md).
+#
+# With a few rows and a big weight, OpenBLAS spends most of x @ w^T packing the transposed
+# weight: w @ x^T, made contiguous again, is up to 2x faster for m <= 32 (slower with more
+# rows or a small weight; benchmarks/core_step.py). It gave the same bits in every shape
+# tried, and the choice depends on (m, in, out) alone, never on k: a micro-batch's bits
+# are the same in any stack (tests/test_batched.py).
 def _linear(x, w, b=None):
-    out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
+    if x.ndim == w.ndim and x.shape[-2] <= 32 and w.shape[-1] >= 128 and w.shape[-2] >= 128:
+        out = np.ascontiguousarray(np.matmul(w, x.swapaxes(-1, -2)).swapaxes(-1, -2))
+    else:
+        out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
     if b is not None:
         out += b if w.ndim == 2 else b[:, None, :]
     return out

@@ -341,3 +341,43 @@ def test_a_micro_batch_gives_the_same_bits_alone_and_in_any_stack(k, m, widths, 
         if i >= lo:
             for a, b in zip(whole, part, strict=True):
                 assert a[i].tobytes() == b[i - lo].tobytes()
+
+
+@pytest.mark.parametrize("m", [1, 5, 32, 33])
+def test_wide_layers_with_few_rows_give_the_same_bits_alone_and_in_any_stack(m):
+    """Few rows and a wide weight take the other GEMM order in ops._linear (w @ x^T), more
+    rows the usual one: either way a micro-batch's bits are those of its own pass, stacked
+    with any others, and (from 2 rows: one row is a matrix-vector product in 2-D, before
+    this change too) its forward is the same as a lone 2-D linear's."""
+    k = 4
+    model = nn.build([{"type": "linear", "out": 160}, {"type": "relu"},
+                      {"type": "linear", "out": 130}, {"type": "relu"},
+                      {"type": "linear", "out": 3}], [140], seed=m)  # fmt: skip
+    r = np.random.default_rng(m)
+    x, y = _x(r, k, m, 140), r.integers(0, 3, (k, m))
+    params = list(model.parameters())
+
+    def run(lo, hi):
+        stack = nn.Stack(hi - lo)
+        out = model.stacked(Tensor(x[lo:hi]), stack)
+        losses = F.stacked_loss(F.cross_entropy, out, Tensor(y[lo:hi])) * float(m)
+        losses.backward(np.ones(hi - lo, losses.dtype))
+        return [stack.grad(p) for p in params] + [losses.data]
+
+    whole, part = run(0, k), run(1, k)
+    for i in range(k):
+        alone = run(i, i + 1)
+        for a, b in zip(whole, alone, strict=True):
+            assert a[i].tobytes() == b[0].tobytes()
+        if i >= 1:
+            for a, b in zip(whole, part, strict=True):
+                assert a[i].tobytes() == b[i - 1].tobytes()
+    if m == 1:
+        return
+    w, b = params[0].data, params[1].data
+    stacked = F.linear(Tensor(x), Tensor(np.broadcast_to(w, (k, *w.shape))),
+                       Tensor(np.broadcast_to(b, (k, *b.shape))))  # fmt: skip
+    for i in range(k):
+        assert (
+            F.linear(Tensor(x[i]), params[0], params[1]).data.tobytes() == stacked.data[i].tobytes()
+        )
