@@ -50,10 +50,16 @@ def floor_step(sizes, batch, k):
     y = rng.integers(0, sizes[-1], (k, m))
     rows = np.arange(m)
 
+    def linear(h, w):  # h @ w^T per micro-batch, in core/ops.py _linear's faster GEMM order
+        wk = np.broadcast_to(w, (k, *w.shape))
+        if m <= 32 and min(w.shape) >= 128:  # (few rows, a big weight: w @ h^T)
+            return np.ascontiguousarray(np.matmul(wk, h.swapaxes(-1, -2)).swapaxes(-1, -2))
+        return np.matmul(h, wk.swapaxes(-1, -2))
+
     def step():
         acts, h = [x], x
         for j, (w, b) in enumerate(zip(ws, bs, strict=True)):
-            h = np.matmul(h, np.broadcast_to(w.T, (k, *w.T.shape))) + b
+            h = linear(h, w) + b
             if j < len(ws) - 1:
                 h = np.maximum(h, 0)
             acts.append(h)
