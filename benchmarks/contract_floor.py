@@ -23,6 +23,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from shardgrad.core.ops import _w_first  # noqa: E402
 from shardgrad.core.sampling import tree_sum  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
@@ -52,7 +53,7 @@ def floor_step(sizes, batch, k):
 
     def linear(h, w):  # h @ w^T per micro-batch, in core/ops.py _linear's faster GEMM order
         wk = np.broadcast_to(w, (k, *w.shape))
-        if m <= 32 and min(w.shape) >= 128:  # (few rows, a big weight: w @ h^T)
+        if _w_first((m, w.shape[1]), w.shape):  # (few rows, a big weight: w @ h^T)
             return np.ascontiguousarray(np.matmul(wk, h.swapaxes(-1, -2)).swapaxes(-1, -2))
         return np.matmul(h, wk.swapaxes(-1, -2))
 

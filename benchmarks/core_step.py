@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import shardgrad.core as sg  # noqa: E402
 from shardgrad.core import functional as F  # noqa: E402
 from shardgrad.core import nn, optim  # noqa: E402
+from shardgrad.core.ops import _w_first  # noqa: E402
 
 try:
     import torch
@@ -93,7 +94,7 @@ def numpy_step(batch, our_order=False):
     def step():
         acts, h = [x], x
         for k, (w, b) in enumerate(zip(ws, bs, strict=False)):
-            if our_order and batch <= 32 and min(w.shape) >= 128:
+            if our_order and _w_first(h.shape, w.shape):
                 h = np.ascontiguousarray((w @ h.T).T) + b
             else:
                 h = h @ w.T + b

@@ -100,6 +100,7 @@ class Aggregator:
         # what was in flight
         self.drop_up = int(os.environ.get("SHARDGRAD_FAULT_DROP_UP", "0") or 0)
         self.sent_up = 0
+        self.last_busy = 0.0  # when a TASK came or a sum went up (idle)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, ready=None):
@@ -178,11 +179,14 @@ class Aggregator:
         return sum(self.members.capacities(self.members.live()).values())
 
     def idle(self) -> bool:
-        """Nothing we were given is still to send up: our heartbeats say so (read on their
-        thread), so a block the coordinator still waits for from us was lost on its way,
-        either way, and it asks again (as it does a worker's)."""
+        """Nothing we were given is still to send up, and nothing came or went for a beat:
+        our heartbeats say so (read on their thread), so a block the coordinator still waits
+        for from us was lost on its way, either way, and it asks again (as it does a
+        worker's). The beat goes on its own connection and may pass a big sum still on its
+        way; asked again, we would recompute the whole block."""
         s = self.share
-        return s is None or not (s.blocks or s.unassigned)
+        quiet = time.monotonic() - self.last_busy > self.interval
+        return quiet and (s is None or not (s.blocks or s.unassigned))
 
     def register(self):
         """READY upstream with our capacity: the coordinator deals blocks by it."""
@@ -228,6 +232,7 @@ class Aggregator:
     def on_upstream(self, msg):
         if msg.type == wire.HEARTBEAT:
             return
+        self.last_busy = time.monotonic()  # (first: the heartbeat thread reads it)
         if msg.type == wire.STOP_JOB:
             for wid in self.members.live():
                 self.send_down(wid, wire.STOP_JOB, {"job": msg.get("job")})
@@ -410,8 +415,12 @@ class Aggregator:
             sums = r.node_sum(*b)
             names = wire.sum_names(len(sums))
             self.sent_up += 1
+            self.last_busy = time.monotonic()
             if self.sent_up != self.drop_up:
                 self.send_up(wire.GRADS, fields, list(zip(names, sums, strict=True)))
+            else:
+                log.warning("fault injection: sum %d (round %d block %s) not sent up",
+                            self.sent_up, r.index, list(b))  # fmt: skip
             s.blocks.remove(b)
             if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
                 took = r.half_time if r.half_time is not None else time.monotonic() - r.started

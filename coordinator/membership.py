@@ -107,7 +107,8 @@ class Membership:
         return {w: self.capacity(w) for w in wids}
 
     def beat(self, wid: str, idle) -> None:
-        """What a heartbeat says of the worker's main loop (True: nothing to do)."""
+        """What a heartbeat says of the worker's main loop (True: nothing to do; from an
+        aggregator: all it was given has gone up)."""
         if wid in self.workers:
             self.workers[wid].idle = idle is True
 

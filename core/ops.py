@@ -406,12 +406,22 @@ defop("matmul", np.matmul, _matmul_vjp_a, _matmul_vjp_b, saves=("1", "0"))
 # alone, so a micro-batch's bits do not depend on k (docs/architecture.md).
 #
 # With a few rows and a big weight, OpenBLAS spends most of x @ w^T packing the transposed
-# weight: w @ x^T, made contiguous again, is up to 2x faster for m <= 32 (slower with more
-# rows or a small weight; benchmarks/core_step.py). It gave the same bits in every shape
-# tried, and the choice depends on (m, in, out) alone, never on k: a micro-batch's bits
-# are the same in any stack (tests/test_batched.py).
+# weight: w @ x^T, made contiguous again, is up to 2x faster for 2..32 rows on AVX-512
+# kernels (slower with more rows or a small weight; benchmarks/core_step.py), 5-10 % on
+# Haswell's. The two orders can differ in bits (they do on Haswell's kernels), so the choice
+# is a function of one micro-batch's shapes alone, never of k (tests/test_batched.py).
+def _w_first(x_shape, w_shape) -> bool:
+    """Whether `_linear` computes w @ x^T: one micro-batch's x (rows, in), or k of them
+    stacked (k, rows, in) with a stacked weight, with 2..32 rows and a weight of at least
+    128 x 256."""
+    if len(x_shape) != len(w_shape):
+        return False
+    out, inp = w_shape[-2:]
+    return 2 <= x_shape[-2] <= 32 and min(out, inp) >= 128 and out * inp >= 1 << 15
+
+
 def _linear(x, w, b=None):
-    if x.ndim == w.ndim and x.shape[-2] <= 32 and w.shape[-1] >= 128 and w.shape[-2] >= 128:
+    if _w_first(x.shape, w.shape):
         out = np.ascontiguousarray(np.matmul(w, x.swapaxes(-1, -2)).swapaxes(-1, -2))
     else:
         out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more

@@ -28,7 +28,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# Bumped whenever what a worker computes may change bits, too: workers of two versions must
+# never add to one job's sums. 2: core/ops.py _linear's GEMM order for few rows.
+PROTOCOL_VERSION = 2
 
 # --- message types -------------------------------------------------------------------------
 # worker -> coordinator

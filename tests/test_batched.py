@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from shardgrad import training, wire
 from shardgrad.core import functional as F
-from shardgrad.core import nn
+from shardgrad.core import nn, ops
 from shardgrad.core.sampling import aligned_blocks, tree_sum
 from shardgrad.core.tensor import Tensor
 from shardgrad.jobspec import parse_spec
@@ -343,18 +343,35 @@ def test_a_micro_batch_gives_the_same_bits_alone_and_in_any_stack(k, m, widths, 
                 assert a[i].tobytes() == b[i - lo].tobytes()
 
 
-@pytest.mark.parametrize("m", [1, 5, 32, 33])
-def test_wide_layers_with_few_rows_give_the_same_bits_alone_and_in_any_stack(m):
-    """Few rows and a wide weight take the other GEMM order in ops._linear (w @ x^T), more
-    rows the usual one: either way a micro-batch's bits are those of its own pass, stacked
-    with any others, and (from 2 rows: one row is a matrix-vector product in 2-D, before
-    this change too) its forward is the same as a lone 2-D linear's."""
-    k = 4
-    model = nn.build([{"type": "linear", "out": 160}, {"type": "relu"},
-                      {"type": "linear", "out": 130}, {"type": "relu"},
-                      {"type": "linear", "out": 3}], [140], seed=m)  # fmt: skip
+def test_the_gemm_order_of_a_linear_is_chosen_per_micro_batch():
+    """ops._linear computes w @ x^T for few rows and a big weight, x @ w^T otherwise; the
+    two can differ in bits (on Haswell's kernels they do), so the choice may depend on one
+    micro-batch's shapes only: alone (m, in), or stacked (k, m, in) with any k."""
+    chosen = set()
+    for m in (1, 2, 5, 32, 33, 64):
+        for out, inp in ((10, 784), (128, 128), (128, 256), (256, 784), (512, 512)):
+            alone = ops._w_first((m, inp), (out, inp))
+            assert all(ops._w_first((k, m, inp), (k, out, inp)) == alone for k in range(1, 10))
+            chosen.add(alone)
+    assert chosen == {True, False}
+    assert ops._w_first((4, 2, 5, 256), (256, 256)) is False  # (more dims than the weight)
+
+
+WIDE = [
+    {"type": "linear", "out": 256},
+    {"type": "relu"},
+    {"type": "linear", "out": 192},
+    {"type": "relu"},
+    {"type": "linear", "out": 3},
+]  # fmt: skip (weights 256x200, 192x256)
+
+
+def _wide_layer_bits(m, k=4):
+    """A micro-batch of m rows through wide layers has the bits of its own pass, stacked
+    with any others, and its forward those of a lone 2-D linear."""
+    model = nn.build(WIDE, [200], seed=m)
     r = np.random.default_rng(m)
-    x, y = _x(r, k, m, 140), r.integers(0, 3, (k, m))
+    x, y = _x(r, k, m, 200), r.integers(0, 3, (k, m))
     params = list(model.parameters())
 
     def run(lo, hi):
@@ -372,12 +389,32 @@ def test_wide_layers_with_few_rows_give_the_same_bits_alone_and_in_any_stack(m):
         if i >= 1:
             for a, b in zip(whole, part, strict=True):
                 assert a[i].tobytes() == b[i - 1].tobytes()
-    if m == 1:
-        return
-    w, b = params[0].data, params[1].data
-    stacked = F.linear(Tensor(x), Tensor(np.broadcast_to(w, (k, *w.shape))),
-                       Tensor(np.broadcast_to(b, (k, *b.shape))))  # fmt: skip
+    assert ops._w_first((k, m, 200), (k, 256, 200)) == (2 <= m <= 32)  # both orders met
+    stack = nn.Stack(k)  # the zero-copy views a stacked pass uses
+    stacked = F.linear(Tensor(x), stack(params[0]), stack(params[1])).data
     for i in range(k):
-        assert (
-            F.linear(Tensor(x[i]), params[0], params[1]).data.tobytes() == stacked.data[i].tobytes()
-        )
+        one = F.linear(Tensor(x[i]), params[0], params[1]).data
+        assert one.tobytes() == stacked[i].tobytes()
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 32, 33])
+def test_wide_layers_with_few_rows_give_the_same_bits_alone_and_in_any_stack(m):
+    _wide_layer_bits(m)
+
+
+def test_wide_layers_give_the_same_bits_in_any_stack_on_haswell_kernels():
+    """The same on OpenBLAS's Haswell kernels (what docker-compose.yml runs everywhere),
+    on which the two GEMM orders of ops._linear give different bits: a choice that
+    depended on k would show here."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_batched import _wide_layer_bits\n"
+        "for m in (1, 2, 5, 32, 33): _wide_layer_bits(m)"
+    )
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -88,7 +88,7 @@ headers = st.fixed_dictionaries(
     {},
     optional={
         "type": st.sampled_from(sorted(wire.WORKER_TYPES | wire.CLIENT_TYPES)) | scalars,
-        "v": st.just(1) | scalars,
+        "v": st.just(wire.PROTOCOL_VERSION) | scalars,
         "arrays": array_entries | nested(scalars),
         "job": nested(scalars),
     },

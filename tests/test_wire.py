@@ -196,7 +196,7 @@ def test_unknown_type_with_expect_types():
     expect_error(encode(wire.GRADS), "unknown message type", expect_types=wire.CLIENT_TYPES)
 
 
-@pytest.mark.parametrize("v", [0, 2, -1, 2**40])
+@pytest.mark.parametrize("v", [0, wire.PROTOCOL_VERSION - 1, wire.PROTOCOL_VERSION + 1, -1, 2**40])
 def test_wrong_version(v):
     expect_error([header_bytes(type="READY", v=v)], f"unsupported protocol version {v}")
 
@@ -210,7 +210,10 @@ def test_missing_or_non_int_version(header):
 
 @pytest.mark.parametrize("t", [None, 3, "", b"READY"])
 def test_bad_type_field(t):
-    expect_error([msgpack.packb({"type": t, "v": 1})], "'type' must be a non-empty string")
+    expect_error(
+        [msgpack.packb({"type": t, "v": wire.PROTOCOL_VERSION})],
+        "'type' must be a non-empty string",
+    )
 
 
 @pytest.mark.parametrize("garbage", [b"\xc1", b"\xff" * 10, b"hello world", b"\x92\x01"])
@@ -225,15 +228,21 @@ def test_header_not_a_map(value):
 
 
 def test_non_str_keys():
-    expect_error([msgpack.packb({1: "x", "type": "READY", "v": 1})], "not valid msgpack")
-    raw = msgpack.packb({b"type": "READY", "v": 1}, use_bin_type=True)
+    expect_error(
+        [msgpack.packb({1: "x", "type": "READY", "v": wire.PROTOCOL_VERSION})], "not valid msgpack"
+    )
+    raw = msgpack.packb({b"type": "READY", "v": wire.PROTOCOL_VERSION}, use_bin_type=True)
     expect_error([raw], "header keys must all be strings")
 
 
 def test_extension_types_and_trailing_data_are_refused():
-    ext = msgpack.packb({"type": "READY", "v": 1, "x": msgpack.ExtType(5, b"abc")})
+    ext = msgpack.packb(
+        {"type": "READY", "v": wire.PROTOCOL_VERSION, "x": msgpack.ExtType(5, b"abc")}
+    )
     expect_error([ext], "not valid msgpack")
-    expect_error([header_bytes(type="READY", v=1) + b"\x01"], "not valid msgpack")
+    expect_error(
+        [header_bytes(type="READY", v=wire.PROTOCOL_VERSION) + b"\x01"], "not valid msgpack"
+    )
 
 
 def test_deeply_nested_header():

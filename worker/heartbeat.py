@@ -25,8 +25,9 @@ class Heartbeat(threading.Thread):
         # An aggregator's beats carry its role and worker count, so a restarted coordinator
         # that hears a beat before a READY still deals it the right share.
         self.info = info
-        # A worker's beats say whether its main loop has nothing to do: one that owes a block
-        # yet is idle lost a TASK or a result on the way, and is asked again.
+        # A worker's beats say whether its main loop has nothing to do (an aggregator's: all
+        # it was given has gone up): one that owes a block yet is idle lost a TASK or a
+        # result on the way, and is asked again.
         self.idle = idle
         self.stop = threading.Event()
         self.reregister = threading.Event()  # set when the coordinator answers again

@@ -77,7 +77,19 @@ value = st.recursive(
     max_leaves=10,
 )
 header = st.fixed_dictionaries(
-    {"type": st.sampled_from(ALL_TYPES), "v": st.sampled_from([1, 1, 1, 0, 2, "1"])},
+    {
+        "type": st.sampled_from(ALL_TYPES),
+        "v": st.sampled_from(
+            [
+                wire.PROTOCOL_VERSION,
+                wire.PROTOCOL_VERSION,
+                wire.PROTOCOL_VERSION,
+                0,
+                wire.PROTOCOL_VERSION + 1,
+                str(wire.PROTOCOL_VERSION),
+            ]
+        ),
+    },
     optional={"arrays": value, **{k: value for k in FIELDS[:12]}},
 )
 array_frame = st.binary(max_size=256)
