@@ -363,7 +363,7 @@ WIDE = [
     {"type": "linear", "out": 192},
     {"type": "relu"},
     {"type": "linear", "out": 3},
-]  # fmt: skip (weights 256x200, 192x256)
+]  # weights 256x200 and 192x256: both take w @ x^T at 2..32 rows
 
 
 def _wide_layer_bits(m, k=4):
