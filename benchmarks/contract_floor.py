@@ -23,7 +23,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from shardgrad.core.ops import _w_first  # noqa: E402
+from shardgrad.core.ops import x_wT  # noqa: E402
 from shardgrad.core.sampling import tree_sum  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
@@ -51,16 +51,11 @@ def floor_step(sizes, batch, k):
     y = rng.integers(0, sizes[-1], (k, m))
     rows = np.arange(m)
 
-    def linear(h, w):  # h @ w^T per micro-batch, in core/ops.py _linear's faster GEMM order
-        wk = np.broadcast_to(w, (k, *w.shape))
-        if _w_first((m, w.shape[1]), w.shape):  # (few rows, a big weight: w @ h^T)
-            return np.ascontiguousarray(np.matmul(wk, h.swapaxes(-1, -2)).swapaxes(-1, -2))
-        return np.matmul(h, wk.swapaxes(-1, -2))
-
     def step():
         acts, h = [x], x
         for j, (w, b) in enumerate(zip(ws, bs, strict=True)):
-            h = linear(h, w) + b
+            # h @ w^T per micro-batch, in core linear's GEMM order (plain NumPy)
+            h = x_wT(h, np.broadcast_to(w, (k, *w.shape))) + b
             if j < len(ws) - 1:
                 h = np.maximum(h, 0)
             acts.append(h)

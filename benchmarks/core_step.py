@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import shardgrad.core as sg  # noqa: E402
 from shardgrad.core import functional as F  # noqa: E402
 from shardgrad.core import nn, optim  # noqa: E402
-from shardgrad.core.ops import _w_first  # noqa: E402
+from shardgrad.core.ops import x_wT  # noqa: E402
 
 try:
     import torch
@@ -94,10 +94,7 @@ def numpy_step(batch, our_order=False):
     def step():
         acts, h = [x], x
         for k, (w, b) in enumerate(zip(ws, bs, strict=False)):
-            if our_order and _w_first(h.shape, w.shape):
-                h = np.ascontiguousarray((w @ h.T).T) + b
-            else:
-                h = h @ w.T + b
+            h = (x_wT(h, w) if our_order else h @ w.T) + b
             if k < len(ws) - 1:
                 h = np.maximum(h, 0)
             acts.append(h)

@@ -420,11 +420,16 @@ def _w_first(x_shape, w_shape) -> bool:
     return 2 <= x_shape[-2] <= 32 and min(out, inp) >= 128 and out * inp >= 1 << 15
 
 
-def _linear(x, w, b=None):
+def x_wT(x, w):
+    """x @ w^T over the last two axes, in the GEMM order `_w_first` picks: plain NumPy,
+    which the hand-written benchmark steps use too."""
     if _w_first(x.shape, w.shape):
-        out = np.ascontiguousarray(np.matmul(w, x.swapaxes(-1, -2)).swapaxes(-1, -2))
-    else:
-        out = np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
+        return np.ascontiguousarray(np.matmul(w, x.swapaxes(-1, -2)).swapaxes(-1, -2))
+    return np.matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes' wrapper costs more
+
+
+def _linear(x, w, b=None):
+    out = x_wT(x, w)
     if b is not None:
         out += b if w.ndim == 2 else b[:, None, :]
     return out

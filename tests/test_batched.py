@@ -322,6 +322,13 @@ def test_a_micro_batch_gives_the_same_bits_alone_and_in_any_stack(k, m, widths, 
     r = np.random.default_rng(seed)
     x = _x(r, k, m, 5)
     y = r.integers(0, 3, (k, m)) if loss is F.cross_entropy else _x(r, k, m, 3)
+    _same_bits_in_any_stack(model, loss, x, y, lo=int(r.integers(0, k - 1)))
+
+
+def _same_bits_in_any_stack(model, loss, x, y, lo):
+    """Each of the k micro-batches (x, y) has the same gradient and loss bits stacked with
+    all k, alone, and from `lo` on in a shorter stack (at other places)."""
+    k, m = y.shape[:2]
     params = list(model.parameters())
 
     def run(lo, hi):
@@ -331,9 +338,7 @@ def test_a_micro_batch_gives_the_same_bits_alone_and_in_any_stack(k, m, widths, 
         losses.backward(np.ones(hi - lo, losses.dtype))
         return [stack.grad(p) for p in params] + [losses.data]
 
-    whole = run(0, k)
-    lo = int(r.integers(0, k - 1))
-    part = run(lo, k)  # the same micro-batches at other places in a shorter stack
+    whole, part = run(0, k), run(lo, k)
     for i in range(k):
         alone = run(i, i + 1)
         for a, b in zip(whole, alone, strict=True):
@@ -372,23 +377,8 @@ def _wide_layer_bits(m, k=4):
     model = nn.build(WIDE, [200], seed=m)
     r = np.random.default_rng(m)
     x, y = _x(r, k, m, 200), r.integers(0, 3, (k, m))
+    _same_bits_in_any_stack(model, F.cross_entropy, x, y, lo=1)
     params = list(model.parameters())
-
-    def run(lo, hi):
-        stack = nn.Stack(hi - lo)
-        out = model.stacked(Tensor(x[lo:hi]), stack)
-        losses = F.stacked_loss(F.cross_entropy, out, Tensor(y[lo:hi])) * float(m)
-        losses.backward(np.ones(hi - lo, losses.dtype))
-        return [stack.grad(p) for p in params] + [losses.data]
-
-    whole, part = run(0, k), run(1, k)
-    for i in range(k):
-        alone = run(i, i + 1)
-        for a, b in zip(whole, alone, strict=True):
-            assert a[i].tobytes() == b[0].tobytes()
-        if i >= 1:
-            for a, b in zip(whole, part, strict=True):
-                assert a[i].tobytes() == b[i - 1].tobytes()
     assert ops._w_first((k, m, 200), (k, 256, 200)) == (2 <= m <= 32)  # both orders met
     stack = nn.Stack(k)  # the zero-copy views a stacked pass uses
     stacked = F.linear(Tensor(x), stack(params[0]), stack(params[1])).data
