@@ -1,10 +1,13 @@
 """The canonical tree's blocks: assignment merges each worker's run into tree nodes, and
-summing those nodes gives the very bits of the whole tree."""
+summing those nodes gives the very bits of the whole tree. And the finiteness check every
+block sum passes."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shardgrad.core.sampling import assign_blocks, coalesce, tree_split, tree_sum
+from shardgrad.core.sampling import all_finite, assign_blocks, coalesce, tree_split, tree_sum
 
 
 def is_node(lo, hi, n, node=None):
@@ -40,3 +43,42 @@ def test_a_single_worker_gets_the_whole_tree_and_two_get_halves():
     assert assign_blocks(8, ["a"], 2) == {"a": [(0, 8)]}
     assert assign_blocks(8, ["a", "b"], 2) == {"a": [(0, 4)], "b": [(4, 8)]}
     assert assign_blocks(12, ["a"], 2) == {"a": [(0, 12)]}
+
+
+_BAD = [np.nan, np.inf, -np.inf]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float32, np.float64, np.float16, ">f4", np.int64]),
+    shape=st.sampled_from([(), (1,), (7,), (3, 5), (2, 3, 4), (0,), (300,)]),
+    scale=st.sampled_from([1.0, 1e-30, 1e18, 1e20, 1e150, 1e160, 3e38]),
+    bad=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(_BAD)), max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+    strided=st.booleans(),
+)
+def test_all_finite_agrees_with_isfinite(dtype, shape, scale, bad, seed, strided):
+    """The x·x shortcut says what np.isfinite says: for NaN and Inf anywhere, of either
+    sign together (no cancelling), for values whose squares overflow, for every dtype."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(all="ignore"):  # (the cast of huge values to float16 or int)
+        a = (rng.standard_normal(shape) * scale).astype(dtype)
+    if a.dtype.kind == "f" and a.size:
+        for i, v in bad:
+            a.reshape(-1)[i % a.size] = v
+    if strided and a.ndim:
+        a = np.repeat(a, 2, axis=-1)[..., ::2]  # the same values in a non-contiguous view
+    want = bool(np.isfinite(a).all())
+    assert all_finite([a]) is want
+    assert all_finite([np.ones(3, np.float32), a]) is want
+
+
+_SNAN = [(np.float32, 0x7F800001), (np.float64, 0x7FF0000000000001)]
+
+
+@pytest.mark.parametrize("dtype, bits", _SNAN)
+def test_all_finite_sees_a_signalling_nan(dtype, bits):
+    """The bit pattern a lying worker could send that no arithmetic produces."""
+    a = np.ones(1000, dtype)
+    a.view(np.uint32 if dtype == np.float32 else np.uint64)[517] = bits
+    assert not all_finite([a])
