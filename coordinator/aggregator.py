@@ -252,11 +252,17 @@ class Aggregator:
         # resumes from its checkpoint (one connection delivers in order, so never stale).
         if s is None or s.job != job or s.when != when:
             s = self.share = self.new_share(job, when, spec, layout, msg)
-        for b in blocks:  # a block sent again (it failed here once) starts afresh
-            self.forget(b)
-        s.blocks += blocks
-        s.unassigned += blocks
+        again = [b for b in blocks if b not in s.blocks and s.round.covers(*b)]
+        for b in [b for b in blocks if b not in again]:
+            self.forget(b)  # (a block sent again after it failed here starts afresh)
+            s.blocks.append(b)
+            s.unassigned.append(b)
         self.deal()
+        if again:  # its sum went up and was lost on its way (Round.ask_again): once more
+            log.info("asked again for block(s) %s of round %d: sending their sums again",
+                     again, rnd)  # fmt: skip
+            s.blocks += again
+            self.flush()
 
     def new_share(self, job, when, spec, layout, msg) -> Share:
         if self.verifier is None or self.verifier[0] != job:

@@ -254,7 +254,8 @@ def test_a_sum_lost_between_an_aggregator_and_the_coordinator_is_asked_again(mak
     """The aggregator's third block sum never reaches the coordinator (a reconnect drops
     what was in flight; here a fault hook drops it). It is the only member, so no backup can
     take that block and the round would wait forever. Its heartbeats say it owes nothing,
-    so past the deadline the coordinator asks it again; the weights are right."""
+    so past the deadline the coordinator asks it again, and it sends the sum it still has
+    (its workers do not compute that block again); the weights are right."""
     job_spec = spec(rounds=8)
     env = {"SHARDGRAD_FAULT_DELAY": DELAY, "SHARDGRAD_MIN_DEADLINE": "1"}
     cl = make_cluster(0, aggregators=1, env=env)
@@ -268,3 +269,4 @@ def test_a_sum_lost_between_an_aggregator_and_the_coordinator_is_asked_again(mak
         assert finish(c, job) == reference_digest(job_spec)
         assert c.status()["counters"].get("asked_again", 0) >= 1
     assert "asking aggregator-0 again" in log_of(cl, "coordinator")
+    assert "sending their sums again" in log_of(cl, "aggregator-0")
