@@ -114,15 +114,31 @@ def floor_step_seconds(hidden, batch, k, reps, warmup=3):
     return median(times[warmup:])
 
 
+def cpu_seconds(pid) -> float:
+    """CPU time process `pid` has used, all its threads (/proc: utime + stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_shardgrad(cluster, spec, warmup, span_from=1):
+    pids = {"coordinator": cluster.coordinator.pid}
+    pids.update((f"worker {i}", p.pid) for i, p in enumerate(cluster.workers) if p.poll() is None)
     with cluster.client(timeout=60) as c:
         job = c.submit(spec)
+        # CPU over the rounds after `warmup` (the job's start, which loads the data in every
+        # process, is no round's cost)
+        while (c.status(job)["job"].get("round") or 0) < warmup:
+            time.sleep(0.01)
+        first, cpu0 = c.status(job)["job"]["round"], {n: cpu_seconds(p) for n, p in pids.items()}
         status = c.wait(job, timeout=1800, poll=0.05)
+        cpu = {n: cpu_seconds(p) - cpu0[n] for n, p in pids.items()}
         assert status["state"] == "done", status
         rows = c.metrics(job)
     keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
     out = {k: median([r[k] for r in rows[warmup:]]) for k in keys}
     out["pace_s"] = statistics.mean(r["pace_s"] for r in rows[span_from:])  # (see the top)
+    out["cpu_s"] = {n: t / max(len(rows) - first, 1) for n, t in cpu.items()}  # per round
     return {**out, "on": rows[-1]["workers"]}
 
 
@@ -362,6 +378,24 @@ def print_tables(rows, torch_cols, demo, have_torch):
             f"| {label} B={batch} | {k} | {s['pace_s'] * 1e3:.1f} | {s['round_s'] * 1e3:.1f} "
             f"| {s['compute_s'] * 1e3:.1f} "
             f"| {s['transfer_s'] * 1e3:.1f} | {s['reduce_s'] * 1e3:.2f} | {s['step_s'] * 1e3:.2f} |"
+        )
+    cores = os.cpu_count()
+    print(
+        f"\nWhat a 2-worker round costs in CPU (ms per round, every thread; /proc, 10 ms ticks)"
+        f", against\n`train_local`'s round. The processes share {cores} cores, so no pace "
+        f"beats their CPU / {cores}:\n2w/local can reach at most {cores} x local / their "
+        "CPU (the bound), however well they overlap.\n"
+    )
+    print("| model | k | coordinator | workers | all | local | 2w/local | bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, _hidden, batch, k, res in rows:
+        cpu, local = res["sg2"]["cpu_s"], res["local@sg2"]
+        each = " + ".join(f"{t * 1e3:.2f}" for n, t in cpu.items() if n != "coordinator")
+        total = sum(cpu.values())
+        print(
+            f"| {label} B={batch} | {k} | {cpu['coordinator'] * 1e3:.2f} | {each} "
+            f"| {total * 1e3:.2f} | {local * 1e3:.2f} | {local / res['sg2']['pace_s']:.2f}x "
+            f"| {cores * local / total:.2f}x |"
         )
     if demo:
         seconds, local, local_wall, n = demo
