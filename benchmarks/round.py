@@ -28,11 +28,13 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
-then the goals' ratios, and a breakdown of a 2-worker round (median compute / transfer /
-reduce / step ms). Last, the demo job (examples/jobs/demo.toml) on the 2-worker cluster,
-as submitted (placement "auto": small enough to run on the coordinator) and pinned to the
-workers, against `train --local`. Every process runs one BLAS / intra-op thread: the workers are the
-parallelism. Medians over --rounds rounds after --warmup.
+then the goals' ratios, a breakdown of a 2-worker round (median compute / transfer /
+reduce / step ms), and what that round costs in CPU, every process together, against
+`train_local`'s round: on C cores no pace beats that CPU / C, which bounds 2w/local.
+Last, the demo job (examples/jobs/demo.toml) on the 2-worker cluster, as submitted
+(placement "auto": small enough to run on the coordinator) and pinned to the workers,
+against `train --local`. Every process runs one BLAS / intra-op thread: the workers are
+the parallelism. Medians over --rounds rounds after --warmup.
 """
 
 import os
