@@ -60,6 +60,7 @@ class Share:
     round: Round
     blocks: list = field(default_factory=list)  # upstream blocks not yet sent up
     unassigned: list = field(default_factory=list)  # ... and not yet dealt out (no workers)
+    sent: set = field(default_factory=set)  # upstream blocks whose sums went up
 
 
 class Aggregator:
@@ -252,7 +253,7 @@ class Aggregator:
         # resumes from its checkpoint (one connection delivers in order, so never stale).
         if s is None or s.job != job or s.when != when:
             s = self.share = self.new_share(job, when, spec, layout, msg)
-        again = [b for b in blocks if b not in s.blocks and s.round.covers(*b)]
+        again = [b for b in blocks if b in s.sent and s.round.covers(*b)]
         for b in [b for b in blocks if b not in again]:
             self.forget(b)  # (a block sent again after it failed here starts afresh)
             s.blocks.append(b)
@@ -284,6 +285,7 @@ class Aggregator:
             r.checks.discard(sub)
         self.share.blocks = [b for b in self.share.blocks if b != block]
         self.share.unassigned = [b for b in self.share.unassigned if b != block]
+        self.share.sent -= {b for b in self.share.sent if b[0] < block[1] and block[0] < b[1]}
 
     def deal(self):
         s, live = self.share, self.members.live()
@@ -428,6 +430,7 @@ class Aggregator:
                 log.warning("fault injection: sum %d (round %d block %s) not sent up",
                             self.sent_up, r.index, list(b))  # fmt: skip
             s.blocks.remove(b)
+            s.sent.add(b)
             if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
                 took = r.half_time if r.half_time is not None else time.monotonic() - r.started
                 if self.warm == s.job:  # not the job's first share: that one loads the job
