@@ -132,7 +132,8 @@ def run_shardgrad(cluster, spec, warmup, span_from=1):
         # process, is no round's cost)
         while (c.status(job)["job"].get("round") or 0) < warmup:
             time.sleep(0.01)
-        first, cpu0 = c.status(job)["job"]["round"], {n: cpu_seconds(p) for n, p in pids.items()}
+        first = c.status(job)["job"].get("round") or 0
+        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
         status = c.wait(job, timeout=1800, poll=0.05)
         cpu = {n: cpu_seconds(p) - cpu0[n] for n, p in pids.items()}
         assert status["state"] == "done", status
@@ -140,7 +141,8 @@ def run_shardgrad(cluster, spec, warmup, span_from=1):
     keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
     out = {k: median([r[k] for r in rows[warmup:]]) for k in keys}
     out["pace_s"] = statistics.mean(r["pace_s"] for r in rows[span_from:])  # (see the top)
-    out["cpu_s"] = {n: t / max(len(rows) - first, 1) for n, t in cpu.items()}  # per round
+    counted = len(rows) - first  # (none when the job ran out before we looked: n/a)
+    out["cpu_s"] = {n: t / counted for n, t in cpu.items()} if counted >= 10 else None
     return {**out, "on": rows[-1]["workers"]}
 
 
@@ -392,6 +394,9 @@ def print_tables(rows, torch_cols, demo, have_torch):
     print("|---|---|---|---|---|---|---|---|")
     for label, _hidden, batch, k, res in rows:
         cpu, local = res["sg2"]["cpu_s"], res["local@sg2"]
+        if not cpu or not sum(cpu.values()):
+            print(f"| {label} B={batch} | {k} | n/a | n/a | n/a | {local * 1e3:.2f} | | |")
+            continue
         each = " + ".join(f"{t * 1e3:.2f}" for n, t in cpu.items() if n != "coordinator")
         total = sum(cpu.values())
         print(
