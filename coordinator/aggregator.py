@@ -220,6 +220,16 @@ class Aggregator:
             return False
 
     def tick(self):
+        """Liveness, then the share's repair. A bug here costs the round's share, never the
+        aggregator (left alone it would raise again on every pass): with nothing left to
+        send, our heartbeats say idle, and the coordinator asks again for what it waits on."""
+        try:
+            self._tick()
+        except Exception:
+            log.exception("the aggregator's tick failed: the round's share is dropped")
+            self.share = None
+
+    def _tick(self):
         for wid in self.members.sweep():
             log.warning("worker %s is gone (no heartbeat)", wid)
             self.local.forget(wid)

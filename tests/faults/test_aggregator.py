@@ -270,3 +270,25 @@ def test_a_sum_lost_between_an_aggregator_and_the_coordinator_is_asked_again(mak
         assert c.status()["counters"].get("asked_again", 0) >= 1
     assert "asking aggregator-0 again" in log_of(cl, "coordinator")
     assert "sending their sums again" in log_of(cl, "aggregator-0")
+
+
+def test_a_bug_in_the_aggregators_tick_costs_the_share_not_the_aggregator(caplog):
+    """What raises in repair (a bug) is logged and drops the round's share: the aggregator
+    lives on, says idle, and the coordinator asks again for what it waits on."""
+    from shardgrad.coordinator.aggregator import Aggregator
+
+    agg = Aggregator("ipc:///nonexistent/up", "ipc:///nonexistent/down")
+    try:
+        agg.announced, agg.info["members"] = 0, []  # (nothing to announce: no socket needed)
+        agg.share = object()
+
+        def repair():
+            raise RuntimeError("a bug")
+
+        agg.repair = repair
+        agg.tick()
+        assert agg.share is None
+        assert "the round's share is dropped" in caplog.text
+        agg.tick()  # and the next pass has nothing to repair
+    finally:
+        agg.local.close()
