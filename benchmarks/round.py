@@ -117,10 +117,19 @@ def floor_step_seconds(hidden, batch, k, reps, warmup=3):
 
 
 def cpu_seconds(pid) -> float:
-    """CPU time process `pid` has used, all its threads (/proc: utime + stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time process `pid` has used, every thread (/proc/PID/task/*/schedstat: ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # (a thread that just ended)
+    return total / 1e9
+
+
+def _round_of(c, job) -> int:
+    return c.status(job)["job"].get("round") or 0  # (None until its first round)
 
 
 def run_shardgrad(cluster, spec, warmup, span_from=1):
@@ -128,21 +137,25 @@ def run_shardgrad(cluster, spec, warmup, span_from=1):
     pids.update((f"worker {i}", p.pid) for i, p in enumerate(cluster.workers) if p.poll() is None)
     with cluster.client(timeout=60) as c:
         job = c.submit(spec)
-        # CPU over the rounds after `warmup` (the job's start, which loads the data in every
-        # process, is no round's cost)
-        while (c.status(job)["job"].get("round") or 0) < warmup:
+        # CPU between two rounds well inside the job: not its start (every process loads the
+        # data), nor its end (workers on a lease run up to a window ahead of our round count,
+        # and stop first), so what the workers ran ahead is the same at both reads
+        last = spec["rounds"] - 10
+        while _round_of(c, job) < warmup:
             time.sleep(0.01)
-        first = c.status(job)["job"].get("round") or 0
-        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
-        status = c.wait(job, timeout=1800, poll=0.05)
+        first, cpu0 = _round_of(c, job), {n: cpu_seconds(p) for n, p in pids.items()}
+        while (now := c.status(job)["job"])["state"] == "running" and now["round"] < last:
+            time.sleep(0.01)
         cpu = {n: cpu_seconds(p) - cpu0[n] for n, p in pids.items()}
+        # (a job done meanwhile: its rounds are all in, and its workers stopped with it)
+        counted = (now["round"] if now["state"] == "running" else spec["rounds"]) - first
+        status = c.wait(job, timeout=1800, poll=0.05)
         assert status["state"] == "done", status
         rows = c.metrics(job)
     keys = ("round_s", "compute_s", "transfer_s", "reduce_s", "step_s")
     out = {k: median([r[k] for r in rows[warmup:]]) for k in keys}
     out["pace_s"] = statistics.mean(r["pace_s"] for r in rows[span_from:])  # (see the top)
-    counted = len(rows) - first  # (none when the job ran out before we looked: n/a)
-    out["cpu_s"] = {n: t / counted for n, t in cpu.items()} if counted >= 10 else None
+    out["cpu_s"] = {n: t / counted for n, t in cpu.items()} if counted >= 20 else None  # n/a
     return {**out, "on": rows[-1]["workers"]}
 
 
@@ -383,9 +396,9 @@ def print_tables(rows, torch_cols, demo, have_torch):
             f"| {s['compute_s'] * 1e3:.1f} "
             f"| {s['transfer_s'] * 1e3:.1f} | {s['reduce_s'] * 1e3:.2f} | {s['step_s'] * 1e3:.2f} |"
         )
-    cores = os.cpu_count()
+    cores = len(os.sched_getaffinity(0))
     print(
-        f"\nWhat a 2-worker round costs in CPU (ms per round, every thread; /proc, 10 ms ticks)"
+        f"\nWhat a 2-worker round costs in CPU (ms per round, every thread; /proc schedstat)"
         f", against\n`train_local`'s round. The processes share {cores} cores, so no pace "
         f"beats their CPU / {cores}:\n2w/local can reach at most {cores} x local / their "
         "CPU (the bound), however well they overlap.\n"

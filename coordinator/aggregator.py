@@ -263,13 +263,17 @@ class Aggregator:
         # resumes from its checkpoint (one connection delivers in order, so never stale).
         if s is None or s.job != job or s.when != when:
             s = self.share = self.new_share(job, when, spec, layout, msg)
-        again = [b for b in blocks if b in s.sent and s.round.covers(*b)]
+        # Asked again for a sum that went up and was lost on its way (Round.ask_again): the
+        # one we have. Any other block sent again (it failed, here or upstream) starts afresh.
+        lost = msg.get("again") is True
+        again = [b for b in blocks if lost and b in s.sent and s.round.covers(*b)]
         for b in [b for b in blocks if b not in again]:
-            self.forget(b)  # (a block sent again after it failed here starts afresh)
+            self.forget(b)
             s.blocks.append(b)
             s.unassigned.append(b)
+        again = [b for b in again if b in s.sent]  # (what forget left: a TASK never overlaps)
         self.deal()
-        if again:  # its sum went up and was lost on its way (Round.ask_again): once more
+        if again:
             log.info("asked again for block(s) %s of round %d: sending their sums again",
                      again, rnd)  # fmt: skip
             s.blocks += again
@@ -440,8 +444,9 @@ class Aggregator:
                 log.warning("fault injection: sum %d (round %d block %s) not sent up",
                             self.sent_up, r.index, list(b))  # fmt: skip
             s.blocks.remove(b)
+            first = b not in s.sent  # (a sum sent again says nothing of how long a round takes)
             s.sent.add(b)
-            if not s.blocks and not s.unassigned:  # all we were given is in: how long it took
+            if first and not s.blocks and not s.unassigned:  # all we were given is in: its time
                 took = r.half_time if r.half_time is not None else time.monotonic() - r.started
                 if self.warm == s.job:  # not the job's first share: that one loads the job
                     self.round_times = [*self.round_times[-19:], took]

@@ -386,7 +386,7 @@ class Coordinator(Jobs, Checks, Leases):
         if checks:
             self.send_blocks(checks, check=True)
 
-    def send_blocks(self, assignment: dict, lease_to: list | None = None, check=False):
+    def send_blocks(self, assignment: dict, lease_to=None, check=False, again=False):
         """TASKs for `assignment`. To the workers `lease_to` they also carry the job's
         training state and a lease, when they can have one (new_lease). Any other TASK to a
         worker ends its lease, but a `check` (a member of a lease of several computes a
@@ -414,6 +414,8 @@ class Coordinator(Jobs, Checks, Leases):
             if self.members.is_aggregator(wid):  # it checks its workers' GRADS against it
                 fields["layout"] = [[list(shape), str(dtype)] for shape, dtype in job.layout]
             member = granted is not None and wid in granted[0].blocks
+            if again:  # (an aggregator sends again the sum it has: it was lost on its way)
+                fields["again"] = True
             if check:
                 fields["check"] = True
             elif not member:
@@ -469,8 +471,8 @@ class Coordinator(Jobs, Checks, Leases):
                 log.info("round %d: asking %s again for %d block(s)", r.index, w, len(blocks))
                 self.counters["asked_again"] += len(blocks)
                 checks = [b for b in blocks if b in r.checking.get(w, ())]
-                self.send_blocks({w: [b for b in blocks if b not in checks]})
-                self.send_blocks({w: checks}, check=True)  # (a member of a lease stays on it)
+                self.send_blocks({w: [b for b in blocks if b not in checks]}, again=True)
+                self.send_blocks({w: checks}, check=True, again=True)  # (a lease member stays)
 
     def deadline(self):
         cfg = self.cfg

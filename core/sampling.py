@@ -77,8 +77,8 @@ def all_finite(arrays: Sequence[np.ndarray]) -> bool:
     """No NaN/Inf in any array (workers check before sending, the coordinator on receipt).
 
     x·x is NaN or Inf when any x is (squares are never negative, so no Inf cancels), and a
-    read-only BLAS pass costs a third less than np.isfinite's mask; only values so large
-    that their squares overflow fall back to the exact test."""
+    read-only BLAS pass costs less than np.isfinite's mask; values so large that their
+    squares' sum overflows fall back to the exact test."""
     with np.errstate(over="ignore", invalid="ignore"):  # (a huge square: the test decides)
         for a in arrays:
             if a.dtype not in _BLAS_FLOATS:

@@ -51,13 +51,14 @@ _BAD = [np.nan, np.inf, -np.inf]
 @settings(max_examples=300, deadline=None)
 @given(
     dtype=st.sampled_from([np.float32, np.float64, np.float16, ">f4", np.int64]),
-    shape=st.sampled_from([(), (1,), (7,), (3, 5), (2, 3, 4), (0,), (300,)]),
+    shape=st.sampled_from([(), (1,), (7,), (3, 5), (2, 3, 4), (0,), (300,), (4097,), (65, 63)]),
     scale=st.sampled_from([1.0, 1e-30, 1e18, 1e20, 1e150, 1e160, 3e38]),
     bad=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(_BAD)), max_size=3),
     seed=st.integers(0, 2**32 - 1),
     strided=st.booleans(),
+    shift=st.integers(0, 7),
 )
-def test_all_finite_agrees_with_isfinite(dtype, shape, scale, bad, seed, strided):
+def test_all_finite_agrees_with_isfinite(dtype, shape, scale, bad, seed, strided, shift):
     """The x·x shortcut says what np.isfinite says: for NaN and Inf anywhere, of either
     sign together (no cancelling), for values whose squares overflow, for every dtype."""
     rng = np.random.default_rng(seed)
@@ -68,6 +69,10 @@ def test_all_finite_agrees_with_isfinite(dtype, shape, scale, bad, seed, strided
             a.reshape(-1)[i % a.size] = v
     if strided and a.ndim:
         a = np.repeat(a, 2, axis=-1)[..., ::2]  # the same values in a non-contiguous view
+    elif shift:  # the same values at any byte offset, as a sum read from shared memory
+        raw = np.zeros(a.nbytes + 8, np.uint8)
+        raw[shift : shift + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        a = np.frombuffer(raw, a.dtype, a.size, shift).reshape(a.shape)
     want = bool(np.isfinite(a).all())
     assert all_finite([a]) is want
     assert all_finite([np.ones(3, np.float32), a]) is want
