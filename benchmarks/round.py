@@ -407,7 +407,7 @@ def print_tables(rows, torch_cols, demo, have_torch):
     print("|---|---|---|---|---|---|---|---|")
     for label, _hidden, batch, k, res in rows:
         cpu, local = res["sg2"]["cpu_s"], res["local@sg2"]
-        if not cpu or not sum(cpu.values()):
+        if cpu is None:
             print(f"| {label} B={batch} | {k} | n/a | n/a | n/a | {local * 1e3:.2f} | | |")
             continue
         each = " + ".join(f"{t * 1e3:.2f}" for n, t in cpu.items() if n != "coordinator")

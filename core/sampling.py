@@ -81,12 +81,10 @@ def all_finite(arrays: Sequence[np.ndarray]) -> bool:
     squares' sum overflows fall back to the exact test."""
     with np.errstate(over="ignore", invalid="ignore"):  # (a huge square: the test decides)
         for a in arrays:
-            if a.dtype not in _BLAS_FLOATS:
-                if not np.isfinite(a).all():
-                    return False
-                continue
             v = a.reshape(-1)
-            if not np.isfinite(np.dot(v, v)) and not np.isfinite(a).all():
+            if a.dtype in _BLAS_FLOATS and np.isfinite(np.dot(v, v)):
+                continue
+            if not np.isfinite(a).all():
                 return False
     return True
 
