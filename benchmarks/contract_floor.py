@@ -72,7 +72,7 @@ def floor_step(sizes, batch, k):
             if j:
                 g = np.matmul(g, np.broadcast_to(ws[j], (k, *ws[j].shape))) * (acts[j] > 0)
         parts = grads + [losses.astype(np.float64)[:, None]]
-        total = tree_sum(lambda i: [p[i] for p in parts], 0, k)
+        total = tree_sum(lambda i: [p[i] for p in parts], 0, k, scratch=True)  # (fresh: ours)
         for j, (w, b) in enumerate(zip(ws, bs, strict=True)):
             w -= FLOOR_LR * (total[2 * j] / batch)
             b -= FLOOR_LR * (total[2 * j + 1] / batch)

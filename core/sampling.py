@@ -40,18 +40,23 @@ def tree_split(lo: int, hi: int) -> int:
     return lo + (1 << ((hi - lo - 1).bit_length() - 1))
 
 
-def tree_sum(leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, known=None, out=None):
+def tree_sum(
+    leaf: Callable[[int], Sequence[np.ndarray]], lo: int, hi: int, known=None, out=None,
+    scratch=False,
+):  # fmt: skip
     """Sum node [lo, hi) of the canonical tree; `known` maps already-summed nodes (lo, hi)
     to their value (the coordinator's delivered blocks), `leaf(i)` gives micro-batch i.
-    `out`: arrays to write the node's sum into (a worker's ring slot; the same bits)."""
+    `out`: arrays to write the node's sum into (a worker's ring slot; the same bits).
+    `scratch`: the leaves are ours to overwrite, so each inner node is summed into its left
+    child (the same bits, without a fresh array per addition: half the time)."""
     if known is not None and (lo, hi) in known:
         return known[(lo, hi)]
     if hi - lo == 1:
         return leaf(lo) if out is None else copy_arrays(leaf(lo), out)
     mid = tree_split(lo, hi)
-    left = tree_sum(leaf, lo, mid, known)
-    right = tree_sum(leaf, mid, hi, known)
-    return add_arrays(left, right, out)
+    left = tree_sum(leaf, lo, mid, known, scratch=scratch)
+    right = tree_sum(leaf, mid, hi, known, scratch=scratch)
+    return add_arrays(left, right, left if out is None and scratch else out)
 
 
 def tiles(n: int, blocks) -> bool:

@@ -82,12 +82,18 @@ class JobRuntime:
             m.defer_running_stats = True
         self.buffers = dict(self.model.named_buffers())
         self.dry_run_s: float | None = None  # how long dry_run took, once it has run
+        self._mean: list[np.ndarray] = []  # apply_step's mean gradients (its scratch)
+        self._stacked: tuple = (None, None, None)  # (model, loss, whether they run stacked)
 
     @property
     def stacked(self) -> bool:
         """Whether micro-batches run stacked: a property of the model and loss only, never
         of k, so a micro-batch's bits do not depend on the block (or chunk) it is in."""
-        return nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
+        model, loss, known = self._stacked  # (a walk over every module: once, not per call)
+        if model is not self.model or loss is not self.loss_fn:
+            known = nn.stackable(self.model) and F.has_stacked_loss(self.loss_fn)
+            self._stacked = (self.model, self.loss_fn, known)
+        return known
 
     # ---- the contract ----------------------------------------------------------------------
     def position(self, round_: int) -> tuple[int, int]:
@@ -115,9 +121,9 @@ class JobRuntime:
         if hi - lo > self.stack_size():  # tree_sum's own recursion: the same additions
             mid = tree_split(lo, hi)
             halves = self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi)
-            return add_arrays(*halves, out)
-        grads = self.stacked_grads(round_, lo, hi)
-        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi, out=out)
+            return add_arrays(*halves, halves[0] if out is None else out)  # (ours: scratch)
+        grads = self.stacked_grads(round_, lo, hi)  # fresh arrays, ours to sum in place
+        return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi, out=out, scratch=True)
 
     def stack_size(self) -> int:
         """How many micro-batches one stacked pass takes at most."""
@@ -288,8 +294,13 @@ class JobRuntime:
     ) -> float:
         """Mean gradient = summed gradient / samples; clipped if the spec says so; one
         optimizer step. Returns mean loss (and puts `grad_norm` in `row` when clipping)."""
-        for p, g in zip(self.params, total[: len(self.params)], strict=True):
-            p.grad = Tensor._wrap(np.divide(g, n_samples).astype(p.dtype, copy=False))
+        if len(self._mean) != len(self.params):  # where the mean gradients go, step after step
+            self._mean = [np.empty_like(p.data) for p in self.params]
+        for p, g, mean in zip(self.params, total[: len(self.params)], self._mean, strict=True):
+            if g.dtype == p.dtype:  # (the same bits as dividing into a fresh array)
+                p.grad = Tensor._wrap(np.divide(g, n_samples, out=mean))
+            else:
+                p.grad = Tensor._wrap(np.divide(g, n_samples).astype(p.dtype, copy=False))
         if self.spec.clip_grad_norm is not None:
             norm = clip_grad_norm_(self.params, self.spec.clip_grad_norm)
             if row is not None:

@@ -39,6 +39,21 @@ def test_assignment_is_tree_nodes_covering_everything_once(n, workers):
     assert tree_sum(lambda i: 1 / 0, 0, n, known=known)[0].tobytes() == whole[0].tobytes()
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("lo", [0, 3])
+def test_summing_scratch_leaves_in_place_gives_the_same_bits(n, lo):
+    rng = np.random.default_rng(n)
+    stacked = [rng.normal(size=(n, 4, 3)).astype(np.float32), rng.normal(size=(n, 1))]
+    want = tree_sum(lambda i: [s[i - lo] for s in stacked], lo, lo + n)
+    scratch = [s.copy() for s in stacked]
+    got = tree_sum(lambda i: [s[i - lo] for s in scratch], lo, lo + n, scratch=True)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+    out = [np.empty_like(s[0]) for s in stacked]
+    into = tree_sum(lambda i: [s[i - lo] for s in stacked], lo, lo + n, out=out, scratch=True)
+    assert all(a is b for a, b in zip(into, out, strict=True))
+    assert [g.tobytes() for g in out] == [w.tobytes() for w in want]
+
+
 def test_a_single_worker_gets_the_whole_tree_and_two_get_halves():
     assert assign_blocks(8, ["a"], 2) == {"a": [(0, 8)]}
     assert assign_blocks(8, ["a", "b"], 2) == {"a": [(0, 4)], "b": [(4, 8)]}
