@@ -118,7 +118,7 @@ class ClientHandler:
         if live is not None:
             metrics = live[2]
         else:
-            metrics = row["result"]["metrics"] if row["result"] else []
+            metrics = self.store.metrics(row["id"])
         since = msg.get("since", 0)
         since = since if isinstance(since, int) and since >= 0 else 0
         return {"job": row["id"], "metrics": metrics[since:]}, None

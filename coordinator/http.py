@@ -83,7 +83,7 @@ class HttpServer:
         self.snapshot: dict | None = None  # replaced whole, never mutated
         self._last_publish = 0.0
         self._job_key = ()  # (active job id, its state) at the last publish
-        self._results: dict[str, dict] = {}  # finished jobs' results: they never change
+        self._results: dict[str, tuple] = {}  # finished jobs: (summary, metrics), never change
         self._specs: dict[str, dict] = {}
         self._cache_lock = threading.Lock()
         self._cache: dict = {}  # (snapshot id, route) -> body bytes, for many pollers
@@ -142,17 +142,20 @@ class HttpServer:
             if row.pop("has_result"):
                 if job_id not in self._results:  # nor does a finished job's result
                     full = coord.store.job(job_id)
-                    self._results[job_id] = full["result"] if full else None
-                row["result"] = self._results[job_id]
+                    self._results[job_id] = (
+                        full["result"] if full else None,
+                        tuple(coord.store.metrics(job_id)),
+                    )
+                row["result"], done = self._results[job_id]
             else:
-                row["result"] = None
+                row["result"], done = None, ()
             jobs.append(coord.client_handler.summary(row))
             live = coord.live_job(job_id)
             if live is not None:
                 # A copy: the loop appends to the list (and truncates it on a rollback).
                 metrics[job_id] = tuple(live[2])
             elif row["result"]:
-                metrics[job_id] = tuple(row["result"].get("metrics") or ())
+                metrics[job_id] = done
         return {"time": time.time(), **coord.status(), "jobs": jobs, "metrics": metrics}
 
     def close(self) -> None:
