@@ -24,7 +24,9 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   step and its metrics row (evaluation) as in a job
   floor           the contract's floor: a hand-written NumPy step that keeps the contract
                   (k micro-batches, per-micro-batch weight gradients from one batched
-                  np.matmul, summed by the canonical tree, SGD) — benchmarks/contract_floor.py
+                  np.matmul, summed by the canonical tree, SGD) — benchmarks/contract_floor.py;
+                  its steps (at k, and at 1 for the tax) are timed in turn with `local`'s
+                  rounds, and both are means, so local/floor compares like with like
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
@@ -106,16 +108,6 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def floor_step_seconds(hidden, batch, k, reps, warmup=3):
-    step = floor_step((784, *hidden, 10), batch, k)
-    times = []
-    for _ in range(reps + warmup):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return median(times[warmup:])
-
-
 def cpu_seconds(pid) -> float:
     """CPU time process `pid` has used, every thread (/proc/PID/task/*/schedstat: ns)."""
     total = 0
@@ -170,17 +162,25 @@ def run_auto(cluster, hidden, batch, rounds, warmup, k):
     return run_shardgrad(cluster, spec, PROBE_ROUNDS + warmup, span_from=PROBE_ROUNDS)
 
 
-def local_round_seconds(spec, warmup):
+def local_round_seconds(spec, warmup, *also):
     """Mean seconds per round of train_local's engine: its step and its metrics row
-    (which evaluates at an epoch's end), as run_local runs them."""
-    times = []
+    (which evaluates at an epoch's end), as run_local runs them. `also`: more steps to time
+    the same way, each taken in turn with the rounds (round, also[0], also[1], round, ...),
+    so the machine's drift weighs on all alike; then a tuple of every mean, the round's
+    first."""
+    times = [[] for _ in range(1 + len(also))]
     rt = JobRuntime(parse_spec(spec))
     engine = RoundEngine(rt)
     while not engine.done:
         t0 = time.perf_counter()
         engine.record(engine.step(rt.block_grad(engine.next_round, 0, rt.n_micro)))
-        times.append(time.perf_counter() - t0)
-    return statistics.mean(times[warmup:])
+        times[0].append(time.perf_counter() - t0)
+        for fn, ts in zip(also, times[1:], strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    means = tuple(statistics.mean(ts[warmup:]) for ts in times)
+    return means if also else means[0]
 
 
 # ---- torch: eager in one process, and DDP with gloo ---------------------------------------
@@ -324,10 +324,13 @@ def measure(a, ks, have_torch, with_demo):
                 )
             for k in ks:
                 spec = make_spec(hidden, batch, n_rounds, k)
-                res = {"local": local_round_seconds(spec, a.warmup)}
-                res["floor"], res["floor1"] = (
-                    floor_step_seconds(hidden, batch, k, a.rounds),
-                    floor_step_seconds(hidden, batch, 1, a.rounds),
+                floors = (floor_step((784, *hidden, 10), batch, j) for j in (k, 1))
+                res = dict(
+                    zip(
+                        ("local", "floor", "floor1"),
+                        local_round_seconds(spec, a.warmup, *floors),
+                        strict=True,
+                    )
                 )
                 res["local@sg2"] = local_round_seconds(spec, a.warmup)
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
