@@ -61,6 +61,9 @@ class Share:
     blocks: list = field(default_factory=list)  # upstream blocks not yet sent up
     unassigned: list = field(default_factory=list)  # ... and not yet dealt out (no workers)
     sent: set = field(default_factory=set)  # upstream blocks whose sums went up
+    # The coordinator's boot id: `gen` is not in its checkpoints, so after a restart the
+    # same (gen, round) can stand for other weights (a rollback before the crash).
+    boot: str | None = None
 
 
 class Aggregator:
@@ -256,13 +259,13 @@ class Aggregator:
             return self.register()
         job, rnd, blocks, spec, layout = wire.require(msg, "job", "round", "blocks", "spec",
                                                       "layout")  # fmt: skip
-        when = (msg.get("gen", 0), rnd)
+        when, boot = (msg.get("gen", 0), rnd), msg.get("boot")
         blocks = [(int(lo), int(hi)) for lo, hi in blocks]
         s = self.share
         # Another round replaces the share, even an earlier one: a restarted coordinator
         # resumes from its checkpoint (one connection delivers in order, so never stale).
-        if s is None or s.job != job or s.when != when:
-            s = self.share = self.new_share(job, when, spec, layout, msg)
+        if s is None or s.job != job or s.when != when or s.boot != boot:
+            s = self.share = self.new_share(job, when, boot, spec, layout, msg)
         # Asked again for a sum that went up and was lost on its way (Round.ask_again): the
         # one we have. Any other block sent again (it failed, here or upstream) starts afresh.
         lost = msg.get("again") is True
@@ -279,16 +282,17 @@ class Aggregator:
             s.blocks += again
             self.flush()
 
-    def new_share(self, job, when, spec, layout, msg) -> Share:
+    def new_share(self, job, when, boot, spec, layout, msg) -> Share:
+        old = self.share
         if self.verifier is None or self.verifier[0] != job:
             self.verifier = (job, Verifier(float(spec.get("verify", 0.0))))
-        elif self.share is not None and self.share.job == job and when[0] != self.share.when[0]:
-            self.verifier[1].rolled_back(when[1])  # the coordinator rolled the job back
+        elif old is not None and old.job == job and (when[0], boot) != (old.when[0], old.boot):
+            self.verifier[1].rolled_back(when[1])  # rolled back, or resumed by a restart
         n_micro = int(spec["global_batch"]) // int(spec["micro_batch"])
         weights = [msg.arrays[str(i)] for i in range(len(msg.arrays))]
         layout = [(tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in layout]
         r = Round(when[1], n_micro, [], self.per_worker, self.verifier[1].draw, assignment={})
-        return Share(job, when, spec, weights, layout, r)
+        return Share(job, when, spec, weights, layout, r, boot=boot)
 
     def forget(self, block):
         """Drop what we hold inside `block`: it is (re)assigned to us whole."""
@@ -313,6 +317,8 @@ class Aggregator:
     def send_blocks(self, assignment):
         s = self.share
         fields = {"job": s.job, "gen": s.when[0], "round": s.when[1], "spec": s.spec}
+        if s.boot is not None:  # (an aggregator below keys its share by it too)
+            fields["boot"] = s.boot
         arrays = [(str(i), w) for i, w in enumerate(s.weights)]
         layout = [[list(shape), str(dtype)] for shape, dtype in s.layout]
         for wid, blocks in assignment.items():
@@ -322,7 +328,8 @@ class Aggregator:
                     task["layout"] = layout
                 here = self.members.on_this_host(wid)
                 if here:
-                    task.update(self.local.task_fields(wid, s.weights, (s.job, *s.when)))
+                    version = (s.job, s.boot, *s.when)  # (not just gen: see Share.boot)
+                    task.update(self.local.task_fields(wid, s.weights, version))
                 if self.send_down(wid, wire.TASK, task, None if here else arrays):
                     self.members.busy(wid)
 

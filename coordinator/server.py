@@ -407,6 +407,7 @@ class Coordinator(Jobs, Checks, Leases):
             fields = {
                 "job": job.id,
                 "gen": job.gen,
+                "boot": self.boot,  # (gen is not checkpointed: see aggregator.Share.boot)
                 "round": r.index,
                 "blocks": [list(b) for b in blocks],
                 "spec": job.spec,

@@ -5,6 +5,7 @@ lies or raises, the job's weights equal train --local's bit for bit."""
 import signal
 import time
 
+import numpy as np
 import pytest
 from fault_helpers import (
     DELAY,
@@ -18,6 +19,7 @@ from fault_helpers import (
     wait_for,
 )
 
+from shardgrad import wire
 from shardgrad.training import weights_digest
 
 pytestmark = pytest.mark.slow
@@ -290,5 +292,33 @@ def test_a_bug_in_the_aggregators_tick_costs_the_share_not_the_aggregator(caplog
         assert agg.share is None
         assert "the round's share is dropped" in caplog.text
         agg.tick()  # and the next pass has nothing to repair
+    finally:
+        agg.local.close()
+
+
+def test_a_restarted_coordinators_round_is_a_new_share_even_at_the_same_gen_and_round():
+    """`gen` is not checkpointed: after a coordinator restart, (gen, round) can name other
+    weights than before it (a rollback just before the crash). The boot id in its TASKs
+    tells them apart, so nothing held from before (sums sent up, published weights) is
+    taken for the new round's."""
+    from shardgrad.coordinator.aggregator import Aggregator
+
+    agg = Aggregator("ipc:///nonexistent/up", "ipc:///nonexistent/down")
+    spec = {"global_batch": 8, "micro_batch": 2, "verify": 0.0}
+
+    def task(boot, weight):
+        fields = {"job": "job-000001", "gen": 0, "round": 3, "blocks": [[0, 4]], "spec": spec,
+                  "layout": [[[2], "float32"], [[1], "float64"]], "boot": boot}  # fmt: skip
+        return wire.Message(wire.TASK, fields, {"0": np.full(2, weight, np.float32)})
+
+    try:
+        agg.on_upstream(task("aaaa", 1.0))
+        first = agg.share
+        first.sent.add((0, 4))  # (as if its sum had gone up)
+        agg.on_upstream(task("aaaa", 1.0))
+        assert agg.share is first  # the same round of the same coordinator: the same share
+        agg.on_upstream(task("bbbb", 2.0))
+        assert agg.share is not first and agg.share.boot == "bbbb"
+        assert agg.share.sent == set() and agg.share.weights[0][0] == 2.0
     finally:
         agg.local.close()
