@@ -447,6 +447,13 @@ def print_ranges(trials, have_torch):
             xs = [g[n] for g in got if n in g]
             cells.append(f"{median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if xs else "n/a")
         print(f"| {label} B={batch} | {k} | " + " | ".join(cells) + " |")
+    demos = [demo for _, _, demo in trials if demo]
+    for placement in demos[0][0] if demos else ():
+        xs = [seconds[placement][0] / local for seconds, local, _, _ in demos]
+        print(
+            f"\nDemo, placement {placement}: s in rounds / `train --local`'s, "
+            f"{median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+        )
 
 
 def main():
@@ -475,9 +482,10 @@ def main():
     )
     trials = []
     for t in range(a.trials):
-        # The demo once, in the first trial: its `train --local` wall time includes loading
-        # the data, which this process caches for the later trials.
-        trials.append(measure(a, ks, have_torch, with_demo=t == 0 and not a.no_demo))
+        # The demo in every trial (one run of a job this short is at the mercy of a noisy
+        # second); only the first one's `train --local` wall time includes loading the
+        # data, which this process caches for the later trials.
+        trials.append(measure(a, ks, have_torch, with_demo=not a.no_demo))
         print(f"\n## Trial {t + 1} of {a.trials}\n", flush=True)
         print_tables(*trials[-1], have_torch)
     if a.trials > 1:
