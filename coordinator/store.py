@@ -56,13 +56,16 @@ class Store:
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "placement" not in columns:  # a state directory from before placement
             self.db.execute("ALTER TABLE jobs ADD COLUMN placement TEXT")
-        if "summary" not in columns:  # ... or before summary: made from each result, once
-            with self.db:
-                self.db.execute("ALTER TABLE jobs ADD COLUMN summary TEXT")
-                done = self.db.execute("SELECT id, result FROM jobs WHERE result IS NOT NULL")
-                for job_id, result in done.fetchall():
-                    summary = json.dumps(_summary(json.loads(result)))
-                    self.db.execute("UPDATE jobs SET summary = ? WHERE id = ?", (summary, job_id))
+        if "summary" not in columns:  # ... or before summary
+            self.db.execute("ALTER TABLE jobs ADD COLUMN summary TEXT")
+        # Results without their summary (from before it, or written since by an older
+        # coordinator): made on every open, so a crash half-way only leaves work for the next.
+        done = self.db.execute(
+            "SELECT id, result FROM jobs WHERE result IS NOT NULL AND summary IS NULL"
+        )
+        for job_id, result in done.fetchall():
+            summary = json.dumps(_summary(json.loads(result)))
+            self.db.execute("UPDATE jobs SET summary = ? WHERE id = ?", (summary, job_id))
 
     # ---- the queue --------------------------------------------------------------------------
     def add_job(self, name: str, spec: dict, owner: str | None, total_rounds: int) -> str:

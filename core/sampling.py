@@ -47,16 +47,23 @@ def tree_sum(
     """Sum node [lo, hi) of the canonical tree; `known` maps already-summed nodes (lo, hi)
     to their value (the coordinator's delivered blocks), `leaf(i)` gives micro-batch i.
     `out`: arrays to write the node's sum into (a worker's ring slot; the same bits).
-    `scratch`: the leaves are ours to overwrite, so each inner node is summed into its left
-    child (the same bits, without a fresh array per addition: half the time)."""
+    `scratch`: the leaves are ours to overwrite, so each node below this one is summed into
+    its left child (the same bits, without a fresh array per addition: about half the
+    time); this node still goes to `out` or a fresh array, so what is returned keeps none
+    of the leaves' memory alive."""
     if known is not None and (lo, hi) in known:
         return known[(lo, hi)]
     if hi - lo == 1:
-        return leaf(lo) if out is None else copy_arrays(leaf(lo), out)
+        return leaf(lo) if out is None or out is _LEFT else copy_arrays(leaf(lo), out)
+    assert not (scratch and known), "scratch sums never write into delivered blocks"
     mid = tree_split(lo, hi)
-    left = tree_sum(leaf, lo, mid, known, scratch=scratch)
-    right = tree_sum(leaf, mid, hi, known, scratch=scratch)
-    return add_arrays(left, right, left if out is None and scratch else out)
+    below = _LEFT if scratch else None
+    left = tree_sum(leaf, lo, mid, known, below, scratch)
+    right = tree_sum(leaf, mid, hi, known, below, scratch)
+    return add_arrays(left, right, left if out is _LEFT else out)
+
+
+_LEFT = object()  # tree_sum's `out` below a scratch sum: into the left child
 
 
 def tiles(n: int, blocks) -> bool:

@@ -121,7 +121,7 @@ class JobRuntime:
         if hi - lo > self.stack_size():  # tree_sum's own recursion: the same additions
             mid = tree_split(lo, hi)
             halves = self.block_grad(round_, lo, mid), self.block_grad(round_, mid, hi)
-            return add_arrays(*halves, halves[0] if out is None else out)  # (ours: scratch)
+            return add_arrays(*halves, halves[0] if out is None else out)  # (fresh: ours)
         grads = self.stacked_grads(round_, lo, hi)  # fresh arrays, ours to sum in place
         return tree_sum(lambda i: [g[i - lo] for g in grads], lo, hi, out=out, scratch=True)
 

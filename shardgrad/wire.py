@@ -45,7 +45,8 @@ RECALL = "RECALL"  # {"job", "since", "reason"}
 TASK = "TASK"  # a round's assignment: {"job", "gen", "round", "blocks", "spec"} + weights
 # (to an aggregator also "layout": [[shape, dtype], ...] of a GRADS, to check its workers';
 # "again": true when a sum it sent was lost on its way and is asked for again; "boot": the
-# coordinator's boot id, as (gen, round) name other weights after a restart)
+# top coordinator's boot id, as (gen, round) name other weights after a restart; not to be
+# confused with the "boot" in HEARTBEAT answers, the answering process's own)
 STOP_JOB = "STOP_JOB"  # job finished / cancelled / failed: drop its state
 # a lone worker's lease (TASK "lease"): rounds before "round" are in the weights, go on
 STEPPED = "STEPPED"  # {"job", "lease", "round"} (+ "grads_ack" on the shared-memory path,

@@ -48,6 +48,8 @@ def test_summing_scratch_leaves_in_place_gives_the_same_bits(n, lo):
     scratch = [s.copy() for s in stacked]
     got = tree_sum(lambda i: [s[i - lo] for s in scratch], lo, lo + n, scratch=True)
     assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+    if n > 1:  # a fresh array: the sum keeps none of the k leaves' memory alive
+        assert not any(np.shares_memory(g, s) for g, s in zip(got, scratch, strict=True))
     out = [np.empty_like(s[0]) for s in stacked]
     into = tree_sum(lambda i: [s[i - lo] for s in stacked], lo, lo + n, out=out, scratch=True)
     assert all(a is b for a, b in zip(into, out, strict=True))

@@ -306,19 +306,20 @@ def test_a_restarted_coordinators_round_is_a_new_share_even_at_the_same_gen_and_
     agg = Aggregator("ipc:///nonexistent/up", "ipc:///nonexistent/down")
     spec = {"global_batch": 8, "micro_batch": 2, "verify": 0.0}
 
-    def task(boot, weight):
+    def task(boot, weight, **more):
         fields = {"job": "job-000001", "gen": 0, "round": 3, "blocks": [[0, 4]], "spec": spec,
-                  "layout": [[[2], "float32"], [[1], "float64"]], "boot": boot}  # fmt: skip
+                  "layout": [[[2], "float32"], [[1], "float64"]], "boot": boot, **more}  # fmt: skip
         return wire.Message(wire.TASK, fields, {"0": np.full(2, weight, np.float32)})
 
     try:
         agg.on_upstream(task("aaaa", 1.0))
         first = agg.share
-        first.sent.add((0, 4))  # (as if its sum had gone up)
-        agg.on_upstream(task("aaaa", 1.0))
+        agg.on_upstream(task("aaaa", 1.0, again=True))
         assert agg.share is first  # the same round of the same coordinator: the same share
-        agg.on_upstream(task("bbbb", 2.0))
+        # the restarted coordinator asks for the same (gen, round) and block, even "again"
+        agg.on_upstream(task("bbbb", 2.0, again=True))
         assert agg.share is not first and agg.share.boot == "bbbb"
-        assert agg.share.sent == set() and agg.share.weights[0][0] == 2.0
+        assert agg.share.weights[0][0] == 2.0  # its weights, to compute the block with
+        assert agg.share.blocks == [(0, 4)] and agg.share.sent == set()  # computed afresh
     finally:
         agg.local.close()

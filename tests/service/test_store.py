@@ -51,3 +51,8 @@ def test_a_state_directory_from_before_the_summary_column_opens_with_its_results
     assert store.job("job-000002")["result"] is None
     assert store.next_job()["id"] == "job-000002"
     assert Store(str(tmp_path)).job("job-000001")["placement"] is None  # (opens again)
+    # a result written by an older coordinator after the column came: filled in on open
+    store.db.execute("UPDATE jobs SET result = ?, state = 'done' WHERE id = 'job-000002'",
+                     (json.dumps(RESULT),))  # fmt: skip
+    assert store.job("job-000002")["result"] is None
+    assert Store(str(tmp_path)).job("job-000002")["result"]["digest"] == RESULT["digest"]
