@@ -371,6 +371,8 @@ class Aggregator:
         job, rnd, block = wire.require(msg, "job", "round", "block")
         if s is None or job != s.job or rnd != s.when[1] or not isinstance(block, list):
             return  # late: an earlier round, or a stopped job
+        if msg.get("gen", s.when[0]) != s.when[0] or msg.get("boot", s.boot) != s.boot:
+            return  # of an abandoned timeline (a rollback, a coordinator restart)
         block = tuple(block)
         r = s.round
         known = self.members.workers.get(wid)
@@ -439,7 +441,9 @@ class Aggregator:
             r = s.round
             unverified = [w for w, blocks in r.unverified.items() if blocks]
             self.verifier[1].contributed(r.index, unverified)
-            fields = {"job": s.job, "round": r.index, "block": list(b)}
+            fields = {"job": s.job, "round": r.index, "block": list(b), "gen": s.when[0]}
+            if s.boot is not None:
+                fields["boot"] = s.boot
             fields["compute_s"] = max(r.compute_s.values(), default=0.0)
             sums = r.node_sum(*b)
             names = wire.sum_names(len(sums))

@@ -283,8 +283,14 @@ class Coordinator(Jobs, Checks, Leases):
                 lease = False  # of another timeline or coordinator life: late
             elif r is None or rnd > r.index:
                 return self.keep_early(wid, msg, rnd)
-        if r is None or job_id != job.id or rnd != r.index or lease is False:
-            self.counters["late_grads"] += 1  # an earlier round, or a cancelled job
+        if (
+            r is None
+            or job_id != job.id
+            or rnd != r.index
+            or lease is False
+            or (msg.get("gen", job.gen) != job.gen or msg.get("boot", self.boot) != self.boot)
+        ):  # an earlier round, a cancelled job, or of a timeline since rolled back or restarted
+            self.counters["late_grads"] += 1
             return None
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int for b in block)):
             raise wire.ProtocolError(f"{msg.type} 'block' must be [lo, hi] integers, got {block!r}")

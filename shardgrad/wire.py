@@ -37,6 +37,8 @@ PROTOCOL_VERSION = 2
 READY = "READY"  # register (again, after a silent coordinator): {"worker", "info"}
 HEARTBEAT = "HEARTBEAT"  # liveness, both ways: a worker's beat, the coordinator's answer
 GRADS = "GRADS"  # one block's gradient sum: {"job", "round", "block", "worker"} + arrays
+# (and the TASK's "gen" and "boot", which GRADS and FAULT echo: a sum of a timeline since
+# abandoned, by a rollback or a coordinator restart, is late)
 FAULT = "FAULT"  # job code raised: {"job", "round", "block", "micro_batch", "error"}
 BYE = "BYE"  # clean leave (SIGTERM): its undelivered blocks are re-issued at once
 # an aggregator caught one of its workers lying: what it sent since round "since" is suspect

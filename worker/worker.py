@@ -224,7 +224,8 @@ class Worker:
             setup_error = e
         stale = lambda: self.superseded(job, when)  # noqa: E731
         share = self.sharing(lease[0], lease[4]) if lease is not None else None
-        sums = self.compute_blocks(job, rnd, blocks, rt, stale, by_shm, setup_error, share=share)
+        sums = self.compute_blocks(job, rnd, blocks, rt, stale, by_shm, setup_error,
+                                   extra=_timeline(msg), share=share)  # fmt: skip
         if sums is not None and engine is not None and engine.next_round == rnd:
             peers = lease[4]
             everyone = blocks + [b for _, theirs in peers.values() for b in theirs]
@@ -251,7 +252,7 @@ class Worker:
             stale = lambda: self.superseded(job, when)  # noqa: E731
             # As frames: a put into our ring would bring the reuse of a slot a peer may
             # still read closer (worker/peers.py).
-            self.compute_blocks(job, rnd, blocks, rt, stale, by_shm=False)
+            self.compute_blocks(job, rnd, blocks, rt, stale, by_shm=False, extra=_timeline(msg))
         finally:
             rt.set_weights(ours)
 
@@ -398,6 +399,15 @@ class Worker:
 def _is_check(msg) -> bool:
     """A TASK that only asks a member of a lease of several to check a peer's block."""
     return msg.type == wire.TASK and msg.get("check") is True
+
+
+def _timeline(msg) -> dict:
+    """The fields that say which timeline a TASK's sums belong to, echoed in each GRADS
+    and FAULT: a sum of an abandoned one (a rollback, a coordinator restart) is late."""
+    out = {"gen": _when(msg)[0]}
+    if isinstance(msg.get("boot"), str):
+        out["boot"] = msg.get("boot")
+    return out
 
 
 def _when(msg) -> tuple[int, int]:

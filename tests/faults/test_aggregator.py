@@ -323,3 +323,31 @@ def test_a_restarted_coordinators_round_is_a_new_share_even_at_the_same_gen_and_
         assert agg.share.blocks == [(0, 4)] and agg.share.sent == set()  # computed afresh
     finally:
         agg.local.close()
+
+
+def test_a_sum_of_an_abandoned_timeline_is_late_at_an_aggregator():
+    """A GRADS echoes its TASK's gen and boot id: one computed before a rollback (or a
+    coordinator restart) for the same round number is not taken for the new timeline's."""
+    from shardgrad.coordinator.aggregator import Aggregator
+
+    agg = Aggregator("ipc:///nonexistent/up", "ipc:///nonexistent/down")
+    spec = {"global_batch": 8, "micro_batch": 2, "verify": 0.0}
+    fields = {"job": "job-000001", "gen": 1, "round": 3, "blocks": [[0, 4]], "spec": spec,
+              "layout": [[[2], "float32"], [[1], "float64"]], "boot": "bbbb"}  # fmt: skip
+    try:
+        agg.on_upstream(wire.Message(wire.TASK, fields, {"0": np.ones(2, np.float32)}))
+        r = agg.share.round
+        r.holders[(0, 4)] = {"w1"}  # (as if dealt to w1, a live worker)
+        agg.members.workers["w1"] = type("W", (), {"state": "live"})()
+        sums = {"0": np.ones(2, np.float32), "loss": np.ones(1)}
+        for gen, boot in ((0, "bbbb"), (1, "aaaa")):
+            grads = {"job": "job-000001", "round": 3, "block": [0, 4], "gen": gen, "boot": boot}
+            agg.on_worker(wire.Message(wire.GRADS, {**grads, "worker": "w1"}, sums,
+                                       envelope=(b"w1",)))  # fmt: skip
+            assert not r.results.get((0, 4)) and (0, 4) not in r.delivered
+        right = {"job": "job-000001", "round": 3, "block": [0, 4], "gen": 1, "boot": "bbbb"}
+        agg.on_worker(wire.Message(wire.GRADS, {**right, "worker": "w1"}, sums,
+                                   envelope=(b"w1",)))  # fmt: skip
+        assert r.results.get((0, 4)) or (0, 4) in r.delivered  # (the same sum, this timeline)
+    finally:
+        agg.local.close()
