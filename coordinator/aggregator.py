@@ -316,9 +316,8 @@ class Aggregator:
 
     def send_blocks(self, assignment):
         s = self.share
-        fields = {"job": s.job, "gen": s.when[0], "round": s.when[1], "spec": s.spec}
-        if s.boot is not None:  # (an aggregator below keys its share by it too)
-            fields["boot"] = s.boot
+        fields = {"job": s.job, **wire.timeline(s.when[0], s.boot), "round": s.when[1],
+                  "spec": s.spec}  # fmt: skip
         arrays = [(str(i), w) for i, w in enumerate(s.weights)]
         layout = [[list(shape), str(dtype)] for shape, dtype in s.layout]
         for wid, blocks in assignment.items():
@@ -371,7 +370,7 @@ class Aggregator:
         job, rnd, block = wire.require(msg, "job", "round", "block")
         if s is None or job != s.job or rnd != s.when[1] or not isinstance(block, list):
             return  # late: an earlier round, or a stopped job
-        if msg.get("gen", s.when[0]) != s.when[0] or msg.get("boot", s.boot) != s.boot:
+        if not wire.of_timeline(msg, s.when[0], s.boot):
             return  # of an abandoned timeline (a rollback, a coordinator restart)
         block = tuple(block)
         r = s.round
@@ -441,9 +440,8 @@ class Aggregator:
             r = s.round
             unverified = [w for w, blocks in r.unverified.items() if blocks]
             self.verifier[1].contributed(r.index, unverified)
-            fields = {"job": s.job, "round": r.index, "block": list(b), "gen": s.when[0]}
-            if s.boot is not None:
-                fields["boot"] = s.boot
+            fields = {"job": s.job, "round": r.index, "block": list(b)}
+            fields.update(wire.timeline(s.when[0], s.boot))
             fields["compute_s"] = max(r.compute_s.values(), default=0.0)
             sums = r.node_sum(*b)
             names = wire.sum_names(len(sums))

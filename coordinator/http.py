@@ -139,13 +139,11 @@ class HttpServer:
             if job_id not in self._specs:  # a job's spec never changes: parsed once
                 self._specs[job_id] = json.loads(row["spec"])
             row["spec"] = self._specs[job_id]
-            if row.pop("has_result"):
+            summary = row.pop("summary")
+            if summary:
                 if job_id not in self._results:  # nor does a finished job's result
-                    full = coord.store.job(job_id)
-                    self._results[job_id] = (
-                        full["result"] if full else None,
-                        tuple(coord.store.metrics(job_id)),
-                    )
+                    metrics_done = tuple(coord.store.metrics(job_id))
+                    self._results[job_id] = (json.loads(summary), metrics_done)
                 row["result"], done = self._results[job_id]
             else:
                 row["result"], done = None, ()
@@ -179,10 +177,11 @@ class HttpServer:
 
 
 def _job_rows(store, limit: int = 100) -> list[dict]:
-    """The queue's rows without their result JSON (parsed once per finished job instead)."""
+    """The queue's rows without their result JSON: the summary (parsed once per finished
+    job, with its metrics)."""
     rows = store.db.execute(
         "SELECT id, name, spec, state, round, total_rounds, checkpoint_round, error, placement,"
-        " result IS NOT NULL AS has_result FROM jobs ORDER BY seq DESC LIMIT ?",
+        " summary FROM jobs ORDER BY seq DESC LIMIT ?",
         (limit,),
     )
     return [dict(r) for r in rows][::-1]

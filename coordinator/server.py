@@ -288,7 +288,7 @@ class Coordinator(Jobs, Checks, Leases):
             or job_id != job.id
             or rnd != r.index
             or lease is False
-            or (msg.get("gen", job.gen) != job.gen or msg.get("boot", self.boot) != self.boot)
+            or not wire.of_timeline(msg, job.gen, self.boot)
         ):  # an earlier round, a cancelled job, or of a timeline since rolled back or restarted
             self.counters["late_grads"] += 1
             return None
@@ -412,8 +412,7 @@ class Coordinator(Jobs, Checks, Leases):
             here = self.members.on_this_host(wid)  # the weights through shared memory
             fields = {
                 "job": job.id,
-                "gen": job.gen,
-                "boot": self.boot,  # (gen is not checkpointed: see aggregator.Share.boot)
+                **wire.timeline(job.gen, self.boot),  # (boot: aggregator.Share.boot)
                 "round": r.index,
                 "blocks": [list(b) for b in blocks],
                 "spec": job.spec,

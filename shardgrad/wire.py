@@ -240,6 +240,18 @@ def _check_header(header: dict, expect_types: Iterable[str] | None) -> str:
     return msg_type
 
 
+def timeline(gen: int, boot) -> dict:
+    """The fields naming a timeline of a job: its rollback generation and the top
+    coordinator's boot id (None: a sender that has none). A TASK carries them; GRADS and
+    FAULT echo them, and a sum of another timeline is late."""
+    return {"gen": gen} if boot is None else {"gen": gen, "boot": boot}
+
+
+def of_timeline(msg: Message, gen: int, boot) -> bool:
+    """Whether `msg` belongs to timeline (gen, boot); a sender that names none does."""
+    return msg.get("gen", gen) == gen and msg.get("boot", boot) == boot
+
+
 def sum_names(n: int) -> list[str]:
     """The names a GRADS gives the `n` arrays of a block sum (JobRuntime.sum_layout's
     order): "0", "1", ... then "loss"."""

@@ -404,10 +404,8 @@ def _is_check(msg) -> bool:
 def _timeline(msg) -> dict:
     """The fields that say which timeline a TASK's sums belong to, echoed in each GRADS
     and FAULT: a sum of an abandoned one (a rollback, a coordinator restart) is late."""
-    out = {"gen": _when(msg)[0]}
-    if isinstance(msg.get("boot"), str):
-        out["boot"] = msg.get("boot")
-    return out
+    boot = msg.get("boot")
+    return wire.timeline(_when(msg)[0], boot if isinstance(boot, str) else None)
 
 
 def _when(msg) -> tuple[int, int]:
