@@ -64,6 +64,7 @@ from shardgrad.coordinator.width import STRETCH, WARMUP  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
 from shardgrad.engine import RoundEngine, row_seconds, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
+from shardgrad.malloc import keep_freed_memory  # noqa: E402
 from shardgrad.training import JobRuntime  # noqa: E402
 
 CONFIGS = [("784-512-512-10", (512, 512), 1024), ("784-256-256-10", (256, 256), 256)]
@@ -457,6 +458,7 @@ def print_ranges(trials, have_torch):
 
 
 def main():
+    keep_freed_memory()  # as every shardgrad process does (shardgrad/malloc.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=30, help="measured rounds per run")
     ap.add_argument("--warmup", type=int, default=5)

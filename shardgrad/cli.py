@@ -475,6 +475,9 @@ def parser():
 
 
 def main(argv=None):
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()  # before any array: a step's arrays reuse freed pages (malloc.py)
     a = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
