@@ -27,6 +27,10 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   np.matmul, summed by the canonical tree, SGD) — benchmarks/contract_floor.py;
                   its steps (at k, and at 1 for the tax) are timed in turn with `local`'s
                   rounds, and both are means, so local/floor compares like with like
+  ideal 2w        the floor on two processes at once, each on half the batch (k/2
+                  micro-batches), with no communication at all: two workers on this machine
+                  if the service cost nothing; ideal/floor is the ceiling 2w/local can
+                  approach (the processes share the cores, caches and memory)
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
@@ -184,6 +188,41 @@ def local_round_seconds(spec, warmup, *also):
     return means if also else means[0]
 
 
+def _floor_rank(sizes, batch, k, steps, warmup, barrier, out):
+    keep_freed_memory()  # (a fresh process: as every shardgrad process does)
+    step = floor_step(sizes, batch, k)
+    for _ in range(warmup):
+        step()
+    barrier.wait()  # both start together, so each runs while the other does
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    out.put(time.perf_counter() - t0)
+
+
+def two_floors(sizes, batch, k, steps, warmup):
+    """Seconds per step of the floor run by two processes at once, each on half the batch
+    (k/2 micro-batches of the same size) and with no communication at all: what two workers
+    would reach on this machine if the service cost nothing. None for an odd k."""
+    if k % 2:
+        return None
+    mpc = mp.get_context("spawn")
+    barrier, out = mpc.Barrier(2), mpc.Queue()
+    args = (sizes, batch // 2, k // 2, steps, warmup, barrier, out)
+    procs = [mpc.Process(target=_floor_rank, daemon=True, args=args) for _ in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        spans = [out.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return max(spans) / steps
+
+
 # ---- torch: eager in one process, and DDP with gloo ---------------------------------------
 def _torch_model(hidden):
     import torch
@@ -293,7 +332,16 @@ def demo_rounds(cluster):
     return seconds, local, local_wall, len(rows)
 
 
-RATIOS = ("1w/local", "2w/local", "auto/local", "1w/ddp1", "2w/ddp2", "auto/ddp2", "local/floor")
+RATIOS = (
+    "1w/local",
+    "2w/local",
+    "auto/local",
+    "1w/ddp1",
+    "2w/ddp2",
+    "auto/ddp2",
+    "local/floor",
+    "ideal/floor",
+)
 
 
 def ratios(res, torch_times):
@@ -309,6 +357,8 @@ def ratios(res, torch_times):
         out["2w/ddp2"] = out["2w/local"] * d2 / res["local"]
         out["auto/ddp2"] = out["auto/local"] * d2 / res["local"]
     out["local/floor"] = res["local"] / res["floor"]
+    if res.get("2floors"):
+        out["ideal/floor"] = res["floor"] / res["2floors"]  # (speeds: the ceiling of 2w/local)
     return out
 
 
@@ -333,6 +383,7 @@ def measure(a, ks, have_torch, with_demo):
                         strict=True,
                     )
                 )
+                res["2floors"] = two_floors((784, *hidden, 10), batch, k, a.rounds, a.warmup)
                 res["local@sg2"] = local_round_seconds(spec, a.warmup)
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))
@@ -364,12 +415,13 @@ def measure(a, ks, have_torch, with_demo):
 
 def print_tables(rows, torch_cols, demo, have_torch):
     print(
-        "| model | k | sg 1w | sg 2w | sg 2w auto (on) | local | floor | tax | torch | ddp 1 "
-        "| ddp 2 | " + " | ".join(RATIOS) + " |"
+        "| model | k | sg 1w | sg 2w | sg 2w auto (on) | local | floor | tax | ideal 2w | torch "
+        "| ddp 1 | ddp 2 | " + " | ".join(RATIOS) + " |"
     )
-    print("|---" * 18 + "|")
+    print("|---" * (12 + len(RATIOS)) + "|")
     for label, _hidden, batch, k, res in rows:
         sps = {key: batch / res[key] for key in ("local", "floor")}
+        sps["ideal"] = batch / res["2floors"] if res.get("2floors") else None
         for key in ("sg1", "sg2", "auto"):
             sps[key] = batch / res[key]["pace_s"]
         te, d1, d2 = (batch / t for t in torch_cols[label]) if have_torch else (None,) * 3
@@ -381,7 +433,8 @@ def print_tables(rows, torch_cols, demo, have_torch):
         print(
             f"| {label} B={batch} | {k} | {f(sps['sg1'])} | {f(sps['sg2'])} "
             f"| {f(sps['auto'])} ({res['auto']['on']}) | {f(sps['local'])} "
-            f"| {f(sps['floor'])} | {res['floor'] / res['floor1']:.2f}x | {f(te)} | {f(d1)} "
+            f"| {f(sps['floor'])} | {res['floor'] / res['floor1']:.2f}x | {f(sps['ideal'])} "
+            f"| {f(te)} | {f(d1)} "
             f"| {f(d2)} | " + " | ".join(
                 f"{got[n]:.2f}x" if n in got else "n/a" for n in RATIOS
             ) + " |"
