@@ -64,3 +64,38 @@ def test_verify_off_checks_nothing_and_1_checks_every_block(make_cluster, verify
         assert weights_digest(c.fetch(job)) == reference_digest(job_spec)
         rows = c.metrics(job)
     assert [r["checked"] for r in rows] == [r["blocks"] if verify else 0 for r in rows]
+
+
+def test_a_sum_of_an_abandoned_timeline_is_late_at_the_coordinator(tmp_path):
+    """In process. A rollback (a caught liar) bumps the job's gen, and the new timeline
+    comes back to round 5 with block (0, 8) held by A. A GRADS A computed for round 5 of
+    the old timeline, queued in its socket across a partition, arrives now: it was computed
+    on weights that stood on the liar's word, so it is late, and so is one for a
+    coordinator life since restarted (another boot id). A's sum of this timeline is
+    taken, as is one from a worker that echoes no timeline (an older worker)."""
+    import types
+
+    from shardgrad import wire
+    from shardgrad.coordinator.rounds import Round
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60))  # fmt: skip
+    try:
+        coord.job = types.SimpleNamespace(id="j", gen=1, leases={}, lease=None)
+        coord.job.round = Round(5, 16, ["A", "B"], per_worker=1)
+        assert coord.job.round.assignment["A"] == [(0, 8)]
+
+        def grads(**timeline):
+            fields = {"job": "j", "round": 5, "block": [0, 8], **timeline}
+            return wire.Message(wire.GRADS, fields, {}, envelope=(b"A",))
+
+        for gen, boot in ((0, coord.boot), (1, "0badb007")):
+            assert coord._block_of(grads(gen=gen, boot=boot), "A") is None
+        assert coord.counters["late_grads"] == 2
+        assert coord._block_of(grads(gen=1, boot=coord.boot), "A") == (0, 8)
+        assert coord._block_of(grads(), "A") == (0, 8)
+        assert coord.counters["late_grads"] == 2
+    finally:
+        coord.job = None
+        coord.shutdown()
