@@ -11,8 +11,8 @@ instead of shrinking between steps.
 
 Every `shardgrad` process calls `keep_freed_memory()` first thing (`shardgrad.cli.main`), as
 do the benchmarks, whose floor is the same NumPy under the same allocator. A user who sets
-glibc's own tunables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) keeps
-them, and SHARDGRAD_MALLOC=default leaves the allocator alone.
+glibc's own thresholds (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, or either in
+GLIBC_TUNABLES) keeps them, and SHARDGRAD_MALLOC=default leaves the allocator alone.
 """
 
 import ctypes
@@ -26,13 +26,20 @@ MMAP_THRESHOLD = 32 << 20
 # free memory at the heap's top is handed back only past this much: a step's worth stays
 TRIM_THRESHOLD = 256 << 20
 
-_USERS_OWN = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_USERS_OWN = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# (GLIBC_TUNABLES may hold unrelated tunables: only these two are the user's choice here)
+_USERS_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
 def keep_freed_memory() -> bool:
     """Tune glibc malloc to keep freed memory; True if it did (False: not glibc, or the user
     chose their own settings)."""
-    if os.environ.get("SHARDGRAD_MALLOC") == "default" or any(v in os.environ for v in _USERS_OWN):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (
+        os.environ.get("SHARDGRAD_MALLOC") == "default"
+        or any(v in os.environ for v in _USERS_OWN)
+        or any(t in tunables for t in _USERS_TUNABLES)
+    ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on

@@ -62,7 +62,12 @@ def test_every_shardgrad_command_tunes_its_process(tmp_path):
 @glibc
 def test_the_users_own_allocator_settings_win():
     setup = "from shardgrad.malloc import keep_freed_memory as k; print(k())"
-    for env in ({"SHARDGRAD_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "1"}):
+    users = (
+        {"SHARDGRAD_MALLOC": "default"},
+        {"MALLOC_TRIM_THRESHOLD_": "1"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"},
+    )
+    for env in users:
         out = subprocess.run(
             [sys.executable, "-c", setup],
             capture_output=True,
@@ -72,3 +77,8 @@ def test_the_users_own_allocator_settings_win():
             check=True,
         )
         assert out.stdout.split() == ["False"], env
+    # an unrelated glibc tunable is not a choice about these two
+    other = {"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=4096"}
+    out = subprocess.run([sys.executable, "-c", setup], capture_output=True, text=True,
+                         timeout=60, env=os.environ | other, check=True)  # fmt: skip
+    assert out.stdout.split() == ["True"]
