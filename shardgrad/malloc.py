@@ -43,10 +43,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: CDLL(None) on Windows)
         return False  # no mallopt (macOS, Windows): their allocators keep memory anyway
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; musl's is a stub that returns 0
+    # mallopt returns 1 on success (musl has none: AttributeError above)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
