@@ -210,17 +210,23 @@ def two_floors(sizes, batch, k, steps, warmup):
     barrier, out = mpc.Barrier(2), mpc.Queue()
     args = (sizes, batch // 2, k // 2, steps, warmup, barrier, out)
     procs = [mpc.Process(target=_floor_rank, daemon=True, args=args) for _ in range(2)]
+    return max(run_ranks(procs, out, 2, timeout=600)) / steps
+
+
+def run_ranks(procs, out, n, timeout):
+    """Start `procs`, take `n` results from `out`, and kill whichever is left, whatever
+    happens."""
     try:
         for p in procs:
             p.start()
-        spans = [out.get(timeout=600) for _ in procs]
+        got = [out.get(timeout=timeout) for _ in range(n)]
         for p in procs:
             p.join(60)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
-    return max(spans) / steps
+    return got
 
 
 # ---- torch: eager in one process, and DDP with gloo ---------------------------------------
@@ -298,15 +304,8 @@ def torch_ddp(hidden, batch, world, steps, warmup):
     args = (world, os.path.join(tmp, "init"), hidden, batch, steps, warmup, out)
     procs = [mpc.Process(target=_ddp_rank, daemon=True, args=(r, *args)) for r in range(world)]
     try:
-        for p in procs:
-            p.start()
-        step_s = out.get(timeout=1800)
-        for p in procs:
-            p.join(60)
+        (step_s,) = run_ranks(procs, out, 1, timeout=1800)  # (rank 0's)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     return step_s
 
