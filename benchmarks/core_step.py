@@ -18,6 +18,7 @@ import shardgrad.core as sg  # noqa: E402
 from shardgrad.core import functional as F  # noqa: E402
 from shardgrad.core import nn, optim  # noqa: E402
 from shardgrad.core.ops import x_wT  # noqa: E402
+from shardgrad.malloc import keep_freed_memory  # noqa: E402
 
 try:
     import torch
@@ -150,6 +151,7 @@ def chain_overhead(n=100, size=16):
 
 
 def main():
+    keep_freed_memory()  # as every shardgrad process does (shardgrad/malloc.py)
     how = f"best of 7, {'wall' if WALL else 'CPU'} time"
     print(f"MLP {'-'.join(map(str, SIZES))} float32, 1 BLAS thread, SGD step ({how})\n")
     print("numpy (ours): the same hand-written step in our GEMM order (core/ops.py _linear)\n")

@@ -29,8 +29,9 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   rounds, and both are means, so local/floor compares like with like
   ideal 2w        the floor on two processes at once, each on half the batch (k/2
                   micro-batches), with no communication at all: two workers on this machine
-                  if the service cost nothing; ideal/floor is the ceiling 2w/local can
-                  approach (the processes share the cores, caches and memory)
+                  if the service cost nothing; ideal/floor (against one such process on the
+                  whole batch, timed the same way right before) is the ceiling 2w/local
+                  can approach (the processes share the cores, caches and memory)
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
@@ -51,6 +52,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import platform  # noqa: E402
+import queue  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -193,39 +195,54 @@ def _floor_rank(sizes, batch, k, steps, warmup, barrier, out):
     step = floor_step(sizes, batch, k)
     for _ in range(warmup):
         step()
-    barrier.wait()  # both start together, so each runs while the other does
+    barrier.wait(timeout=600)  # all start together, so each runs while the others do
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     out.put(time.perf_counter() - t0)
 
 
-def two_floors(sizes, batch, k, steps, warmup):
-    """Seconds per step of the floor run by two processes at once, each on half the batch
-    (k/2 micro-batches of the same size) and with no communication at all: what two workers
-    would reach on this machine if the service cost nothing. None for an odd k."""
-    if k % 2:
+def floor_ranks(sizes, batch, k, steps, warmup, world):
+    """Seconds per step of the floor run by `world` fresh processes at once, each on
+    batch/world (k/world micro-batches of the same size) with no communication at all. At
+    world 2: what two workers would reach on this machine if the service cost nothing; at
+    world 1 the same measurement of one process, so that their ratio compares like with like.
+    None when k does not divide."""
+    if k % world:
         return None
     mpc = mp.get_context("spawn")
-    barrier, out = mpc.Barrier(2), mpc.Queue()
-    args = (sizes, batch // 2, k // 2, steps, warmup, barrier, out)
-    procs = [mpc.Process(target=_floor_rank, daemon=True, args=args) for _ in range(2)]
-    return max(run_ranks(procs, out, 2, timeout=600)) / steps
+    barrier, out = mpc.Barrier(world), mpc.Queue()
+    args = (sizes, batch // world, k // world, steps, warmup, barrier, out)
+    procs = [mpc.Process(target=_floor_rank, daemon=True, args=args) for _ in range(world)]
+    return max(run_ranks(procs, out, world, timeout=600)) / steps
 
 
 def run_ranks(procs, out, n, timeout):
-    """Start `procs`, take `n` results from `out`, and kill whichever is left, whatever
-    happens."""
+    """Start `procs`, take `n` results from `out`, and kill and reap whichever is left,
+    whatever happens. A rank that exits without its result fails the run at once, naming it,
+    instead of leaving the others to wait out the timeout."""
+    got, deadline = [], time.monotonic() + timeout
     try:
         for p in procs:
             p.start()
-        got = [out.get(timeout=timeout) for _ in range(n)]
+        while len(got) < n:
+            try:
+                got.append(out.get(timeout=0.5))
+                continue
+            except queue.Empty:
+                pass
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with {dead[0].exitcode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n - len(got)} of {n} ranks gave no result in {timeout} s")
         for p in procs:
             p.join(60)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
+                p.join(10)
     return got
 
 
@@ -357,7 +374,7 @@ def ratios(res, torch_times):
         out["auto/ddp2"] = out["auto/local"] * d2 / res["local"]
     out["local/floor"] = res["local"] / res["floor"]
     if res.get("2floors"):
-        out["ideal/floor"] = res["floor"] / res["2floors"]  # (speeds: the ceiling of 2w/local)
+        out["ideal/floor"] = res["1floor"] / res["2floors"]  # (speeds: the ceiling of 2w/local)
     return out
 
 
@@ -382,7 +399,8 @@ def measure(a, ks, have_torch, with_demo):
                         strict=True,
                     )
                 )
-                res["2floors"] = two_floors((784, *hidden, 10), batch, k, a.rounds, a.warmup)
+                for world, key in ((1, "1floor"), (2, "2floors")):  # (back to back, alike)
+                    res[key] = floor_ranks((784, *hidden, 10), batch, k, a.rounds, a.warmup, world)
                 res["local@sg2"] = local_round_seconds(spec, a.warmup)
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))

@@ -17,6 +17,7 @@ from .. import wire
 from ..core.sampling import assign_blocks
 from ..engine import RoundEngine
 from ..jobspec import SpecError, parse_spec
+from ..malloc import give_back_memory
 from ..training import JobRuntime
 from .job import ActiveJob
 from .placement import JobFailed, choose, rounds_here
@@ -198,3 +199,4 @@ class Jobs:
             self._send(self.workers, wid.encode(), wire.STOP_JOB, {"job": self.job.id})
         self.job = None
         self.local.board.close()  # the next job publishes its own weights
+        give_back_memory()  # (what we kept for its next step)

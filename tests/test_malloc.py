@@ -59,6 +59,37 @@ def test_a_tuned_process_reuses_freed_pages_step_after_step():
 
 
 @glibc
+def test_an_untuned_process_faults_its_pages_in_anew_every_step():
+    """The control: without the tuning, this pattern does fault (so the tests above can
+    fail). Transparent huge pages off, or one fault would map 512 pages."""
+    untuned = "import ctypes; assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0"  # THP off
+    got = faults_per_step(untuned, SHARDGRAD_MALLOC="default", NUMPY_MADVISE_HUGEPAGE="0")
+    assert got > PAGES_TOUCHED // 2, (got, PAGES_TOUCHED)
+
+
+@glibc
+def test_a_process_gives_its_kept_memory_back_when_a_job_ends():
+    kept = textwrap.dedent(
+        """
+        import numpy as np
+        from shardgrad.malloc import give_back_memory, keep_freed_memory
+        def rss_mb():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 >> 20
+        assert keep_freed_memory()
+        arrays = [np.ones(4 << 20, np.float32) for _ in range(12)]  # 192 MiB on the heap
+        del arrays
+        print(rss_mb())
+        print(give_back_memory(), rss_mb())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", kept], capture_output=True, text=True,
+                         timeout=60, env=clean_env(), check=True).stdout.split()  # fmt: skip
+    before, trimmed, after = int(out[0]), out[1], int(out[2])
+    assert trimmed == "True" and before - after > 150, out
+
+
+@glibc
 def test_every_shardgrad_command_tunes_its_process(tmp_path):
     ran = f"from shardgrad import cli; cli.main(['keys', 'generate', {str(tmp_path)!r}])"
     assert faults_per_step(ran) < PAGES_TOUCHED // 100
@@ -82,6 +113,11 @@ def test_the_users_own_allocator_settings_win():
             check=True,
         )
         assert out.stdout.split() == ["False"], env
+    # a value that is no choice is named on stderr, and the default holds
+    typo = {"SHARDGRAD_MALLOC": "defualt"}
+    out = subprocess.run([sys.executable, "-c", setup], capture_output=True, text=True,
+                         timeout=60, env=clean_env() | typo, check=True)  # fmt: skip
+    assert out.stdout.split() == ["True"] and "SHARDGRAD_MALLOC='defualt'" in out.stderr
     # an unrelated glibc tunable is not a choice about these two
     other = {"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=4096"}
     out = subprocess.run([sys.executable, "-c", setup], capture_output=True, text=True,

@@ -29,6 +29,7 @@ from .. import wire
 from ..core.sampling import all_finite, tiles
 from ..engine import RoundEngine
 from ..jobspec import parse_spec
+from ..malloc import give_back_memory
 from ..shm import GradsRing, WeightsReader, usable
 from ..training import JobRuntime
 from .heartbeat import Heartbeat
@@ -117,6 +118,7 @@ class Worker:
                     self.do_task(msg)
                 elif msg.type == wire.STOP_JOB:
                     self.runtimes.pop(msg.get("job"), None)
+                    give_back_memory()  # (what we kept for its next step)
         finally:
             try:  # never connected (wrong key, no coordinator): nobody to say it to
                 wire.send_msg(self.sock, wire.BYE, {"worker": self.id}, flags=zmq.NOBLOCK)
