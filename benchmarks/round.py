@@ -32,6 +32,9 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   if the service cost nothing; ideal/floor (against one such process on the
                   whole batch, timed the same way right before) is the ceiling 2w/local
                   can approach (the processes share the cores, caches and memory)
+  lockstep        the same two floors, each step ending at a barrier: both compute at the
+                  same time every step, as the members of a synchronous round (ours or DDP's)
+                  do; lockstep/floor is the ceiling of any synchronous data parallelism here
   torch           torch eager, one process, whole batch
   ddp 1, ddp 2    torch DistributedDataParallel (gloo), world 1 and 2, B/world per rank
 
@@ -190,7 +193,7 @@ def local_round_seconds(spec, warmup, *also):
     return means if also else means[0]
 
 
-def _floor_rank(sizes, batch, k, steps, warmup, barrier, out):
+def _floor_rank(sizes, batch, k, steps, warmup, barrier, out, lockstep):
     keep_freed_memory()  # (a fresh process: as every shardgrad process does)
     step = floor_step(sizes, batch, k)
     for _ in range(warmup):
@@ -199,20 +202,24 @@ def _floor_rank(sizes, batch, k, steps, warmup, barrier, out):
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+        if lockstep:
+            barrier.wait(timeout=600)
     out.put(time.perf_counter() - t0)
 
 
-def floor_ranks(sizes, batch, k, steps, warmup, world):
+def floor_ranks(sizes, batch, k, steps, warmup, world, lockstep=False):
     """Seconds per step of the floor run by `world` fresh processes at once, each on
     batch/world (k/world micro-batches of the same size) with no communication at all. At
     world 2: what two workers would reach on this machine if the service cost nothing; at
     world 1 the same measurement of one process, so that their ratio compares like with like.
+    `lockstep`: every step ends at a barrier, as a synchronous round does (each worker needs
+    the others' sums before its next step), so both compute at the same time, every step.
     None when k does not divide."""
     if k % world:
         return None
     mpc = mp.get_context("spawn")
     barrier, out = mpc.Barrier(world), mpc.Queue()
-    args = (sizes, batch // world, k // world, steps, warmup, barrier, out)
+    args = (sizes, batch // world, k // world, steps, warmup, barrier, out, lockstep)
     procs = [mpc.Process(target=_floor_rank, daemon=True, args=args) for _ in range(world)]
     return max(run_ranks(procs, out, world, timeout=600)) / steps
 
@@ -357,6 +364,7 @@ RATIOS = (
     "auto/ddp2",
     "local/floor",
     "ideal/floor",
+    "lockstep/floor",
 )
 
 
@@ -375,6 +383,7 @@ def ratios(res, torch_times):
     out["local/floor"] = res["local"] / res["floor"]
     if res.get("2floors"):
         out["ideal/floor"] = res["1floor"] / res["2floors"]  # (speeds: the ceiling of 2w/local)
+        out["lockstep/floor"] = res["1floor"] / res["2lockstep"]
     return out
 
 
@@ -399,8 +408,13 @@ def measure(a, ks, have_torch, with_demo):
                         strict=True,
                     )
                 )
-                for world, key in ((1, "1floor"), (2, "2floors")):  # (back to back, alike)
-                    res[key] = floor_ranks((784, *hidden, 10), batch, k, a.rounds, a.warmup, world)
+                sizes = (784, *hidden, 10)
+                for key, world, lockstep in (
+                    ("1floor", 1, False),
+                    ("2floors", 2, False),
+                    ("2lockstep", 2, True),
+                ):  # (back to back, alike)
+                    res[key] = floor_ranks(sizes, batch, k, a.rounds, a.warmup, world, lockstep)
                 res["local@sg2"] = local_round_seconds(spec, a.warmup)
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))
