@@ -235,14 +235,13 @@ def run_ranks(procs, out, n, timeout):
         while len(got) < n:
             try:
                 got.append(out.get(timeout=0.5))
-                continue
             except queue.Empty:
-                pass
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with {dead[0].exitcode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{n - len(got)} of {n} ranks gave no result in {timeout} s")
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited with {dead[0].exitcode}") from None
+                if time.monotonic() > deadline:
+                    missing = f"{n - len(got)} of {n} ranks gave no result in {timeout} s"
+                    raise TimeoutError(missing) from None
         for p in procs:
             p.join(60)
     finally:

@@ -36,16 +36,14 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith(ours)}
 
 
+def python(code, **env):
+    """Run `code` in a fresh interpreter with no allocator settings but `env`."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=clean_env() | env, check=True)  # fmt: skip
+
+
 def faults_per_step(setup, **env):
-    out = subprocess.run(
-        [sys.executable, "-c", STEPS.format(setup=setup)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env() | env,
-        check=True,
-    )
-    return int(out.stdout.split()[-1])
+    return int(python(STEPS.format(setup=setup), **env).stdout.split()[-1])
 
 
 # (platform.libc_ver: musl's confstr raises where glibc's answers)
@@ -83,8 +81,7 @@ def test_a_process_gives_its_kept_memory_back_when_a_job_ends():
         print(give_back_memory(), rss_mb())
         """
     )
-    out = subprocess.run([sys.executable, "-c", kept], capture_output=True, text=True,
-                         timeout=60, env=clean_env(), check=True).stdout.split()  # fmt: skip
+    out = python(kept).stdout.split()
     before, trimmed, after = int(out[0]), out[1], int(out[2])
     assert trimmed == "True" and before - after > 150, out
 
@@ -104,22 +101,10 @@ def test_the_users_own_allocator_settings_win():
         {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"},
     )
     for env in users:
-        out = subprocess.run(
-            [sys.executable, "-c", setup],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=clean_env() | env,
-            check=True,
-        )
-        assert out.stdout.split() == ["False"], env
+        assert python(setup, **env).stdout.split() == ["False"], env
     # a value that is no choice is named on stderr, and the default holds
-    typo = {"SHARDGRAD_MALLOC": "defualt"}
-    out = subprocess.run([sys.executable, "-c", setup], capture_output=True, text=True,
-                         timeout=60, env=clean_env() | typo, check=True)  # fmt: skip
+    out = python(setup, SHARDGRAD_MALLOC="defualt")
     assert out.stdout.split() == ["True"] and "SHARDGRAD_MALLOC='defualt'" in out.stderr
     # an unrelated glibc tunable is not a choice about these two
-    other = {"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=4096"}
-    out = subprocess.run([sys.executable, "-c", setup], capture_output=True, text=True,
-                         timeout=60, env=clean_env() | other, check=True)  # fmt: skip
-    assert out.stdout.split() == ["True"]
+    other = python(setup, GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=4096")
+    assert other.stdout.split() == ["True"]
