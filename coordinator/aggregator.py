@@ -354,6 +354,8 @@ class Aggregator:
             elif self.share is not None and (owed := self.share.round.owed_by(wid)):
                 self.send_blocks({wid: owed})  # it holds nothing now: what it owes, again
             return
+        if msg.type == wire.STATE:  # (only a lease we follow sends it; we grant none)
+            raise wire.ProtocolError("STATE from a worker that holds no lease of ours")
         if msg.type == wire.RECALL:  # from an aggregator below us: pass it up
             if not self.members.is_aggregator(wid):
                 raise wire.ProtocolError("RECALL comes from aggregators, not workers")

@@ -23,6 +23,7 @@ class Config:
     dry_run_seconds: float = 10.0  # bound on the submit-time dry run of micro-batch 0
     inline_below_s: float = DEFAULT_INLINE_BELOW_S  # rounds cheaper than this run here
     lease_window: int = 8  # rounds workers on a lease may run ahead of our step (0: never)
+    follow: int = 8  # a lease of several sends us its state every this many rounds (0: never)
     peer_leases: bool = True  # workers on our host may share a lease (worker/peers.py)
     width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
     write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
@@ -49,6 +50,10 @@ class Lease:
     id: int
     blocks: dict  # member -> its blocks of every round (together: the whole round)
     told: int = 0  # the round the last STEPPED said (sent every few rounds, not each)
+    # Rounds between the training states `reporter` sends us (STATE), which we take in
+    # place of our own steps; 0: we step every round with the members' sums (Leases.follow)
+    follow: int = 0
+    reporter: str | None = None
 
 
 @dataclass
@@ -73,6 +78,7 @@ class ActiveJob:
     leases: dict = field(default_factory=dict)
     width: Width = field(default_factory=Width)  # all live workers, or one on a lease
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
+    early_state: tuple | None = None  # (worker, STATE) of the lease we follow, come early
     last_step: float = 0.0  # (monotonic) when a round last stepped, for the width's pace
     window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
     unwritten: str | None = None  # why its result could not be written yet (retried)

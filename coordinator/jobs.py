@@ -128,14 +128,20 @@ class Jobs:
             if self.job is job:
                 self.fail_job(f"round {job.engine.next_round}: {type(e).__name__}: {e}")
 
-    def after_step(self, row):
-        """A round is in the weights: its metrics row, the job's end, a checkpoint."""
+    def after_step(self, row, since=None):
+        """A round is in the weights: its metrics row, the job's end, a checkpoint (due when
+        a multiple of checkpoint_every lies past `since`, the round before this step's
+        rounds: a followed lease's state takes in several)."""
         job, engine = self.job, self.job.engine
         engine.record(row)
         self.http.observe_round(job.id, row)
         if engine.done:
             return self.finish_job()
-        if engine.next_round % job.rt.spec.checkpoint_every == 0:
+        every, since = (
+            job.rt.spec.checkpoint_every,
+            engine.next_round - 1 if since is None else since,
+        )
+        if engine.next_round // every > since // every:
             # On workers the checkpoint overlaps the next round; computed here it does not,
             # and its rounds can be shorter than its fsyncs: it skips due checkpoints to
             # spend at most a tenth of the time writing them.

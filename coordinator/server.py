@@ -237,6 +237,8 @@ class Coordinator(Jobs, Checks, Leases):
         self.local.taken(wid, msg)  # whatever becomes of a GRADS, its ring slot is free
         if msg.type == wire.RECALL:
             return self.on_recall(wid, msg)
+        if msg.type == wire.STATE:
+            return self.on_state(wid, msg)
         if msg.type in (wire.READY, wire.HEARTBEAT):
             # a heartbeat registers too: after a coordinator restart, workers are back
             # without having to notice that anything happened
@@ -278,6 +280,13 @@ class Coordinator(Jobs, Checks, Leases):
         job, r = self.job, self.job and self.job.round
         job_id, rnd, block = wire.require(msg, "job", "round", "block")
         lease = msg.get("lease")  # computed ahead, on this timeline's weights?
+        following = job is not None and job.round is not None and self.followed(wid, lease)
+        if following and job_id == job.id:
+            # A member of the lease we follow sends no sums: only a block that raised or is
+            # not finite. It dropped the lease; the span's round goes out as TASKs (and the
+            # block, when its round comes, fails or not on its own).
+            self.counters["late_grads"] += 1
+            return self.unfollow(f"{wid}'s round {rnd} failed: {str(msg.get('error'))[:200]}")
         if lease is not None and job is not None and job_id == job.id and type(rnd) is int:
             if wid not in job.leases.get(lease if type(lease) is int else None, ()):
                 lease = False  # of another timeline or coordinator life: late
@@ -371,9 +380,13 @@ class Coordinator(Jobs, Checks, Leases):
                           checkers=live)  # fmt: skip
         group, assignment = self.lease_group(use), dict(job.round.assignment)
         lease, checking, checks = job.lease, job.round.checking, {}
-        going = lease is not None and all(  # (their own blocks, what a stand-by checks aside)
-            [b for b in assignment.get(w, ()) if b not in checking.get(w, ())] == bs
-            for w, bs in lease.blocks.items()
+        going = (
+            lease is not None
+            and all(  # (their own blocks, what a stand-by checks aside)
+                [b for b in assignment.get(w, ()) if b not in checking.get(w, ())] == bs
+                for w, bs in lease.blocks.items()
+            )
+            and (lease.follow > 0) == (self.follow_rounds(group) > 0)  # (follow from now on)
         )
         # They are computing this round already. A STEPPED moves their window and says how
         # far we read their rings: each message costs both sides a wake-up, so it goes every
@@ -441,6 +454,9 @@ class Coordinator(Jobs, Checks, Leases):
                 r.unhold(wid, blocks)
         if granted is not None:
             job.lease = granted[0]
+            if job.lease.follow:  # (its members write their rings over what no one reads now)
+                job.leases.clear()
+                job.early.clear()
             job.leases[job.lease.id] = set(job.lease.blocks)
 
     def repair_round(self):

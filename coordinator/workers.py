@@ -1,7 +1,11 @@
-"""Checks on what workers send: READY's self-report, who a message is from. (A GRADS's
-arrays are checked against the model by wire.check_grads: workers check their peers' too.)"""
+"""Checks on what workers send: READY's self-report, who a message is from, the training
+state a lease we follow sends (STATE). (A GRADS's arrays are checked against the model by
+wire.check_grads: workers check their peers' too.)"""
+
+import numpy as np
 
 from .. import wire
+from ..core.sampling import all_finite
 
 
 def worker_info(msg) -> dict:
@@ -18,6 +22,8 @@ def worker_info(msg) -> dict:
         out["shm"] = True
     if info.get("lease") is True:  # it can run ahead on a lease (worker.Lease)
         out["lease"] = True
+    if info.get("follow") is True:  # ... and send us its state in place of its sums
+        out["follow"] = True
     peer = info.get("peer")  # where peers in a lease of several send it their sums
     if isinstance(peer, str) and peer.startswith("ipc://") and len(peer) <= 200:
         out["peer"] = peer
@@ -45,3 +51,69 @@ def sender_of(msg) -> str:
     if not msg.envelope or msg.envelope[0] != expected.encode():
         raise wire.ProtocolError(f"{msg.type} claims worker {wid!r} from another connection")
     return wid
+
+
+def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
+    """(arrays, meta, rows) of a STATE that takes `engine` from round `since` to its
+    "round" (at most `until`): every array named, shaped and typed as engine.pack's, finite;
+    the meta's every value of the type ours has; a metrics row per round in between, of
+    numbers, only the last of them an epoch's end (we evaluate there, on these weights).
+    ProtocolError naming the first thing that does not fit."""
+    rt = engine.rt
+    rnd, rows, meta = wire.require(msg, "round", "rows", "state")
+    if type(rnd) is not int or not since < rnd <= until:
+        raise wire.ProtocolError(f"STATE of round {rnd!r}: we expect one in {since + 1}..{until}")
+    ours, our_meta = engine.pack()
+    arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
+    sums = {f"acc{i}": (tuple(shape), np.dtype(d)) for i, (shape, d) in enumerate(rt.sum_layout())}
+    want = {k: (a.shape, a.dtype) for k, a in ours.items() if not k.startswith("acc")}
+    if any(k.startswith("acc") for k in arrays):  # an open accumulation: all of it, or none
+        want.update(sums)
+    if len(arrays) != len(msg.arrays) or set(arrays) != set(want):
+        raise wire.ProtocolError(f"STATE arrays {sorted(msg.arrays)[:8]}: not the model's state")
+    for k, (shape, dtype) in want.items():
+        if arrays[k].shape != shape or arrays[k].dtype != dtype:
+            raise wire.ProtocolError(f"STATE array {k!r}: {arrays[k].dtype}{arrays[k].shape}, "
+                                     f"the model's is {dtype}{shape}")  # fmt: skip
+    if not all_finite(list(arrays.values())):
+        raise wire.ProtocolError("STATE arrays have NaN/Inf")
+    if (
+        not isinstance(meta, dict)
+        or meta.get("round") != rnd
+        or not _alike(
+            {k: v for k, v in meta.items() if k != "metrics"},
+            {k: v for k, v in our_meta.items() if k != "metrics"},
+        )
+    ):
+        raise wire.ProtocolError("STATE meta: not the shape of the engine's")
+    if not isinstance(rows, list) or len(rows) != rnd - since:
+        raise wire.ProtocolError(f"STATE rows: expected {rnd - since} rows")
+    for i, row in enumerate(rows):
+        r = since + i
+        if not (isinstance(row, dict) and row.get("round") == r and len(row) <= 16) or not all(
+            isinstance(k, str) and len(k) <= 32 and type(v) in (int, float) for k, v in row.items()
+        ):
+            raise wire.ProtocolError(f"STATE row {i}: not a metrics row of round {r}")
+        if r + 1 < rnd and rt.position(r + 1)[1] == 0:
+            raise wire.ProtocolError(f"STATE rows: round {r} ends an epoch, so it comes first")
+    return arrays, meta, rows
+
+
+def _alike(theirs, ours) -> bool:
+    """Whether `theirs` has the structure of `ours`: the same keys, lengths and types all the
+    way down (an int where ours has a float, too: JSON drops the difference)."""
+    if isinstance(ours, dict):
+        return (
+            isinstance(theirs, dict)
+            and theirs.keys() == ours.keys()
+            and all(_alike(theirs[k], v) for k, v in ours.items())
+        )
+    if isinstance(ours, list | tuple):
+        return (
+            isinstance(theirs, list | tuple)
+            and len(theirs) == len(ours)
+            and all(map(_alike, theirs, ours))
+        )
+    if type(ours) is float:
+        return type(theirs) in (int, float)
+    return type(theirs) is type(ours)

@@ -42,6 +42,7 @@ def cmd_coordinator(a):
         inline_below_s=a.inline_below,
         lease_window=a.lease_window,
         peer_leases=a.peer_leases == "on",
+        follow=a.follow,
         width_probe=a.width_probe,
         write_retry_s=a.write_retry,
         nice=a.nice,
@@ -319,6 +320,18 @@ def parser():
         help="on: workers on the coordinator's host run ahead on one lease together, "
         "sending each other their sums (the coordinator steps off the round's path; same "
         "bits); off: only a lone worker runs ahead [SHARDGRAD_PEER_LEASES, default on]",
+    )
+    s.add_argument(
+        "--follow",
+        type=int,
+        choices=range(33),
+        metavar="0..32",
+        default=int(ENV("SHARDGRAD_FOLLOW", 8)),
+        help="a lease of several workers on the coordinator's host sends the coordinator "
+        "its training state every this many rounds instead of its sums every round: the "
+        "coordinator takes it in place of stepping a copy of every round itself, off the "
+        "workers' cores (same bits; only for jobs with verify = 0); 0: it steps every round "
+        "[SHARDGRAD_FOLLOW, default 8]",
     )
     s.add_argument(
         "--width-probe",

@@ -215,6 +215,9 @@ class GradsRing:
         self.seg, self.layout, self.size = None, None, 0
         self.shapes, self.laid_out = None, None  # the last shapes asked for, and their layout
         self.seq = self.acked = 0
+        # Puts past this one no coordinator reads (a lease it follows): their slots are free
+        # once our peers are through with them, which the lease's lockstep sees to.
+        self.peers_from: int | None = None
         self.bytes = None  # the segment as uint8: what every slot view is a view of
         self.views: dict = {}  # slot index -> its arrays' views
         self.retired: list = []  # segments left for their readers (retire)
@@ -222,6 +225,10 @@ class GradsRing:
     def ack(self, seq) -> None:
         if type(seq) is int:
             self.acked = max(self.acked, min(seq, self.seq))
+
+    def peers_only(self) -> None:
+        """What we put from now on (until the next segment) only a lease's peers read."""
+        self.peers_from = self.seq
 
     def slot(self, shapes) -> list[np.ndarray] | None:
         """Views of the slot the next `put` fills, for arrays of these (shape, dtype)s, or
@@ -240,7 +247,8 @@ class GradsRing:
             self.bytes = np.frombuffer(self.seg.buf, np.uint8)
             self.acked = self.seq  # nothing in the new segment is waiting to be read
         seq = self.seq + 1
-        if seq - self.slots > self.acked:  # that slot's last sum may not be read yet
+        last = seq - self.slots  # that slot's last sum: may it be unread yet?
+        if last > self.acked and (self.peers_from is None or last <= self.peers_from):
             return None
         index = seq % self.slots
         if index not in self.views:
@@ -268,6 +276,7 @@ class GradsRing:
         if self.seg is not None:
             self.retired.append(self.seg)
             self.seg, self.bytes, self.views, self.layout = None, None, {}, None
+            self.peers_from = None
         while len(self.retired) > keep:
             self._drop(self.retired.pop(0))
 

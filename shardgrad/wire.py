@@ -43,6 +43,9 @@ FAULT = "FAULT"  # job code raised: {"job", "round", "block", "micro_batch", "er
 BYE = "BYE"  # clean leave (SIGTERM): its undelivered blocks are re-issued at once
 # an aggregator caught one of its workers lying: what it sent since round "since" is suspect
 RECALL = "RECALL"  # {"job", "since", "reason"}
+# a lease the coordinator follows (TASK "lease" {"follow": S}): its training state after
+# round "round" - 1, the metrics rows of the rounds since the last one, + "state.*" arrays
+STATE = "STATE"  # {"job", "lease", "round", "rows", "state"}
 # coordinator -> worker
 TASK = "TASK"  # a round's assignment: {"job", "gen", "round", "blocks", "spec"} + weights
 # (to an aggregator also "layout": [[shape, dtype], ...] of a GRADS, to check its workers';
@@ -67,7 +70,7 @@ OK = "OK"
 ERROR = "ERROR"  # {"message", "kind": "refused" (an ordinary no) | "bad_message" (malformed)}
 
 # What each side accepts: pass as `expect_types` to decode / recv_msg.
-WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE, RECALL})  # worker port
+WORKER_TYPES = frozenset({READY, HEARTBEAT, GRADS, FAULT, BYE, RECALL, STATE})  # worker port
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, JOBS, CANCEL, METRICS, FETCH})  # client port
 TO_WORKER_TYPES = frozenset({TASK, STOP_JOB, STEPPED, HEARTBEAT})  # worker side
 TO_CLIENT_TYPES = frozenset({OK, ERROR})  # client side

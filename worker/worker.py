@@ -136,7 +136,7 @@ class Worker:
 
     def info(self) -> dict:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "shm": self.shm is not None,
-                "lease": True}  # fmt: skip
+                "lease": True, "follow": True}  # fmt: skip
         if self.peers is not None:
             info["peer"] = self.peers.endpoint
         return info
@@ -233,7 +233,9 @@ class Worker:
             everyone = blocks + [b for _, theirs in peers.values() for b in theirs]
             able = not peers or self.peers is not None  # (granted only to those with a port)
             if tiles(rt.n_micro, everyone) and self.ended != lease[0] and able:
-                self.lease = Lease(job, lease[0], lease[1], blocks, engine, by_shm, peers)
+                self.lease = Lease(job, *lease[:2], blocks, engine, by_shm, peers, *lease[5:])
+                if self.lease.follow:  # what we put from now on only our peers read
+                    self.ring.peers_only()
                 if self.peers is not None:
                     self.peers.only(peers)  # (those who left: their sockets and rings go)
                 if self.steps_seen[0] == lease[0]:
@@ -265,8 +267,11 @@ class Worker:
         rnd, stale = lease.engine.next_round, lambda: not all(map(_is_check, self.queue))
         share = self.sharing(lease.id, lease.peers)
         extra = {"lease": lease.id}
+        t0 = time.perf_counter()
         sums = self.compute_blocks(lease.job, rnd, lease.blocks, lease.engine.rt, stale,
-                                   lease.by_shm, extra=extra, share=share)  # fmt: skip
+                                   lease.by_shm, extra=extra, share=share,
+                                   report=not lease.follow)  # fmt: skip
+        lease.compute_s = time.perf_counter() - t0
         if sums is None:
             self.drop_lease()
         else:
@@ -307,12 +312,35 @@ class Worker:
                     self.peers.take(lease, layout)
             known.update(lease.got[rnd])
         lease.step(known)
+        if lease.reports and lease.sync_due():
+            self.send_state(lease)
+
+    def send_state(self, lease):
+        """Our training state, to the coordinator that follows our lease (a copy: our
+        arrays step on while the frames are on their way), with the rows since the last."""
+        state, meta = lease.engine.pack(copy=True)
+        meta["metrics"] = []
+        fields = {"job": lease.job, "lease": lease.id, "round": lease.engine.next_round,
+                  "rows": lease.rows, "state": meta}  # fmt: skip
+        lease.rows = []
+        self.send(wire.STATE, fields, [(f"state.{k}", a) for k, a in state.items()])
 
     def compute_blocks(
-        self, job, rnd, blocks, rt, stale, by_shm, setup_error=None, extra=None, share=None
+        self,
+        job,
+        rnd,
+        blocks,
+        rt,
+        stale,
+        by_shm,
+        setup_error=None,
+        extra=None,
+        share=None,
+        report=True,
     ):
         """Send each block's sum (a FAULT if it raises); the sums if all went out finite.
-        A finite sum goes to `share(rnd, block, sum, ring fields or None)` first."""
+        A finite sum goes to `share(rnd, block, sum, ring fields or None)` first, and to the
+        coordinator only if `report` (a lease it follows: only what is not finite)."""
         sums, clean = [], True
         for lo, hi in blocks:
             self.drain()
@@ -343,6 +371,9 @@ class Worker:
             ring = self.ring.put(grads) if by_shm else None
             if share is not None and "nonfinite" not in fields:
                 share(rnd, (lo, hi), grads, ring)
+            if not report and "nonfinite" not in fields:
+                sums.append(grads)
+                continue
             if ring is not None:
                 self.send(wire.GRADS, {**fields, **ring})
             else:
