@@ -56,19 +56,39 @@ def sender_of(msg) -> str:
 def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
     """(arrays, meta, rows) of a STATE that takes `engine` from round `since` to its
     "round" (at most `until`): every array named, shaped and typed as engine.pack's, finite;
-    the meta's every value of the type ours has; a metrics row per round in between, of
-    numbers, only the last of them an epoch's end (we evaluate there, on these weights).
-    ProtocolError naming the first thing that does not fit."""
+    the optimizer's state per parameter ours, or (ours has not stepped yet) all its names,
+    shaped as the parameter; the meta's every value of the type ours has; a metrics row of
+    numbers per round in between, only the last of them an epoch's end (we evaluate there,
+    on these weights). ProtocolError naming the first thing that does not fit."""
     rt = engine.rt
     rnd, rows, meta = wire.require(msg, "round", "rows", "state")
     if type(rnd) is not int or not since < rnd <= until:
         raise wire.ProtocolError(f"STATE of round {rnd!r}: we expect one in {since + 1}..{until}")
     ours, our_meta = engine.pack()
     arrays = {k[6:]: a for k, a in msg.arrays.items() if k.startswith("state.")}
-    sums = {f"acc{i}": (tuple(shape), np.dtype(d)) for i, (shape, d) in enumerate(rt.sum_layout())}
-    want = {k: (a.shape, a.dtype) for k, a in ours.items() if not k.startswith("acc")}
+    want = {k: (a.shape, a.dtype) for k, a in ours.items() if not k.startswith(("acc", "opt"))}
     if any(k.startswith("acc") for k in arrays):  # an open accumulation: all of it, or none
-        want.update(sums)
+        want.update(
+            {f"acc{i}": (tuple(s), np.dtype(d)) for i, (s, d) in enumerate(rt.sum_layout())}
+        )
+    scalars = meta.get("opt_scalars") if isinstance(meta, dict) else None
+    if not isinstance(scalars, dict):
+        raise wire.ProtocolError("STATE meta: not the shape of the engine's")
+    if not all(any(_of(k, i) for i in range(len(rt.params))) for k in scalars):
+        raise wire.ProtocolError(
+            f"STATE optimizer scalars {sorted(scalars)[:4]}: no such parameter"
+        )
+    for i, p in enumerate(rt.params):  # (what an optimizer keeps is shaped as its parameter)
+        mine = {k.split(".", 1)[1] for k in [*ours, *our_meta["opt_scalars"]] if _of(k, i)}
+        names = [k.split(".", 1)[1] for k in [*arrays, *scalars] if _of(k, i)]
+        if sorted(names) != sorted(mine or (names and engine.opt.state_names)):
+            raise wire.ProtocolError(f"STATE optimizer state of parameter {i}: {names[:4]}")
+        for name in names:
+            if f"{i}.{name}" in scalars:
+                if type(scalars[f"{i}.{name}"]) is not int:
+                    raise wire.ProtocolError(f"STATE optimizer state {i}.{name}: not a count")
+            else:
+                want[f"opt{i}.{name}"] = (p.shape, p.dtype)
     if len(arrays) != len(msg.arrays) or set(arrays) != set(want):
         raise wire.ProtocolError(f"STATE arrays {sorted(msg.arrays)[:8]}: not the model's state")
     for k, (shape, dtype) in want.items():
@@ -77,13 +97,10 @@ def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
                                      f"the model's is {dtype}{shape}")  # fmt: skip
     if not all_finite(list(arrays.values())):
         raise wire.ProtocolError("STATE arrays have NaN/Inf")
-    if (
-        not isinstance(meta, dict)
-        or meta.get("round") != rnd
-        or not _alike(
-            {k: v for k, v in meta.items() if k != "metrics"},
-            {k: v for k, v in our_meta.items() if k != "metrics"},
-        )
+    skip = ("metrics", "opt_scalars")
+    if meta.get("round") != rnd or not _alike(
+        {k: v for k, v in meta.items() if k not in skip},
+        {k: v for k, v in our_meta.items() if k not in skip},
     ):
         raise wire.ProtocolError("STATE meta: not the shape of the engine's")
     if not isinstance(rows, list) or len(rows) != rnd - since:
@@ -97,6 +114,11 @@ def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
         if r + 1 < rnd and rt.position(r + 1)[1] == 0:
             raise wire.ProtocolError(f"STATE rows: round {r} ends an epoch, so it comes first")
     return arrays, meta, rows
+
+
+def _of(key: str, i: int) -> bool:
+    """Whether pack's `key` ("opt3.exp_avg", or "3.step" among the scalars) is parameter i's."""
+    return key.startswith((f"opt{i}.", f"{i}."))
 
 
 def _alike(theirs, ours) -> bool:

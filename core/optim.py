@@ -66,6 +66,7 @@ class Optimizer:
 
 
 class SGD(Optimizer):
+    state_names = ("momentum_buffer",)  # what it keeps per parameter once it has stepped
     defaults = {
         "lr": 1e-3,
         "momentum": 0.0,
@@ -105,6 +106,7 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
+    state_names = ("exp_avg", "exp_avg_sq", "step")
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     decoupled = False
 

@@ -72,12 +72,49 @@ def test_with_peer_leases_off_only_a_lone_worker_runs_ahead(make_cluster, svc):
         assert _counters(c).get("blocks_ahead", 0) == 0
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SIGSTOP past liveness"])
-def test_a_member_lost_mid_lease(make_cluster, svc, how):
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_lease_the_coordinator_follows_has_the_bits_and_rows_of_local(make_cluster, svc, n):
+    """verify = 0: the members send us no sums; every few rounds, at each epoch's end and at
+    the end one of them sends its training state (Adam's moments, the schedule, an open
+    accumulation, BatchNorm's buffers), which the coordinator takes in place of stepping.
+    The weights, and every row's training numbers with the evaluation at each epoch's end
+    on the state taken there, are train_local's; checkpoints fall where the states do."""
+    spec = svc.spec_with(SPEC_FULL, verify=0.0, epochs=4, checkpoint_every=7, name="svc-follow")
+    ref_state, ref_metrics = svc.local_reference(spec)
+    cluster = make_cluster(workers=n, aggregators=0)
+    with cluster.client() as c:
+        _, status, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, f"a lease of {n} we follow vs train_local")
+        keys = ("round", "epoch", "round_loss", "loss", "lr", "grad_norm", "accuracy")
+        rows = [{k: m.get(k) for k in keys} for m in c.metrics(status["id"])]
+        assert rows == [{k: m.get(k) for k in keys} for m in ref_metrics]
+        assert sum("accuracy" in row for row in rows) == 4
+        counters = _counters(c)
+        assert counters.get("rounds_followed", 0) > len(rows) // 2, counters
+        assert counters.get("follow_ended", 0) == 0 and counters.get("bad_message", 0) == 0
+    assert "the lease we follow ends" not in _log(cluster)
+
+
+def test_with_follow_off_the_coordinator_steps_every_round(make_cluster, svc):
+    spec = svc.spec_with(svc.SPEC_SGD, verify=0.0, name="svc-follow-off")
+    ref_state, _ = svc.local_reference(spec)
+    cluster = make_cluster(workers=2, aggregators=0, env={"SHARDGRAD_FOLLOW": "0"})
+    with cluster.client() as c:
+        _, _, weights = svc.run_job(c, spec)
+        svc.assert_bitwise_equal(weights, ref_state, "--follow 0 vs train_local")
+        counters = _counters(c)
+        assert counters.get("rounds_followed", 0) == 0 and counters.get("blocks_ahead", 0) > 0
+
+
+@pytest.mark.parametrize(
+    "how, verify", [("kill -9", 0.05), ("SIGSTOP past liveness", 0.05), ("kill -9", 0.0)]
+)
+def test_a_member_lost_mid_lease(make_cluster, svc, how, verify):
     """The others wait for its sums until the coordinator re-issues its blocks (a TASK ends
     their lease); a stopped member that comes back goes on, and what it sends for the
-    ended lease is late. The job ends with train_local's bits."""
-    spec = svc.spec_with(svc.SPEC_SGD, epochs=8, name="svc-peers-lost")
+    ended lease is late. The job ends with train_local's bits. With verify = 0 the
+    coordinator follows the lease: our round is the span's first, re-issued to all."""
+    spec = svc.spec_with(svc.SPEC_SGD, epochs=8, verify=verify, name="svc-peers-lost")
     ref_state, _ = svc.local_reference(spec)
     cluster = make_cluster(workers=3, aggregators=0, env=SLOW)
     with cluster.client() as c:
@@ -96,12 +133,17 @@ def test_a_member_lost_mid_lease(make_cluster, svc, how):
         assert status["state"] == "done", status
         svc.assert_bitwise_equal(c.fetch(job), ref_state, f"a member {how} mid-lease")
         assert c.metrics(job)[-1]["workers"] in (2, 3)
+        if verify == 0:
+            counters = _counters(c)
+            assert counters.get("rounds_followed", 0) > 0 and counters.get("follow_ended"), counters
 
 
-def test_a_member_whose_job_code_raises_ends_the_lease_for_all(make_cluster, svc):
+@pytest.mark.parametrize("verify", [0.05, 0.0])
+def test_a_member_whose_job_code_raises_ends_the_lease_for_all(make_cluster, svc, verify):
     """One of two raises on every block from round 4 on: its FAULTs end the lease (the
-    other is told, never left waiting), the other recomputes, the bits hold."""
-    spec = svc.spec_with(svc.SPEC_SGD, name="svc-peers-faulty")
+    other is told, never left waiting), the other recomputes, the bits hold. (verify = 0:
+    on a lease we follow, its FAULT for a round ahead ends it.)"""
+    spec = svc.spec_with(svc.SPEC_SGD, verify=verify, name="svc-peers-faulty")
     ref_state, _ = svc.local_reference(spec)
     cluster = make_cluster(workers=0, aggregators=0)
     cluster.add_worker(env={"SHARDGRAD_FAULT_RAISE": "4"})
