@@ -259,6 +259,10 @@ class Leases:
                 owed[w] = rest
         if owed:
             self.send_blocks(owed)
+        for member in lease.blocks:  # (those that owe nothing: it ended in the TASK's round)
+            if member != wid and member not in owed and not sending.get(member):
+                if self.members.is_live(member):
+                    self.stepped(member, lease, end=True)
 
     def on_state(self, wid, msg):
         """The state a lease we follow reached: it takes our round's span in at once."""

@@ -98,7 +98,7 @@ def test_field_of_checks_types():
 
 
 def test_type_sets_cover_each_direction():
-    assert wire.WORKER_TYPES == {"READY", "HEARTBEAT", "GRADS", "FAULT", "BYE", "RECALL"}
+    assert wire.WORKER_TYPES == {"READY", "HEARTBEAT", "GRADS", "FAULT", "BYE", "RECALL", "STATE"}
     assert wire.CLIENT_TYPES == {"SUBMIT", "STATUS", "JOBS", "CANCEL", "METRICS", "FETCH"}
     assert wire.TO_WORKER_TYPES == {"TASK", "STOP_JOB", "STEPPED", "HEARTBEAT"}
     assert wire.TO_CLIENT_TYPES == {"OK", "ERROR"}

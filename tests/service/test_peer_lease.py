@@ -88,11 +88,13 @@ def test_a_lease_the_coordinator_follows_has_the_bits_and_rows_of_local(make_clu
         keys = ("round", "epoch", "round_loss", "loss", "lr", "grad_norm", "accuracy")
         rows = [{k: m.get(k) for k in keys} for m in c.metrics(status["id"])]
         assert rows == [{k: m.get(k) for k in keys} for m in ref_metrics]
-        assert sum("accuracy" in row for row in rows) == 4
+        assert sum(row["accuracy"] is not None for row in rows) == 4
         counters = _counters(c)
+        # (all but the first rounds of each lease: a loaded machine can push a job's first
+        # round, which loads it on the workers, past the deadline, which ends a lease)
         assert counters.get("rounds_followed", 0) > len(rows) // 2, counters
-        assert counters.get("follow_ended", 0) == 0 and counters.get("bad_message", 0) == 0
-    assert "the lease we follow ends" not in _log(cluster)
+        assert counters.get("bad_message", 0) == 0, counters
+    assert "a bad STATE" not in _log(cluster)
 
 
 def test_with_follow_off_the_coordinator_steps_every_round(make_cluster, svc):
