@@ -78,18 +78,19 @@ class Leases:
         (a member lost, a fault, a deadline) re-issues that round as TASKs, which loses at
         most a span and the window of work and never a bit. Only when nothing is checked
         (`verify` 0: a state is taken on its sender's word, as its sums would be), and a
-        span stays far within the straggler deadline."""
+        span stays far within the straggler deadline. (While the width is probed, a span
+        is at most a stretch: Width.observe takes a span's rounds at once.)"""
         job, cfg = self.job, self.cfg
         if cfg.follow <= 0 or len(group or ()) < 2 or job.rt.spec.verify > 0:
             return 0
-        if job.width.dealt is not None and job.width.choice is None:
-            return 0  # (probing: its rounds are timed one by one)
         if not all(self.members.workers[w].info.get("follow") is True for w in group):
             return 0
         if job.rt.dry_run_s is None:
             return 0
         per_round = job.rt.dry_run_s * job.rt.n_micro / len(group)  # (warm-up included)
         n = min(cfg.follow, 32)  # (a window of 2n: at most 64)
+        if job.width.dealt is not None and job.width.choice is None:
+            n = min(n, job.width.stretch_rounds())  # (probing: a span about a stretch)
         while n >= 2 and n * per_round > cfg.min_deadline / 10:
             n //= 2
         return n if n >= 2 else 0
@@ -246,7 +247,6 @@ class Leases:
         TASK, but `wid`, whose caller sends it its own (unless `sending` gives it blocks),
         and what `sending` gives. What they computed past it is lost, and what it says
         from now on is late."""
-        self.counters["follow_ended"] += 1
         job = self.job
         job.leases.pop(lease.id, None)
         job.early_state = None
@@ -258,6 +258,7 @@ class Leases:
             if rest:
                 owed[w] = rest
         if owed:
+            self.counters["follow_ended"] += 1  # (not a lease that the next one replaces)
             self.send_blocks(owed)
         for member in lease.blocks:  # (those that owe nothing: it ended in the TASK's round)
             if member != wid and member not in owed and not sending.get(member):
@@ -292,7 +293,7 @@ class Leases:
         now = time.monotonic()
         n = engine.next_round - since
         pace, job.last_step = (now - (job.last_step or r.started)) / n, now
-        why = job.width.observe(pace)
+        why = job.width.observe(pace, rounds=n)
         if why:
             log.info("job %s: %s", job.id, why)
         if job.warm:

@@ -413,7 +413,7 @@ class Coordinator(Jobs, Checks, Leases):
         job, r = self.job, self.job.round
         granted = self.new_lease(assignment, lease_to) if lease_to else None
         if granted is not None:
-            self.end_lease()  # (whatever ran before)
+            self.end_lease(sending=assignment)  # (whatever ran before; theirs is on its way)
         # The weights go out zero-copy, straight from the optimizer's arrays. They change
         # only when a round ends, and a TASK is only sent while its round runs: a frame
         # still in flight when they change belongs to a finished round, whose results are

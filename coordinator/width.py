@@ -46,15 +46,16 @@ class Width:
             return live
         if tuple(live) != self.key:
             self._restart(tuple(live))
-        if self.choice is None and self.into == self._length():
+        if self.choice is None and self.into >= self.stretch_rounds():
             self.stretch, self.into, self.spent = self.stretch + 1, 0, 0.0
         self.dealt = self.choice or ("all" if self.stretch % 4 in (0, 3) else "one")
         return [one] if self.dealt == "one" else live
 
-    def observe(self, round_s: float, ahead: bool = False) -> str | None:
+    def observe(self, round_s: float, ahead: bool = False, rounds: int = 1) -> str | None:
         """The round dealt by the last `use` cost `round_s` (its pace; `ahead`: with sums
-        computed ahead under an earlier lease); a sentence for the log when a choice is
-        made."""
+        computed ahead under an earlier lease; `rounds` of them at that pace: a span of a
+        lease the coordinator follows, which may run a stretch past its length); a sentence
+        for the log when a choice is made."""
         mode, self.dealt = self.dealt, None
         if mode is None:
             return None  # not probing (one worker, aggregators, --width-probe 0)
@@ -64,13 +65,13 @@ class Width:
             # about this way, and the stretch goes on without it.
             return None
         if self.choice is not None:
-            self.held += 1
+            self.held += rounds
             if self.held >= self.hold:  # conditions drift: measure again
                 self._restart(self.key)
             return None
-        self.into += 1
-        self.spent += round_s
-        if self.into == self._length():
+        self.into += rounds
+        self.spent += round_s * rounds
+        if self.into >= self.stretch_rounds() and self.into - rounds < self.stretch_rounds():
             self.times[mode].append(self.spent / self.into)
         one, every = self.times["one"], self.times["all"]
         stretches = -(-self.probe // STRETCH)
@@ -84,5 +85,5 @@ class Width:
             f"on all {len(self.key)} (medians of {stretches} interleaved stretches): {then}"
         )
 
-    def _length(self) -> int:
+    def stretch_rounds(self) -> int:
         return WARMUP + min(STRETCH, self.probe)
