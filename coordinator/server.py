@@ -391,7 +391,8 @@ class Coordinator(Jobs, Checks, Leases):
         # They are computing this round already. A STEPPED moves their window and says how
         # far we read their rings: each message costs both sides a wake-up, so it goes every
         # quarter window (the ring has room for that; shm.GradsRing).
-        if going and index - lease.told >= max(1, job.window // 4):
+        # (Followed, one goes every span: its members' window of 2 spans must move.)
+        if going and index - lease.told >= (1 if lease.follow else max(1, job.window // 4)):
             lease.told = index
             for wid in list(lease.blocks):
                 if job.lease is lease:  # (a STEPPED that cannot go out ends it)

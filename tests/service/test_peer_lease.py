@@ -72,16 +72,21 @@ def test_with_peer_leases_off_only_a_lone_worker_runs_ahead(make_cluster, svc):
         assert _counters(c).get("blocks_ahead", 0) == 0
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_a_lease_the_coordinator_follows_has_the_bits_and_rows_of_local(make_cluster, svc, n):
+@pytest.mark.parametrize("n, window, follow", [(2, 8, 8), (3, 8, 8), (2, 64, 2)])
+def test_a_lease_the_coordinator_follows_has_the_bits_and_rows_of_local(
+    make_cluster, svc, n, window, follow
+):
     """verify = 0: the members send us no sums; every few rounds, at each epoch's end and at
     the end one of them sends its training state (Adam's moments, the schedule, an open
     accumulation, BatchNorm's buffers), which the coordinator takes in place of stepping.
     The weights, and every row's training numbers with the evaluation at each epoch's end
-    on the state taken there, are train_local's; checkpoints fall where the states do."""
+    on the state taken there, are train_local's; checkpoints fall where the states do.
+    Whatever --lease-window says, a STEPPED goes every span: the members' window (two
+    spans) never closes on them while we wait for their state."""
     spec = svc.spec_with(SPEC_FULL, verify=0.0, epochs=4, checkpoint_every=7, name="svc-follow")
     ref_state, ref_metrics = svc.local_reference(spec)
-    cluster = make_cluster(workers=n, aggregators=0)
+    env = {"SHARDGRAD_LEASE_WINDOW": str(window), "SHARDGRAD_FOLLOW": str(follow)}
+    cluster = make_cluster(workers=n, aggregators=0, env=env)
     with cluster.client() as c:
         _, status, weights = svc.run_job(c, spec)
         svc.assert_bitwise_equal(weights, ref_state, f"a lease of {n} we follow vs train_local")
@@ -94,7 +99,8 @@ def test_a_lease_the_coordinator_follows_has_the_bits_and_rows_of_local(make_clu
         # round, which loads it on the workers, past the deadline, which ends a lease)
         assert counters.get("rounds_followed", 0) > len(rows) // 2, counters
         assert counters.get("bad_message", 0) == 0, counters
-    assert "a bad STATE" not in _log(cluster)
+    log = _log(cluster)
+    assert "a bad STATE" not in log and log.count("the lease ends (") <= 1, log[-3000:]
 
 
 def test_with_follow_off_the_coordinator_steps_every_round(make_cluster, svc):
