@@ -13,6 +13,9 @@ classification data, SGD, with micro_batch = B/k for k = 2 and 8, samples/s of:
                   lease, sending each other their sums) and the coordinator may step a few
                   rounds at once, so single paces are bursty; the span is what the job
                   waits. "sg 2w" puts every round on both workers (--width-probe 0)
+  2w f0/local     the same 2 workers with the coordinator stepping every round itself
+                  (--follow 0), rather than following their lease by the state it sends:
+                  what following is worth, in the same run
   sg 2w auto      the same 2-worker cluster as it runs by default: it times the job on both
                   workers and on one ahead on a lease, and keeps the faster ("on": how
                   many it chose); measured after its probes
@@ -357,6 +360,7 @@ def demo_rounds(cluster):
 RATIOS = (
     "1w/local",
     "2w/local",
+    "2w f0/local",
     "auto/local",
     "1w/ddp1",
     "2w/ddp2",
@@ -372,7 +376,7 @@ def ratios(res, torch_times):
     time measured right before it (the machine drifts between minutes), and compared with
     DDP through the local time measured right after DDP: sg/ddp = sg/local' x local/ddp."""
     out = {}
-    for key, name in (("sg1", "1w"), ("sg2", "2w"), ("auto", "auto")):
+    for key, name in (("sg1", "1w"), ("sg2", "2w"), ("sg2f0", "2w f0"), ("auto", "auto")):
         out[f"{name}/local"] = res[f"local@{key}"] / res[key]["pace_s"]  # speed ratios
     if torch_times:
         _, d1, d2 = torch_times
@@ -418,6 +422,15 @@ def measure(a, ks, have_torch, with_demo):
                 res["sg2"] = run_shardgrad(cluster, spec, a.warmup)
                 rows.append((label, hidden, batch, k, res))
                 print(f"done: {label} k={k}", file=sys.stderr, flush=True)
+        # the coordinator stepping every round itself, not following the lease (--follow 0)
+        cluster.coordinator.terminate()
+        cluster.coordinator.wait(30)
+        cluster.start_coordinator(env={"SHARDGRAD_WIDTH_PROBE": "0", "SHARDGRAD_FOLLOW": "0"})
+        cluster.wait_workers(2)
+        for _label, hidden, batch, k, res in rows:
+            spec = make_spec(hidden, batch, n_rounds, k)
+            res["local@sg2f0"] = local_round_seconds(spec, a.warmup)
+            res["sg2f0"] = run_shardgrad(cluster, spec, a.warmup)
         # the default coordinator, which chooses how many workers to use
         cluster.coordinator.terminate()
         cluster.coordinator.wait(30)
