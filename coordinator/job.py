@@ -78,7 +78,7 @@ class ActiveJob:
     leases: dict = field(default_factory=dict)
     width: Width = field(default_factory=Width)  # all live workers, or one on a lease
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
-    early_state: tuple | None = None  # (worker, STATE) of the lease we follow, come early
+    early_states: dict = field(default_factory=dict)  # first round -> (worker, STATE), early
     last_step: float = 0.0  # (monotonic) when a round last stepped, for the width's pace
     window: int = 0  # rounds its lease may run ahead: lease_window, less for a big model
     unwritten: str | None = None  # why its result could not be written yet (retried)

@@ -140,11 +140,16 @@ class Leases:
         """What a worker ahead sent for the round now running (kept by keep_early), and the
         state of a lease we follow that came before our round before it was in."""
         job = self.job
-        if job is not None and job.early_state is not None and job.round is not None:
-            wid, msg = job.early_state
-            if _first_round(msg) <= job.engine.next_round:
-                job.early_state = None
+        while job is not None and self.job is job and job.round is not None and job.early_states:
+            first = min(job.early_states)
+            if first > job.engine.next_round:
+                break
+            wid, msg = job.early_states.pop(first)  # (of a round before ours: it says no more)
+            try:
                 self.on_state(wid, msg)
+            except Exception:  # (checked by on_state: what raises here is a bug)
+                self.counters["internal_error"] += 1
+                log.exception("error handing in an early STATE")
         while job is not None and self.job is job and job.round is not None and job.early:
             index = job.round.index
             due = [r for r in job.early if r <= index]
@@ -238,7 +243,7 @@ class Leases:
 
     def unfollow(self, why: str):
         """The lease we follow ends (end_followed)."""
-        log.info("round %d: the lease we follow ends (%s)", self.job.round.index, why)
+        log.info("round %d: the lease we follow ends (%s)", self.job.engine.next_round, why)
         self.end_lease()
 
     def end_followed(self, lease, wid, sending):
@@ -249,8 +254,11 @@ class Leases:
         from now on is late."""
         job = self.job
         job.leases.pop(lease.id, None)
-        job.early_state = None
-        if job.round is None:
+        job.early_states.clear()
+        if job.round is None:  # (a pause: nobody owes anything, and nobody may wait on a peer)
+            for member in lease.blocks:
+                if member != wid and self.members.is_live(member):
+                    self.stepped(member, lease, end=True)
             return
         owed = {}
         for w, blocks in self.owed([m for m in lease.blocks if m != wid or sending.get(m)]).items():
@@ -275,16 +283,17 @@ class Leases:
         if wid != job.lease.reporter:
             raise wire.ProtocolError(f"STATE from {wid!r}: not the lease's reporter")
         engine, r, members = job.engine, job.round, list(job.lease.blocks)
-        first = _first_round(msg)
-        if type(first) is int and engine.next_round < first <= engine.next_round + job.window:
-            # Our round before its first is not in yet: a member's GRADS of the lease's
-            # first round (a TASK's, sent as any) is still on its way. hand_in_early.
-            job.early_state = (wid, msg)
+        first, ahead = _first_round(msg), engine.next_round + 2 * job.lease.follow
+        if type(first) is int and engine.next_round < first < ahead:
+            # Our round before its first is not in yet (a member's GRADS of the lease's
+            # first round, a TASK's, sent as any, is still on its way), nor maybe the
+            # STATEs before it: hand_in_early takes them in order.
+            job.early_states[first] = (wid, msg)
             return
-        until = min(engine.next_round + 2 * job.lease.follow, job.rt.total_rounds)
         try:
+            until = min(ahead, job.rt.total_rounds)
             arrays, meta, rows = state_of(msg, engine, engine.next_round, until)
-        except wire.ProtocolError as e:
+        except Exception as e:  # (ProtocolError; anything else is a gap in state_of)
             self.counters["bad_message"] += 1
             log.warning("dropped a bad STATE from %s: %s", wid, e)
             return self.unfollow("a bad STATE")

@@ -280,11 +280,10 @@ class Coordinator(Jobs, Checks, Leases):
         job, r = self.job, self.job and self.job.round
         job_id, rnd, block = wire.require(msg, "job", "round", "block")
         lease = msg.get("lease")  # computed ahead, on this timeline's weights?
-        following = job is not None and job.round is not None and self.followed(wid, lease)
-        if following and job_id == job.id:
+        if job is not None and job_id == job.id and self.followed(wid, lease):
             # A member of the lease we follow sends no sums: only a block that raised or is
             # not finite. It dropped the lease; the span's round goes out as TASKs (and the
-            # block, when its round comes, fails or not on its own).
+            # block, when its round comes, fails or not on its own). Nothing of it is read.
             self.counters["late_grads"] += 1
             return self.unfollow(f"{wid}'s round {rnd} failed: {str(msg.get('error'))[:200]}")
         if lease is not None and job is not None and job_id == job.id and type(rnd) is int:

@@ -2,6 +2,8 @@
 state a lease we follow sends (STATE). (A GRADS's arrays are checked against the model by
 wire.check_grads: workers check their peers' too.)"""
 
+import math
+
 import numpy as np
 
 from .. import wire
@@ -72,23 +74,27 @@ def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
             {f"acc{i}": (tuple(s), np.dtype(d)) for i, (s, d) in enumerate(rt.sum_layout())}
         )
     scalars = meta.get("opt_scalars") if isinstance(meta, dict) else None
-    if not isinstance(scalars, dict):
+    if not isinstance(scalars, dict) or not all(type(k) is str for k in scalars):
         raise wire.ProtocolError("STATE meta: not the shape of the engine's")
-    if not all(any(_of(k, i) for i in range(len(rt.params))) for k in scalars):
+    opt, counted = type(engine.opt), 0
+    for i, p in enumerate(rt.params):  # (what an optimizer keeps is shaped as its parameter)
+        mine = (_names(ours, f"opt{i}."), _names(our_meta["opt_scalars"], f"{i}."))
+        got = (_names(arrays, f"opt{i}."), _names(scalars, f"{i}."))
+        if not any(mine) and any(got):  # (ours has not stepped yet: all it keeps, or none)
+            mine = (set(opt.state_arrays), set(opt.state_counts))
+        if got != mine:
+            raise wire.ProtocolError(f"STATE optimizer state of parameter {i}: {sorted(got[0])}, "
+                                     f"{sorted(got[1])}")  # fmt: skip
+        for name in got[1]:
+            v = scalars[f"{i}.{name}"]
+            if type(v) is not int or not 0 <= v < 2**53:
+                raise wire.ProtocolError(f"STATE optimizer state {i}.{name}: not a count")
+        counted += len(got[1])
+        want.update({f"opt{i}.{name}": (p.shape, p.dtype) for name in got[0]})
+    if counted != len(scalars):
         raise wire.ProtocolError(
             f"STATE optimizer scalars {sorted(scalars)[:4]}: no such parameter"
         )
-    for i, p in enumerate(rt.params):  # (what an optimizer keeps is shaped as its parameter)
-        mine = {k.split(".", 1)[1] for k in [*ours, *our_meta["opt_scalars"]] if _of(k, i)}
-        names = [k.split(".", 1)[1] for k in [*arrays, *scalars] if _of(k, i)]
-        if sorted(names) != sorted(mine or (names and engine.opt.state_names)):
-            raise wire.ProtocolError(f"STATE optimizer state of parameter {i}: {names[:4]}")
-        for name in names:
-            if f"{i}.{name}" in scalars:
-                if type(scalars[f"{i}.{name}"]) is not int:
-                    raise wire.ProtocolError(f"STATE optimizer state {i}.{name}: not a count")
-            else:
-                want[f"opt{i}.{name}"] = (p.shape, p.dtype)
     if len(arrays) != len(msg.arrays) or set(arrays) != set(want):
         raise wire.ProtocolError(f"STATE arrays {sorted(msg.arrays)[:8]}: not the model's state")
     for k, (shape, dtype) in want.items():
@@ -107,8 +113,10 @@ def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
         raise wire.ProtocolError(f"STATE rows: expected {rnd - since} rows")
     for i, row in enumerate(rows):
         r = since + i
-        if not (isinstance(row, dict) and row.get("round") == r and len(row) <= 16) or not all(
-            isinstance(k, str) and len(k) <= 32 and type(v) in (int, float) for k, v in row.items()
+        ok = isinstance(row, dict) and type(row.get("round")) is int and row["round"] == r
+        if not (ok and len(row) <= 16) or not all(
+            type(k) is str and len(k) <= 32 and type(v) in (int, float) and math.isfinite(v)
+            for k, v in row.items()
         ):
             raise wire.ProtocolError(f"STATE row {i}: not a metrics row of round {r}")
         if r + 1 < rnd and rt.position(r + 1)[1] == 0:
@@ -116,9 +124,10 @@ def state_of(msg, engine, since: int, until: int) -> tuple[dict, dict, list]:
     return arrays, meta, rows
 
 
-def _of(key: str, i: int) -> bool:
-    """Whether pack's `key` ("opt3.exp_avg", or "3.step" among the scalars) is parameter i's."""
-    return key.startswith((f"opt{i}.", f"{i}."))
+def _names(keys, prefix: str) -> set:
+    """The names after `prefix` among `keys` (pack's "opt3.exp_avg", or "3.step" among its
+    scalars: parameter 3's)."""
+    return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
 
 
 def _alike(theirs, ours) -> bool:
@@ -137,5 +146,5 @@ def _alike(theirs, ours) -> bool:
             and all(map(_alike, theirs, ours))
         )
     if type(ours) is float:
-        return type(theirs) in (int, float)
+        return type(theirs) in (int, float) and math.isfinite(theirs)
     return type(theirs) is type(ours)

@@ -66,7 +66,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    state_names = ("momentum_buffer",)  # what it keeps per parameter once it has stepped
+    # What it keeps per parameter once it has stepped: arrays shaped as it, and counts.
+    state_arrays, state_counts = ("momentum_buffer",), ()
     defaults = {
         "lr": 1e-3,
         "momentum": 0.0,
@@ -106,7 +107,7 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    state_names = ("exp_avg", "exp_avg_sq", "step")
+    state_arrays, state_counts = ("exp_avg", "exp_avg_sq"), ("step",)
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     decoupled = False
 

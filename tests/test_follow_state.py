@@ -95,7 +95,27 @@ def _meta(path, value):
         (_meta(["round"], 4), "meta"),
         (_meta(["opt_scalars", "9.step"], 1), "no such parameter"),
         (_meta(["opt_scalars", "0.step"], 1.5), "not a count"),
+        (_meta(["opt_scalars", "0.step"], -1), "not a count"),
         (lambda f, a: a.pop("opt0.exp_avg"), "optimizer state of parameter 0"),
+        # an array where a count belongs, and the other way round: same names, wrong kinds
+        (
+            lambda f, a: (
+                a.__setitem__("opt0.step", np.zeros_like(a["w0"])),
+                f["state"]["opt_scalars"].pop("0.step"),
+            ),
+            "parameter 0",
+        ),  # fmt: skip
+        (
+            lambda f, a: (
+                a.pop("opt0.exp_avg"),
+                f["state"]["opt_scalars"].__setitem__("0.exp_avg", 3),
+            ),
+            "parameter 0",
+        ),  # fmt: skip
+        (_meta(["lr"], float("nan")), "meta"),
+        (lambda f, a: f["state"]["sched"].__setitem__("base_lrs", [float("inf")]), "meta"),
+        (lambda f, a: f["rows"][0].__setitem__("round", 0.0), "row 0"),
+        (lambda f, a: f["rows"][2].__setitem__("loss", float("nan")), "row 2"),
         (_meta(["sched"], "x"), "meta"),
         (_meta(["lr"], "0.01"), "meta"),
         (_meta(["extra"], 1), "meta"),
@@ -111,6 +131,14 @@ def test_a_state_that_does_not_fit_is_refused_naming_why(member, change, says):
     with pytest.raises(wire.ProtocolError, match=says.replace("(", r"\(")):
         state_of(_msg(member, change), ours, 0, 16)
     assert ours.next_round == 0
+
+
+def test_a_map_with_bytes_keys_is_refused_not_raised(member):
+    """msgpack lets bytes keys through in nested maps: they are refused like any misfit."""
+    ours, _ = _engine(0)
+    msg = _msg(member, _meta(["opt_scalars", b"0.step"], 1))
+    with pytest.raises(wire.ProtocolError):
+        state_of(msg, ours, 0, 16)
 
 
 def test_rows_past_an_epochs_end_are_refused():
