@@ -57,6 +57,7 @@ class Round:
         self.checking: dict[str, list] = {}  # worker -> the blocks it got as a check
         self.ahead = 0  # block sums a worker computed ahead on a lease
         self.asked: dict[str, float] = {}  # worker -> when it was last asked again
+        self.said_waiting = 0.0  # when the log last said who it waits on, past the deadline
         self.checked = checked
         self.assignment: dict[str, list] = {}
         if assignment is None:

@@ -489,12 +489,26 @@ class Coordinator(Jobs, Checks, Leases):
                 self.send_blocks(backups)
             # (a result lost on its way: nobody else may take a check)
             idle = self.members.idle(w for w in live if w not in owed)
-            for w, blocks in r.ask_again(idle, self.deadline()).items():
+            again = r.ask_again(idle, self.deadline())
+            if not (owed or backups or again):
+                self.still_waiting(r, live)
+            for w, blocks in again.items():
                 log.info("round %d: asking %s again for %d block(s)", r.index, w, len(blocks))
                 self.counters["asked_again"] += len(blocks)
                 checks = [b for b in blocks if b in r.checking.get(w, ())]
                 self.send_blocks({w: [b for b in blocks if b not in checks]}, again=True)
                 self.send_blocks({w: checks}, check=True, again=True)  # (a lease member stays)
+
+    def still_waiting(self, r, live):
+        """Past the deadline with nothing to do: say, once a deadline, who the round waits
+        on (busy by their heartbeats: no backup is free, nobody may be asked again)."""
+        if time.monotonic() - r.said_waiting < self.deadline():
+            return
+        r.said_waiting = time.monotonic()
+        waits = {b: sorted(r.waiting_on(b) & set(live)) for b in r.pending()}
+        log.info("round %d: past the deadline, still waiting on %s", r.index,
+                 "; ".join(f"{b[0]}..{b[1] - 1} from {', '.join(w) or 'nobody'}"
+                           for b, w in waits.items()))  # fmt: skip
 
     def deadline(self):
         cfg = self.cfg

@@ -43,12 +43,10 @@ class Optimizer:
                 bump_version(p)
 
     def state_dict(self):
+        """As torch's: the state's own arrays, not copies (copy what you keep while it
+        steps on); load_state_dict copies what it loads."""
         state = {
-            i: {
-                k: (v.copy() if isinstance(v, np.ndarray) else v)
-                for k, v in s.items()
-                if not k.startswith("_")
-            }  # scratch is not state
+            i: {k: v for k, v in s.items() if not k.startswith("_")}  # scratch is not state
             for i, s in self.state.items()
         }
         group = dict(self.param_groups[0], params=list(range(len(self.params))))

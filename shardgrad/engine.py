@@ -100,7 +100,7 @@ class RoundEngine:
         for key, a in arrays.items():
             if key.startswith("opt"):
                 i, k = key[3:].split(".", 1)
-                state.setdefault(int(i), {})[k] = np.array(a, copy=True)
+                state.setdefault(int(i), {})[k] = a  # (load_state_dict copies it)
         for key, v in meta["opt_scalars"].items():
             i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = v

@@ -114,3 +114,46 @@ def test_sums_of_a_newer_lease_wait_for_it(pair):
     newer = _lease(8)
     me.take(newer, LAYOUT)
     assert (2, 4) in newer.got[3] and not me.later
+
+
+def test_a_member_waiting_on_its_peers_says_it_is_idle_and_a_task_ends_the_wait(tmp_path):
+    """A member whose peer never sends its sum waits, computing nothing: its heartbeats say
+    it is idle (so the coordinator may ask it again for a block it still lacks from it),
+    and a TASK ends the wait and the lease."""
+    import threading
+
+    from shardgrad.cluster import wait_for
+    from shardgrad.worker.worker import Worker
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{tmp_path}/c")
+    w = Worker(f"ipc://{tmp_path}/c", worker_id="m1")
+    w.sock = ctx.socket(zmq.DEALER)
+    w.sock.setsockopt(zmq.IDENTITY, b"m1")
+    w.sock.connect(f"ipc://{tmp_path}/c")
+    w.peers = Peers(ctx, wire.DEFAULT_LIMITS)
+    w.poller = zmq.Poller()
+    w.poller.register(w.sock, zmq.POLLIN)
+    w.poller.register(w.peers.inbox, zmq.POLLIN)
+    engine = SimpleNamespace(next_round=3, rt=SimpleNamespace(sum_layout=lambda: LAYOUT))
+    peers = {"w2": ("ipc://unused", [(2, 4)])}
+    lease = SimpleNamespace(id=7, engine=engine, blocks=[(0, 2)], got={}, reports=False,
+                            peers=peers, missing=lambda: True)  # fmt: skip
+    w.lease = lease
+    waiting = threading.Thread(target=w.advance, args=(lease, [_sums()]), daemon=True)
+    try:
+        waiting.start()
+        wait_for(lambda: w.idle, "the member to say it is idle", 10)
+        wire.send_msg(router, wire.TASK, {"job": "j", "round": 3}, identity=b"m1")
+        waiting.join(10)
+        assert not waiting.is_alive() and w.lease is None
+        assert [m.type for m in w.queue] == [wire.TASK]
+    finally:
+        w.stopping = True
+        waiting.join(10)
+        w.peers.close()
+        w.ring.close()
+        w.sock.close(0)
+        router.close(0)
+        ctx.term()

@@ -301,16 +301,22 @@ class Worker:
             self.peers.take(lease, layout)  # (what came before this lease did)
             while lease.missing():
                 while self.queue and _is_check(self.queue[0]):  # (a peer waits on it too)
+                    self.idle = False
                     self.do_task(self.queue.popleft())
                 if self.stopping or self.queue or self.lease is not lease:
                     self.drop_lease()
                     return
+                # Waiting, not computing: our heartbeats say so. Should the coordinator
+                # still lack a sum of ours (or a lease end never reach us), it asks again
+                # past its deadline, and its TASK ends the wait.
+                self.idle = True
                 ready = dict(self.poller.poll(200))
                 if self.sock in ready:
                     self.drain()
                 if self.peers.inbox in ready:
                     self.peers.take(lease, layout)
             known.update(lease.got[rnd])
+            self.idle = False
         lease.step(known)
         if lease.reports and lease.sync_due():
             self.send_state(lease)

@@ -300,7 +300,7 @@ def test_a_block_whose_task_could_not_be_sent_is_re_issued_though_its_worker_is_
         coord.shutdown()
 
 
-def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline(tmp_path):
+def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline(tmp_path, caplog):
     """In process. B checks A's block; A's answer and B's own block are in, B's check never
     arrives (lost on its way: a reconnect drops what was in flight) though B stays alive.
     No backup may take it (A answered for it), so past the deadline B is asked once more,
@@ -333,8 +333,12 @@ def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline
         coord.repair_round()
         assert sent == [], "before the deadline nobody is asked"
         r.started -= 1.0  # past the deadline
-        coord.repair_round()
+        with caplog.at_level("INFO", logger="shardgrad.coordinator"):
+            coord.repair_round()
+            coord.repair_round()
         assert sent == [], "B may still be computing it"
+        said = [m for m in caplog.messages if "still waiting on" in m]
+        assert said == ["round 5: past the deadline, still waiting on 0..7 from B"], said
         coord.members.beat("B", True)  # its heartbeat: nothing to do
         coord.repair_round()
         assert [(to, t, f["blocks"], f.get("check")) for to, t, f in sent] == [
