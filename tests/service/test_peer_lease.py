@@ -16,6 +16,10 @@ from test_lease import SPEC_FULL, _log
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SLOW = {"SHARDGRAD_FAULT_DELAY": "0.002"}  # ~24 ms rounds: time to act mid-job
+# A straggler deadline no round reaches, however loaded the machine (a job's first round
+# loads it on every worker, which can take seconds): whatever acts on the deadline here is
+# a member waiting on a peer that will not send, and the job would hang without it.
+NO_DEADLINE = {"SHARDGRAD_MIN_DEADLINE": "600"}
 
 
 def _counters(c) -> dict:
@@ -29,7 +33,7 @@ def test_workers_share_a_lease_with_the_bits_of_local(make_cluster, svc, n, whic
     a wait for the straggler deadline (a member waiting on a peer that will not send)."""
     spec = {"sgd": svc.SPEC_SGD, "full": SPEC_FULL}[which]
     ref_state, ref_metrics = svc.local_reference(spec)
-    cluster = make_cluster(workers=n, aggregators=0)
+    cluster = make_cluster(workers=n, aggregators=0, env=NO_DEADLINE)
     with cluster.client() as c:
         _, status, weights = svc.run_job(c, spec)
         svc.assert_bitwise_equal(weights, ref_state, f"{n} workers on one lease vs train_local")
@@ -49,7 +53,7 @@ def test_checks_are_computed_by_members_without_ending_the_lease(make_cluster, s
     check TASK), then goes on ahead on the same lease; the bits hold."""
     spec = svc.spec_with(svc.SPEC_ADAM_DROPOUT, verify=0.3, name="svc-peers-checks")
     ref_state, _ = svc.local_reference(spec)
-    cluster = make_cluster(workers=2, aggregators=0)
+    cluster = make_cluster(workers=2, aggregators=0, env=NO_DEADLINE)
     with cluster.client() as c:
         _, _, weights = svc.run_job(c, spec)
         svc.assert_bitwise_equal(weights, ref_state, "a lease of two with many checks")
