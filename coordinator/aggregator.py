@@ -483,7 +483,7 @@ class Aggregator:
                          len(backups))  # fmt: skip
                 self.send_blocks(backups)
             # a result lost on its way, which no backup takes
-            if again := r.ask_again(self.members.idle(live), self.deadline()):
+            if again := r.ask_again(self.members.idle(live), self.deadline(), live):
                 log.info("round %d: asking again for %d sub-block(s)", r.index,
                          sum(map(len, again.values())))  # fmt: skip
                 self.send_blocks(again)

@@ -201,28 +201,41 @@ class Leases:
 
     def end_lease(self, wid=None, sending=None):
         """The lease `wid` is a member of (any, if None) ends: a TASK to it, its READY or a
-        fault said so. The other members of a lease of several are told, since they wait
-        for each other's sums: what they still owe of the round under way goes to them as
-        a TASK (they may have stopped before it), else a STEPPED {end}; but not those that
-        `sending` (the assignment whose TASKs end it) gives blocks: theirs is on its way.
-        The next round goes out as TASKs. (What they computed ahead still counts: see
-        ActiveJob.leases.)"""
+        fault said so. The members of a lease of several are told, since they wait for each
+        other's sums: each live one gets what it still owes of the round under way as a
+        TASK, beyond what `sending` (the assignment whose TASKs end it) gives it, and those
+        owing nothing a STEPPED {end}. `wid` gets what it owes only when `sending` gives it
+        blocks (any other caller sends it its own). Not only the others: a member computing
+        ahead drops the rest of its round when a TASK comes (worker.compute_blocks), so a
+        TASK for one block must not leave its other block of the round owed and unasked.
+        The next round goes out as TASKs. (What they computed ahead still counts, see
+        ActiveJob.leases, but for a lease we follow: follow_rounds.)"""
         job = self.job
         lease = job.lease
         if lease is None or (wid is not None and wid not in lease.blocks):
             return
         job.lease = None  # (first: the TASKs below end nothing more)
-        if lease.follow:
-            return self.end_followed(lease, wid, sending or {})
-        if len(lease.blocks) == 1:
+        sending = sending or {}
+        if lease.follow:  # (its members wrote their rings over what nobody read)
+            job.leases.pop(lease.id, None)
+            job.early_states.clear()
+        elif len(lease.blocks) == 1:
             return
-        told = [m for m in lease.blocks if m != wid and not (sending or {}).get(m)]
-        owed = self.owed(told) if wid is not None and job.round else {}
+        owed = {}
+        if job.round is not None:  # (a pause: nobody owes anything, nobody may wait on a peer)
+            members = [m for m in lease.blocks if m != wid or sending.get(m)]
+            for w, blocks in self.owed(members).items():
+                rest = [b for b in blocks if b not in sending.get(w, ())]
+                if rest:
+                    owed[w] = rest
         if owed:
+            if lease.follow:
+                self.counters["follow_ended"] += 1  # (not a lease that the next one replaces)
             self.send_blocks(owed)
-        for member in told:
-            if member not in owed and self.members.is_live(member):
-                self.stepped(member, lease, end=True)
+        for member in lease.blocks:
+            if member != wid and member not in owed and not sending.get(member):
+                if self.members.is_live(member):
+                    self.stepped(member, lease, end=True)
 
     def owed(self, workers) -> dict:
         """What each live one of `workers` still owes of the round under way (the blocks
@@ -242,36 +255,10 @@ class Leases:
         )
 
     def unfollow(self, why: str):
-        """The lease we follow ends (end_followed)."""
+        """The lease we follow ends (end_lease): its members get our round, the span's first
+        (on the weights we hold), as TASKs; what they computed past it is lost."""
         log.info("round %d: the lease we follow ends (%s)", self.job.engine.next_round, why)
         self.end_lease()
-
-    def end_followed(self, lease, wid, sending):
-        """A lease we follow ends. Its members sent us no sums since our round began (the
-        span's first, on the weights we hold): each live one gets what it owes of it as a
-        TASK, but `wid`, whose caller sends it its own (unless `sending` gives it blocks),
-        and what `sending` gives. What they computed past it is lost, and what it says
-        from now on is late."""
-        job = self.job
-        job.leases.pop(lease.id, None)
-        job.early_states.clear()
-        if job.round is None:  # (a pause: nobody owes anything, and nobody may wait on a peer)
-            for member in lease.blocks:
-                if member != wid and self.members.is_live(member):
-                    self.stepped(member, lease, end=True)
-            return
-        owed = {}
-        for w, blocks in self.owed([m for m in lease.blocks if m != wid or sending.get(m)]).items():
-            rest = [b for b in blocks if b not in sending.get(w, ())]
-            if rest:
-                owed[w] = rest
-        if owed:
-            self.counters["follow_ended"] += 1  # (not a lease that the next one replaces)
-            self.send_blocks(owed)
-        for member in lease.blocks:  # (those that owe nothing: it ended in the TASK's round)
-            if member != wid and member not in owed and not sending.get(member):
-                if self.members.is_live(member):
-                    self.stepped(member, lease, end=True)
 
     def on_state(self, wid, msg):
         """The state a lease we follow reached: it takes our round's span in at once."""

@@ -214,15 +214,15 @@ class Round:
                 out.setdefault(wid, []).extend(got)
         return out
 
-    def ask_again(self, idle: list[str], every: float) -> dict[str, list]:
-        """Blocks that only one worker is still expected to answer for (a backup makes two)
-        while it says it has nothing to do (`idle`, by its heartbeat): its TASK or its
+    def ask_again(self, idle: list[str], every: float, live: list[str]) -> dict[str, list]:
+        """Blocks that only one live worker is still expected to answer for (a backup makes
+        two) while it says it has nothing to do (`idle`, by its heartbeat): its TASK or its
         result was lost on the way (a reconnect drops what was in flight). Nobody else may
         take a check, so the round would wait forever. Each worker at most once every
         `every` seconds. Worker -> blocks."""
-        now, out = time.monotonic(), {}
+        now, out, live = time.monotonic(), {}, set(live)
         for w in idle:
-            sole = [b for b in self.owed_by(w) if self.waiting_on(b) == {w}]
+            sole = [b for b in self.owed_by(w) if self.waiting_on(b) & live == {w}]
             if sole and now - self.asked.get(w, -every) >= every:
                 self.asked[w], out[w] = now, sole
         return out
@@ -231,13 +231,13 @@ class Round:
         return [w for w in live if not self.owed_by(w)]
 
     def backups(self, live: list[str]) -> dict[str, list]:
-        """Straggling blocks (one holder still owes them) for idle workers, one each. A
-        worker that already answered for a block never backs it up (its second answer would
-        be dropped, and a checked block needs a different worker), nor one whose attempt at
-        it failed. Worker -> blocks."""
+        """Straggling blocks (one live holder still owes them: one that left or died is
+        waited on no more) for idle workers, one each. A worker that already answered for a
+        block never backs it up (its second answer would be dropped, and a checked block
+        needs a different worker), nor one whose attempt at it failed. Worker -> blocks."""
         idle, out = self.idle(live), {}
         for b in self.pending():
-            if len(self.waiting_on(b)) != 1:
+            if len(self.waiting_on(b) & set(live)) != 1:
                 continue
             free = [w for w in idle if w not in out and w not in self.holders[b]]
             free = [w for w in free if w not in self.results.get(b, ())]

@@ -489,7 +489,7 @@ class Coordinator(Jobs, Checks, Leases):
                 self.send_blocks(backups)
             # (a result lost on its way: nobody else may take a check)
             idle = self.members.idle(w for w in live if w not in owed)
-            again = r.ask_again(idle, self.deadline())
+            again = r.ask_again(idle, self.deadline(), live)
             if not (owed or backups or again):
                 self.still_waiting(r, live)
             for w, blocks in again.items():

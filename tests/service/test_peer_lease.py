@@ -357,3 +357,64 @@ def test_a_check_whose_result_was_lost_is_asked_for_again_once_past_the_deadline
     finally:
         coord.job = None
         coord.shutdown()
+
+
+def test_a_member_given_a_lost_peers_block_is_asked_for_the_rest_of_its_own(tmp_path):
+    """In process. A lease of three; verify drew A's two blocks, checked by C and B. B
+    leaves (BYE) owing a block of its own and its check. Its block goes to A as a TASK,
+    which ends the lease; A, computing ahead, drops the rest of its round when a TASK
+    comes, so the same breath asks it for its own block still owed (it hung the round:
+    nothing else asks a busy member, and B, gone, still counted among that block's
+    holders). And past the deadline a block whose other holder left is backed up."""
+    import types
+
+    import numpy as np
+
+    from shardgrad.coordinator.job import Lease
+    from shardgrad.coordinator.rounds import Round
+    from shardgrad.coordinator.server import Config, Coordinator
+
+    coord = Coordinator(f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/c", str(tmp_path / "state"),
+                        config=Config(heartbeat_interval=60, min_deadline=0.5))  # fmt: skip
+    try:
+        sent = []
+        coord._send = lambda sock, to, t, fields=None, arrays=None: (
+            not sent.append(
+                (to.decode(), t, [tuple(b) for b in fields.get("blocks", ())], fields.get("end"))
+            )
+        )
+        for w in "ABC":
+            coord.members.heard(w, {"lease": True})
+        rt = types.SimpleNamespace(weights=lambda: [np.zeros(2, np.float32)])
+        job = coord.job = types.SimpleNamespace(
+            id="j", gen=0, spec={}, rt=rt, layout=[], engine=types.SimpleNamespace(next_round=20),
+            round_times=[], state="running", early={}, early_states={},
+        )  # fmt: skip
+        r = job.round = Round(20, 16, list("ABC"), 2, lambda b: b in {(0, 4), (4, 6)})
+        assert r.assignment == {"A": [(0, 4), (4, 6)], "B": [(6, 8), (8, 12), (4, 6)],
+                                "C": [(12, 16), (0, 4)]}  # fmt: skip
+        own = {w: [b for b in r.assignment[w] if b not in r.checking.get(w, ())] for w in "ABC"}
+        job.lease = Lease(7, own)
+        job.leases = {7: set(own)}
+        one = [np.ones(2, np.float32)]
+        r.deliver((0, 4), one, "A", 0.0)  # A ahead: (4, 6) next
+        r.deliver((12, 16), one, "C", 0.0)  # C's own; its check of (0, 4) not yet
+        r.deliver((6, 8), one, "B", 0.0)  # then B leaves
+        coord.members.leave("B")
+        coord.repair_round()
+        assert sorted(sent) == [("A", "TASK", [(4, 6)], None), ("A", "TASK", [(8, 12)], None),
+                                ("C", "TASK", [(0, 4)], None)], sent  # fmt: skip
+        assert job.lease is None
+        # Should A's answer for (4, 6) be lost all the same: B is no holder to wait on.
+        sent.clear()
+        r.deliver((8, 12), one, "A", 0.0)
+        assert r.deliver((0, 4), one, "C", 0.0) == "verified"
+        r.started -= 1.0  # past the deadline
+        coord.repair_round()
+        assert sent == [("C", "TASK", [(4, 6)], None)], sent
+        assert coord.counters["backup_blocks"] == 1
+        assert r.ask_again(["A"], 0.0, ["A", "C"]) == {}, "(4, 6) is C's too now"
+        assert r.ask_again(["A"], 0.0, ["A"]) == {"A": [(4, 6)]}, "C gone: A alone owes it"
+    finally:
+        coord.job = None
+        coord.shutdown()
