@@ -235,9 +235,9 @@ class Round:
         waited on no more) for idle workers, one each. A worker that already answered for a
         block never backs it up (its second answer would be dropped, and a checked block
         needs a different worker), nor one whose attempt at it failed. Worker -> blocks."""
-        idle, out = self.idle(live), {}
+        idle, out, alive = self.idle(live), {}, set(live)
         for b in self.pending():
-            if len(self.waiting_on(b) & set(live)) != 1:
+            if len(self.waiting_on(b) & alive) != 1:
                 continue
             free = [w for w in idle if w not in out and w not in self.holders[b]]
             free = [w for w in free if w not in self.results.get(b, ())]
