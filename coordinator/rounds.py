@@ -94,9 +94,11 @@ class Round:
     def pending(self) -> list[tuple]:
         return [b for b in self.blocks if b not in self.delivered]
 
-    def waiting_on(self, block: tuple) -> set[str]:
-        """Holders of a pending block that have not answered for it yet."""
-        return self.holders[block] - set(self.results.get(block, ()))
+    def waiting_on(self, block: tuple, live=None) -> set[str]:
+        """Holders of a pending block that have not answered for it yet; with `live` (a
+        set), only those still live: one that left or died is waited on no more."""
+        waiting = self.holders[block] - set(self.results.get(block, ()))
+        return waiting if live is None else waiting & live
 
     def owed_by(self, wid: str) -> list[tuple]:
         return [b for b in self.pending() if wid in self.waiting_on(b)]
@@ -176,7 +178,7 @@ class Round:
 
     def orphans(self, live: set[str]) -> list[tuple]:
         """Pending blocks that no live worker is still working on."""
-        return [b for b in self.pending() if not (self.waiting_on(b) & live)]
+        return [b for b in self.pending() if not self.waiting_on(b, live)]
 
     def reissue(self, blocks: list[tuple], live: list[str], avoid=()) -> dict[str, list]:
         """Hand `blocks` to the least-loaded live workers (not those in `avoid` if there is
@@ -222,7 +224,7 @@ class Round:
         `every` seconds. Worker -> blocks."""
         now, out, live = time.monotonic(), {}, set(live)
         for w in idle:
-            sole = [b for b in self.owed_by(w) if self.waiting_on(b) & live == {w}]
+            sole = [b for b in self.owed_by(w) if self.waiting_on(b, live) == {w}]
             if sole and now - self.asked.get(w, -every) >= every:
                 self.asked[w], out[w] = now, sole
         return out
@@ -237,7 +239,7 @@ class Round:
         needs a different worker), nor one whose attempt at it failed. Worker -> blocks."""
         idle, out, alive = self.idle(live), {}, set(live)
         for b in self.pending():
-            if len(self.waiting_on(b) & alive) != 1:
+            if len(self.waiting_on(b, alive)) != 1:
                 continue
             free = [w for w in idle if w not in out and w not in self.holders[b]]
             free = [w for w in free if w not in self.results.get(b, ())]

@@ -505,7 +505,8 @@ class Coordinator(Jobs, Checks, Leases):
         if time.monotonic() - r.said_waiting < self.deadline():
             return
         r.said_waiting = time.monotonic()
-        waits = {b: sorted(r.waiting_on(b) & set(live)) for b in r.pending()}
+        alive = set(live)
+        waits = {b: sorted(r.waiting_on(b, alive)) for b in r.pending()}
         log.info("round %d: past the deadline, still waiting on %s", r.index,
                  "; ".join(f"{b[0]}..{b[1] - 1} from {', '.join(w) or 'nobody'}"
                            for b, w in waits.items()))  # fmt: skip
