@@ -72,7 +72,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contract_floor import floor_step  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
-from shardgrad.coordinator.width import STRETCH, WARMUP  # noqa: E402
+from shardgrad.coordinator.job import Config  # noqa: E402
+from shardgrad.coordinator.width import probe_rounds  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
 from shardgrad.engine import RoundEngine, row_seconds, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
@@ -164,9 +165,8 @@ def run_shardgrad(cluster, spec, warmup, span_from=1):
     return {**out, "on": rows[-1]["workers"]}
 
 
-PROBE = 16  # the coordinator's default --width-probe
-# both probes, each in stretches of STRETCH counted rounds after WARMUP (coordinator/width.py)
-PROBE_ROUNDS = 2 * (PROBE + WARMUP * -(-PROBE // STRETCH))
+PROBE = Config().width_probe  # the coordinator's default --width-probe
+PROBE_ROUNDS = probe_rounds(PROBE)  # its first stretch, then both ways' (coordinator/width.py)
 
 
 def run_auto(cluster, hidden, batch, rounds, warmup, k):

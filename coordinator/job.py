@@ -25,7 +25,7 @@ class Config:
     lease_window: int = 8  # rounds workers on a lease may run ahead of our step (0: never)
     follow: int = 8  # a lease of several sends us its state every this many rounds (0: never)
     peer_leases: bool = True  # workers on our host may share a lease (worker/peers.py)
-    width_probe: int = 16  # rounds to time all workers vs one on a lease (0: always all)
+    width_probe: int = 32  # rounds to time all workers vs one on a lease (0: always all)
     write_retry_s: float = 300.0  # a job's result that cannot be written: retried this long
     # Our process's niceness: workers sharing our host get the CPU first. Ahead on a lease
     # they never wait on our step, so what we do is off their path; and at the window's
@@ -76,7 +76,7 @@ class ActiveJob:
     # of them stands on this timeline's weights, so it is right for its round whoever else
     # computed the rounds between (the determinism contract); a rollback voids them all.
     leases: dict = field(default_factory=dict)
-    width: Width = field(default_factory=Width)  # all live workers, or one on a lease
+    width: Width = field(default_factory=lambda: Width(probe=0))  # (Jobs.start_next_job sets it)
     early: dict = field(default_factory=dict)  # round -> GRADS / FAULTs computed ahead
     early_states: dict = field(default_factory=dict)  # first round -> (worker, STATE), early
     last_step: float = 0.0  # (monotonic) when a round last stepped, for the width's pace

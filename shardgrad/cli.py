@@ -336,10 +336,10 @@ def parser():
     s.add_argument(
         "--width-probe",
         type=int,
-        default=int(ENV("SHARDGRAD_WIDTH_PROBE", 16)),
+        default=int(ENV("SHARDGRAD_WIDTH_PROBE", 32)),
         help="rounds to time a job on all live workers and on one ahead on a lease; the "
         "faster wins (the same bits), the others stand by; 0: always all "
-        "[SHARDGRAD_WIDTH_PROBE, default 16]",
+        "[SHARDGRAD_WIDTH_PROBE, default 32]",
     )
     s.add_argument(
         "--write-retry",
