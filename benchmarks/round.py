@@ -73,7 +73,7 @@ from contract_floor import floor_step  # noqa: E402
 
 from shardgrad.cluster import LocalCluster  # noqa: E402
 from shardgrad.coordinator.job import Config  # noqa: E402
-from shardgrad.coordinator.width import probe_rounds  # noqa: E402
+from shardgrad.coordinator.width import Width  # noqa: E402
 from shardgrad.demo import demo_spec  # noqa: E402
 from shardgrad.engine import RoundEngine, row_seconds, run_local  # noqa: E402
 from shardgrad.jobspec import parse_spec  # noqa: E402
@@ -179,7 +179,8 @@ def run_shardgrad(cluster, spec, warmup, span_from=1):
 
 
 PROBE = Config().width_probe  # the coordinator's default --width-probe
-PROBE_ROUNDS = probe_rounds(PROBE)  # its first stretch, then both ways' (coordinator/width.py)
+# its first stretch, then both ways' (coordinator/width.py)
+PROBE_ROUNDS = Width(PROBE).probe_rounds()
 
 
 def run_auto(cluster, hidden, batch, rounds, warmup, k):

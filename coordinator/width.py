@@ -35,13 +35,6 @@ WARMUP = 2  # more rounds at the start of each stretch (its lease's grant), in i
 STRETCH = 8  # counted rounds per stretch
 
 
-def probe_rounds(probe: int) -> int:
-    """Rounds a whole probe takes: the first stretch, then each way's stretches."""
-    if probe <= 0:
-        return 0
-    return (WARMUP + min(STRETCH, probe)) * (1 + 2 * -(-probe // STRETCH))
-
-
 class Width:
     def __init__(self, probe: int, hold: int = 2000):
         self.probe, self.hold = probe, hold
@@ -94,7 +87,7 @@ class Width:
         if ends and self.stretch >= 0:
             self.times[mode].append(self.spent / self.into)
         one, every = self.times["one"], self.times["all"]
-        stretches = -(-self.probe // STRETCH)
+        stretches = self.stretches()
         if len(one) < stretches or len(every) < stretches:
             return None
         a, b = statistics.median(every), statistics.median(one)
@@ -107,3 +100,11 @@ class Width:
 
     def stretch_rounds(self) -> int:
         return WARMUP + min(STRETCH, self.probe)
+
+    def stretches(self) -> int:
+        """Counted stretches each way."""
+        return -(-self.probe // STRETCH)
+
+    def probe_rounds(self) -> int:
+        """Rounds a whole probe takes: the first stretch, then each way's stretches."""
+        return self.stretch_rounds() * (1 + 2 * self.stretches()) if self.probe > 0 else 0

@@ -1,7 +1,7 @@
 """coordinator/width.py: all live workers, or one ahead on a lease, by measured stretch paces."""
 
 from shardgrad.coordinator import width
-from shardgrad.coordinator.width import STRETCH, WARMUP, Width, probe_rounds
+from shardgrad.coordinator.width import STRETCH, WARMUP, Width
 
 
 def _rounds(w, live, one, times):
@@ -29,7 +29,7 @@ def test_probes_all_then_one_and_keeps_the_faster():
         times = {fast: 0.001, slow: 0.002, "n": range(24)}
         dealt = _rounds(w, ["a", "b"], "a", times)
         probe = 4 + WARMUP
-        assert probe_rounds(4) == 3 * probe
+        assert w.probe_rounds() == 3 * probe
         assert dealt[: 2 * probe] == ["all"] * 2 * probe  # the first stretch, then all's
         assert dealt[2 * probe : 3 * probe] == ["one"] * probe
         assert dealt[3 * probe :] == [fast] * (24 - 3 * probe) and w.choice == fast
@@ -49,12 +49,12 @@ def test_a_slow_start_does_not_count():
 
 def test_a_new_set_of_workers_or_the_hold_probes_again():
     w = Width(probe=2, hold=3)
-    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(probe_rounds(2))})
+    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(w.probe_rounds())})
     assert w.choice == "one"
     assert w.use(["a", "b", "c"], "a") == ["a", "b", "c"] and w.choice is None  # new set
     w.observe(2.0)
     w = Width(probe=2, hold=3)
-    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(probe_rounds(2) + 3)})
+    _rounds(w, ["a", "b"], "a", {"one": 1.0, "all": 2.0, "n": range(w.probe_rounds() + 3)})
     assert w.choice is None  # held for 3 rounds, then measuring again
 
 

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from shardgrad.coordinator.width import probe_rounds
+from shardgrad.coordinator.width import Width
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -202,7 +202,7 @@ def test_the_job_is_timed_on_all_workers_and_on_one_and_the_bits_hold(make_clust
     assert [m["round"] for m in metrics] == list(range(len(ref_metrics)))
     assert [m.get("loss") for m in metrics] == [m.get("loss") for m in ref_metrics]
     widths = [m["workers"] for m in metrics]
-    stretch = probe_rounds(4) // 3  # (the first stretch, which does not count, then all's)
+    stretch = Width(probe=4).stretch_rounds()  # (the first, which does not count, then all's)
     assert widths[: 2 * stretch] == [2] * 2 * stretch, widths
     assert {1} <= set(widths[2 * stretch : 3 * stretch]), widths
     assert "on one worker ahead on a lease and" in _log(cluster)
